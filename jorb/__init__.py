@@ -1,0 +1,48 @@
+"""jorb: a concentrated (single-machine) workflow engine for big batch jobs.
+
+Declare States, open a Run, add Jobs, and ``jorb.Processor(app, states).exec(run)``: every job is
+driven through the states with per-state concurrency and rate limits, and every transition is
+checkpointed so the script can be killed and rerun at any moment.
+"""
+
+from __future__ import annotations
+
+from .errors import (
+    CheckpointError,
+    CorruptRunError,
+    ExecResultError,
+    JorbError,
+    JournalConflictError,
+    RateLimited,
+    RunFileError,
+    RunLockedError,
+    StateError,
+    TimedOut,
+)
+from .model import Job, Kick, Run
+from .processor import Processor
+from .states import Rate, State
+from .status import StateStatus, Status, StatusListener
+
+__all__ = [
+    "CheckpointError",
+    "CorruptRunError",
+    "ExecResultError",
+    "Job",
+    "JorbError",
+    "JournalConflictError",
+    "Kick",
+    "Processor",
+    "Rate",
+    "RateLimited",
+    "Run",
+    "RunFileError",
+    "RunLockedError",
+    "State",
+    "StateError",
+    "StateStatus",
+    "Status",
+    "StatusListener",
+    "TimedOut",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,85 @@
+"""Every error jorb raises.
+
+The tree::
+
+    JorbError                      base: catch this to catch anything jorb raises
+    ├── StateError                 bad declarations, or a run naming states the script lacks
+    ├── RunFileError               a run file (or its journal) cannot be used
+    │   ├── CorruptRunError        unreadable or wrong-shaped JSON; says where
+    │   └── JournalConflictError   the run file was edited while its journal held unsaved work
+    ├── RunLockedError             another process holds the run
+    ├── CheckpointError            writing a checkpoint failed; the last good one is intact
+    ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
+    ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
+    └── RateLimited                raised *by an exec*: the API said "slow down"
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "CorruptRunError",
+    "ExecResultError",
+    "JorbError",
+    "JournalConflictError",
+    "RateLimited",
+    "RunFileError",
+    "RunLockedError",
+    "StateError",
+    "TimedOut",
+]
+
+
+class JorbError(Exception):
+    """Base of every error jorb raises."""
+
+
+class StateError(JorbError):
+    """State declarations are invalid, or a run names states that are not declared."""
+
+
+class RunFileError(JorbError):
+    """A run file or its journal cannot be used as it is."""
+
+
+class CorruptRunError(RunFileError):
+    """A run file is not valid JSON of the expected shape."""
+
+
+class JournalConflictError(RunFileError):
+    """The run file changed after a crash, before its journal was folded into it."""
+
+
+class RunLockedError(JorbError):
+    """Another process holds the run file."""
+
+
+class CheckpointError(JorbError):
+    """A checkpoint could not be written; the previous one on disk is intact."""
+
+
+class ExecResultError(JorbError):
+    """An exec returned a value jorb cannot use (bad shape, undeclared state, non-JSON ctx)."""
+
+
+class TimedOut(JorbError):
+    """An exec attempt ran longer than its state's ``timeout``."""
+
+
+class RateLimited(JorbError):
+    """Raise from an exec when the service it calls says "slow down".
+
+    The state's :class:`~jorb.Rate` is cut (halved, never below its floor), ``retry_after``
+    seconds (when given) pause every state sharing that Rate, and the job is retried without
+    using up its ``retries``::
+
+        except httpx.HTTPStatusError as e:
+            if e.response.status_code == 429:
+                wait = e.response.headers.get("retry-after")
+                raise jorb.RateLimited(retry_after=float(wait) if wait else None) from e
+    """
+
+    def __init__(self, retry_after: float | None = None, message: str = "rate limited") -> None:
+        super().__init__(message)
+        #: Seconds the service asked us to wait before calling again, if it said.
+        self.retry_after = retry_after

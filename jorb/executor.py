@@ -1,0 +1,76 @@
+"""The one seam through which every exec runs.
+
+``LocalExecutor`` runs ``async def`` execs on the event loop and ``def`` execs in a thread pool
+sized to the sync states' combined concurrency. A process pool or a cluster executor would
+implement the same one method; the processor never calls an exec any other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from .errors import TimedOut
+from .states import State
+
+__all__ = ["Executor", "LocalExecutor"]
+
+
+class Executor(Protocol):
+    """Runs one attempt of a state's exec and returns what it returned (or raises)."""
+
+    async def call(
+        self, state: State, app: Any, overall: dict[str, Any], ctx: dict[str, Any]
+    ) -> Any:
+        """Run ``state.exec(app, overall, ctx)``, bounded by ``state.timeout``."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (threads) once the processor is done."""
+        ...
+
+
+class LocalExecutor:
+    """Async execs on the loop, sync execs in threads; timeouts cancel or abandon the attempt.
+
+    A timed-out ``def`` exec cannot be killed: its thread runs on and its result is ignored.
+    """
+
+    __slots__ = ("_async", "_pool")
+
+    def __init__(self, states: Iterable[State]) -> None:
+        states = [s for s in states if s.exec is not None]
+        self._async = {s.name for s in states if s.is_async}
+        threads = sum(s.concurrency for s in states if s.name not in self._async)
+        self._pool = ThreadPoolExecutor(threads, "jorb-exec") if threads else None
+
+    def __repr__(self) -> str:
+        return f"<LocalExecutor async={sorted(self._async)} pool={self._pool}>"
+
+    async def call(
+        self, state: State, app: Any, overall: dict[str, Any], ctx: dict[str, Any]
+    ) -> Any:
+        fn: Any = state.exec
+        if state.name in self._async:
+            if state.timeout is None:
+                return await fn(app, overall, ctx)
+            try:
+                async with asyncio.timeout(state.timeout):
+                    return await fn(app, overall, ctx)
+            except TimeoutError:
+                raise TimedOut(f"timed out after {state.timeout:g}s") from None
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, app, overall, ctx)
+        if state.timeout is None:
+            return await future
+        try:
+            return await asyncio.wait_for(future, state.timeout)
+        except TimeoutError:
+            raise TimedOut(
+                f"timed out after {state.timeout:g}s (its thread was abandoned)"
+            ) from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)

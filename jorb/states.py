@@ -1,0 +1,231 @@
+"""States and Rates: what a user declares, and the checks made before any work starts."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiolimiter import AsyncLimiter
+
+from .errors import StateError
+
+__all__ = ["ExecFn", "Rate", "State", "validate"]
+
+#: ``(app, overall, ctx) -> (ctx, next_state[, kicks])``, plain or ``async``.
+ExecFn = Callable[[Any, dict[str, Any], dict[str, Any]], Any | Awaitable[Any]]
+
+
+class Rate:
+    """``n`` exec starts per ``per`` seconds (burst of ``n``), adapting to "slow down" answers.
+
+    ``api = jorb.Rate(5, per=1.0)`` then ``State("call", exec=call, rate=api)``; give the same
+    object to several states and they share one budget.
+
+    The rate adapts (AIMD): when an exec raises :class:`~jorb.RateLimited` it is halved (cuts
+    within ``interval`` seconds of the last count as one), never below ``floor``; after each
+    ``interval`` with successes it climbs by ``step`` back toward ``n``. A ``retry_after``
+    pauses every state sharing the Rate. Time is the event loop's clock, so tests can fake it.
+    """
+
+    __slots__ = (
+        "_last_cut",
+        "_last_step",
+        "_limiter",
+        "current",
+        "floor",
+        "interval",
+        "n",
+        "paused_until",
+        "per",
+        "step",
+    )
+
+    def __init__(
+        self,
+        n: float,
+        per: float = 1.0,
+        *,
+        floor: float | None = None,
+        step: float | None = None,
+        interval: float = 1.0,
+    ) -> None:
+        if not (isinstance(n, int | float) and 0 < n < math.inf):
+            raise StateError(f"Rate(n={n!r}): n must be a positive number of starts")
+        if not (isinstance(per, int | float) and 0 < per < math.inf):
+            raise StateError(f"Rate(per={per!r}): per must be a positive number of seconds")
+        floor = n / 32 if floor is None else floor
+        step = n / 10 if step is None else step
+        if not 0 < floor <= n:
+            raise StateError(f"Rate(floor={floor!r}): the floor must be > 0 and <= n={n}")
+        if step <= 0 or interval <= 0:
+            raise StateError("Rate: step and interval must be positive")
+        #: The configured (maximum) number of starts per ``per`` seconds.
+        self.n = float(n)
+        #: The period, in seconds.
+        self.per = float(per)
+        #: The lowest the adaptive rate goes, in starts per ``per``.
+        self.floor = float(floor)
+        #: How much the rate climbs back per ``interval`` of successes.
+        self.step = float(step)
+        #: Seconds between two adjustments (one cut or one step at most per interval).
+        self.interval = float(interval)
+        #: The rate in force now, in starts per ``per`` (between ``floor`` and ``n``).
+        self.current = float(n)
+        #: Loop time until which no start may happen (set by ``retry_after``).
+        self.paused_until = 0.0
+        self._last_cut = -math.inf
+        self._last_step = -math.inf
+        self._limiter: AsyncLimiter | None = None
+
+    @classmethod
+    def unlimited(cls) -> Rate:
+        """A lane of its own for a state without a Rate: no limit, but it can be paused."""
+        rate = cls(1.0)
+        rate.n = rate.current = math.inf
+        return rate
+
+    def __repr__(self) -> str:
+        if self.n == math.inf:
+            return "<Rate unlimited>"
+        return f"<Rate {self.current:g}/{self.per:g}s (max {self.n:g}, floor {self.floor:g})>"
+
+    async def acquire(self) -> None:
+        """Wait until a start is allowed: past any pause, then within the rate."""
+        loop = asyncio.get_running_loop()
+        while (wait := self.paused_until - loop.time()) > 0:
+            await asyncio.sleep(wait)
+        if self.n == math.inf:
+            return
+        limiter = self._limiter
+        if limiter is None or limiter._loop is not loop:
+            limiter = self._limiter = AsyncLimiter(self.n, self.per)
+            self._apply()
+        await limiter.acquire()
+
+    def limited(self, now: float, retry_after: float | None) -> None:
+        """Record a "slow down" at loop time ``now``: cut the rate, pause for ``retry_after``."""
+        if retry_after is not None and retry_after > 0:
+            self.paused_until = max(self.paused_until, now + retry_after)
+        if self.n == math.inf or now - self._last_cut < self.interval:
+            return
+        self.current = max(self.floor, self.current / 2)
+        self._last_cut = self._last_step = now
+        self._apply()
+
+    def succeeded(self, now: float) -> None:
+        """Record a success at loop time ``now``: climb one step if an interval has passed."""
+        if self.current >= self.n or now - self._last_step < self.interval:
+            return
+        self.current = min(self.n, self.current + self.step)
+        self._last_step = now
+        self._apply()
+
+    def _apply(self) -> None:
+        # aiolimiter drains its bucket at _rate_per_sec; keep its burst (max_rate) at n.
+        limiter = self._limiter
+        if limiter is not None:
+            limiter.time_period = self.per * self.n / self.current
+            limiter._rate_per_sec = self.current / self.per
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """One state a job can be in.
+
+    ``State("clone", exec=clone, concurrency=8, rate=api, retries=3, on_error="failed")``;
+    ``State("done", terminal=True)``.
+    """
+
+    name: str
+    """The state's name, as it appears in the run file."""
+    exec: ExecFn | None = None
+    """``(app, overall, ctx)``; ``async def`` runs on the loop, ``def`` in a worker thread."""
+    terminal: bool = field(default=False, kw_only=True)
+    """A terminal state has no exec; a run is complete when every job is in one."""
+    concurrency: int = field(default=1, kw_only=True)
+    """At most this many execs of the state in flight at once."""
+    rate: Rate | None = field(default=None, kw_only=True)
+    """Bounds exec starts; shared by every state given the same object."""
+    retries: int = field(default=0, kw_only=True)
+    """How many more attempts after a failed one, before routing to ``on_error``."""
+    on_error: str | None = field(default=None, kw_only=True)
+    """Where a job goes when its retries are used up (default: the processor's error state)."""
+    timeout: float | None = field(default=None, kw_only=True)
+    """Seconds each attempt may take; a timeout is an error like any other."""
+    backoff: float = field(default=1.0, kw_only=True)
+    """Seconds before the first retry; doubles each attempt, with jitter."""
+    backoff_max: float = field(default=300.0, kw_only=True)
+    """Longest wait between two retries, in seconds."""
+    rate_limit_retries: int = field(default=100, kw_only=True)
+    """How many ``RateLimited`` attempts in a row before the job is routed as failed."""
+
+    @property
+    def is_async(self) -> bool:
+        """Whether the exec is a coroutine function (runs on the event loop)."""
+        fn: Any = self.exec
+        return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
+
+    def retry_delay(self, attempt: int, jitter: float) -> float:
+        """Backoff before retry number ``attempt`` (1-based); ``jitter`` in [0, 1)."""
+        base: float = min(self.backoff_max, self.backoff * 2.0 ** (attempt - 1))
+        return base * (0.5 + jitter / 2)
+
+
+def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
+    """Check declarations and return them by name; the error state is added if undeclared.
+
+    Raises :class:`StateError` naming every culprit.
+    """
+    by_name: dict[str, State] = {}
+    problems: list[str] = []
+    for state in states:
+        if not isinstance(state, State):
+            raise StateError(f"expected jorb.State, got {type(state).__name__}: {state!r}")
+        if state.name in by_name:
+            problems.append(f"state {state.name!r} is declared twice")
+        by_name[state.name] = state
+    if error_state not in by_name:
+        by_name[error_state] = State(error_state, terminal=True)
+    elif not by_name[error_state].terminal:
+        problems.append(f"error state {error_state!r} must be terminal")
+    for state in by_name.values():
+        problems.extend(_check(state, by_name))
+    if problems:
+        raise StateError("invalid states: " + "; ".join(problems))
+    return by_name
+
+
+def _check(state: State, by_name: dict[str, State]) -> Iterable[str]:
+    name = state.name
+    if not isinstance(name, str) or not name:
+        yield f"state name {name!r} must be a non-empty string"
+    if state.terminal:
+        if state.exec is not None:
+            yield f"terminal state {name!r} has an exec"
+        if state.timeout is not None:
+            yield f"terminal state {name!r} has a timeout"
+        return
+    if state.exec is None or not callable(state.exec):
+        yield f"state {name!r} is not terminal and has no callable exec"
+    if not isinstance(state.concurrency, int) or state.concurrency < 1:
+        yield f"state {name!r}: concurrency must be an int >= 1, not {state.concurrency!r}"
+    if not isinstance(state.retries, int) or state.retries < 0:
+        yield f"state {name!r}: retries must be an int >= 0, not {state.retries!r}"
+    if state.rate is not None and not isinstance(state.rate, Rate):
+        yield f"state {name!r}: rate must be a jorb.Rate, not {type(state.rate).__name__}"
+    if state.on_error is not None and state.on_error not in by_name:
+        yield f"state {name!r}: on_error names undeclared state {state.on_error!r}"
+    if state.timeout is not None and not (
+        isinstance(state.timeout, int | float) and state.timeout > 0
+    ):
+        yield f"state {name!r}: timeout must be a positive number of seconds"
+    if state.backoff < 0 or state.backoff_max < 0:
+        yield f"state {name!r}: backoff and backoff_max must be >= 0"
+    if state.rate_limit_retries < 0:
+        yield f"state {name!r}: rate_limit_retries must be >= 0"

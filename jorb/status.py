@@ -1,0 +1,79 @@
+"""Status snapshots and the listener protocol.
+
+The processor keeps per-state counters as it goes and hands listeners frozen snapshots of them:
+a progress display or a metrics exporter reads only these, never the jobs themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+__all__ = ["StateStatus", "Status", "StatusListener"]
+
+
+@dataclass(frozen=True, slots=True)
+class StateStatus:
+    """One state at one moment."""
+
+    name: str
+    """The state's name."""
+    terminal: bool
+    """Whether the state is terminal (it then only counts jobs)."""
+    jobs: int
+    """Jobs in the state now."""
+    waiting: int = 0
+    """Jobs ready to start (not delayed, not running)."""
+    delayed: int = 0
+    """Jobs held back by a delay or a retry's backoff."""
+    running: int = 0
+    """Execs in flight (including ones whose result is being written)."""
+    done: int = 0
+    """Execs that finished and moved their job on, since this process started."""
+    errors: int = 0
+    """Failed attempts (including rate limits and timeouts), since this process started."""
+    failed: int = 0
+    """Jobs routed out of the state after using up their retries."""
+    paused: bool = False
+    """Whether new starts in the state are paused."""
+    concurrency: int = 0
+    """The state's concurrency limit (0 for terminal states)."""
+    rate: float | None = None
+    """The state's current adaptive rate in starts per second, if it has a Rate."""
+
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """The whole run at one moment: a row per declared state, in declaration order."""
+
+    states: tuple[StateStatus, ...]
+    """Per-state snapshots."""
+    jobs: int
+    """All jobs in the run."""
+    finished: int
+    """Jobs in terminal states."""
+    elapsed: float
+    """Seconds since this exec started."""
+    transitions: int
+    """Execs settled (successes and failures) since this exec started."""
+
+    @property
+    def complete(self) -> bool:
+        """Whether every job is in a terminal state."""
+        return self.finished == self.jobs
+
+
+class StatusListener(Protocol):
+    """What a processor tells a listener (a progress display, a test, a metrics exporter)."""
+
+    def start(self, status: Status) -> None:
+        """The exec began; ``status`` is the run as loaded."""
+
+    def update(self, status: Status) -> None:
+        """Periodically while running (a few times a second at most)."""
+
+    def note(self, message: str) -> None:
+        """A one-line notice for the user (a paused state, a change applied)."""
+
+    def stop(self, status: Status) -> None:
+        """The exec ended (complete, interrupted or failed); ``status`` is the last word."""
