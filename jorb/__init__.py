@@ -19,13 +19,14 @@ from .errors import (
     StateError,
     TimedOut,
 )
-from .model import Job, Kick, Run
+from .model import Child, Job, Kick, Run
 from .processor import Processor
 from .states import Rate, State
 from .status import StateStatus, Status, StatusListener
 
 __all__ = [
     "CheckpointError",
+    "Child",
     "CorruptRunError",
     "ExecResultError",
     "Job",

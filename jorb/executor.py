@@ -21,10 +21,8 @@ __all__ = ["Executor", "LocalExecutor"]
 class Executor(Protocol):
     """Runs one attempt of a state's exec and returns what it returned (or raises)."""
 
-    async def call(
-        self, state: State, app: Any, overall: dict[str, Any], ctx: dict[str, Any]
-    ) -> Any:
-        """Run ``state.exec(app, overall, ctx)``, bounded by ``state.timeout``."""
+    async def call(self, state: State, args: tuple[Any, ...]) -> Any:
+        """Run ``state.exec(*args)`` (``app, overall, ctx[, children]``) within its timeout."""
         ...
 
     def close(self) -> None:
@@ -49,27 +47,29 @@ class LocalExecutor:
     def __repr__(self) -> str:
         return f"<LocalExecutor async={sorted(self._async)} pool={self._pool}>"
 
-    async def call(
-        self, state: State, app: Any, overall: dict[str, Any], ctx: dict[str, Any]
-    ) -> Any:
+    async def call(self, state: State, args: tuple[Any, ...]) -> Any:
         fn: Any = state.exec
+        timeout = state.timeout
         if state.name in self._async:
-            if state.timeout is None:
-                return await fn(app, overall, ctx)
+            if timeout is None:
+                return await fn(*args)
+            deadline = asyncio.timeout(timeout)
             try:
-                async with asyncio.timeout(state.timeout):
-                    return await fn(app, overall, ctx)
+                async with deadline:
+                    return await fn(*args)
             except TimeoutError:
-                raise TimedOut(f"timed out after {state.timeout:g}s") from None
-        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, app, overall, ctx)
-        if state.timeout is None:
+                if not deadline.expired():
+                    raise  # the exec's own TimeoutError, not ours
+                raise TimedOut(f"timed out after {timeout:g}s") from None
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        if timeout is None:
             return await future
         try:
-            return await asyncio.wait_for(future, state.timeout)
+            return await asyncio.wait_for(future, timeout)
         except TimeoutError:
-            raise TimedOut(
-                f"timed out after {state.timeout:g}s (its thread was abandoned)"
-            ) from None
+            if not future.cancelled():
+                raise  # the exec's own TimeoutError, not ours
+            raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import CorruptRunError, JorbError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Job", "Kick", "Run"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run"]
 
 FORMAT = "jorb-run"
 FORMAT_VERSION = 1
@@ -40,6 +40,18 @@ class Kick:
     """Seconds, counted from the job's creation, before it may start."""
     priority: int = field(default=0, kw_only=True)
     """Higher starts first within its state; FIFO among equals."""
+
+
+@dataclass(frozen=True, slots=True)
+class Child:
+    """What a joining exec sees of each child its job kicked (``State(..., join=True)``)."""
+
+    id: str
+    """The child's job id."""
+    state: str
+    """The terminal state the child ended in (``"done"``, ``"failed"``, ...)."""
+    ctx: Ctx
+    """The child's final context."""
 
 
 @dataclass(slots=True, eq=False)

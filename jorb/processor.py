@@ -4,10 +4,11 @@ Shape of the machine. Each non-terminal state is a *lane*: a priority/FIFO heap 
 and at most ``concurrency`` worker tasks, created on demand and parked when the lane is empty.
 A worker takes a job, waits for the state's Rate, runs the exec through the executor seam, and
 hands the outcome to ``_settle``, which turns it into one journal record (new state, ctx,
-history, error, kicked children) and applies it to the run. The worker then waits for the
-record to be on disk (group commit) before it releases its slot and the job's next step and
-children become ready. Everything runs on one event loop, so nothing is locked: the run is only
-ever touched from the loop, and workers only hand results to the coordinator.
+history, error, kicked children: see ``outcome``) and applies it to the run. The worker then
+waits for the record to be on disk (group commit) before it releases its slot and the job's
+next step and children become ready. Changes from the command line (``control``) go through
+the same path. Everything runs on one event loop, so nothing is locked: the run is only ever
+touched from the loop, and workers only hand results to the coordinator.
 """
 
 from __future__ import annotations
@@ -22,26 +23,29 @@ import random
 import signal
 import sys
 import time
-import traceback
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import orjson
 
+from . import control, outcome
 from .checkpoint import Store
 from .errors import ExecResultError, JorbError, RateLimited, RunFileError, StateError
 from .executor import Executor, LocalExecutor
-from .model import Job, Kick, Run, apply_record
+from .model import Child, Job, Run, apply_record
 from .states import Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 
 __all__ = ["Processor"]
+
+_LINE = orjson.OPT_APPEND_NEWLINE
 
 
 class _Lane:
     """A non-terminal state at run time: its ready jobs, its workers and its counters."""
 
     __slots__ = (
+        "awaiting",
         "delayed",
         "done",
         "errors",
@@ -56,14 +60,14 @@ class _Lane:
         "workers",
     )
 
-    def __init__(self, state: State, rate: Rate | None) -> None:
+    def __init__(self, state: State, rate: Rate, paused: bool) -> None:
         self.state = state
         self.rate = rate
+        self.paused = paused
         self.ready: list[tuple[int, int, Job]] = []  # (-priority, order, job): a heap
-        self.workers = 0
         self.idle: list[asyncio.Future[None]] = []  # parked workers
-        self.paused = False
-        self.jobs = self.delayed = self.running = self.done = self.errors = self.failed = 0
+        self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
+        self.done = self.errors = self.failed = 0
 
     def __repr__(self) -> str:
         return (
@@ -91,6 +95,7 @@ class Processor:
         durable: bool = True,
         grace: float = 30.0,
         status_interval: float = 0.2,
+        poll_interval: float = 0.25,
         executor: Executor | None = None,
     ) -> None:
         #: The app context given to every exec.
@@ -109,7 +114,15 @@ class Processor:
         self.grace = grace
         #: Seconds between two status updates to listeners.
         self.status_interval = status_interval
+        #: Seconds between two looks at the run's inbox for changes from the command line.
+        self.poll_interval = poll_interval
         self._executor = executor
+        self._joins = any(s.join for s in self.states.values())
+        self._queued: list[dict[str, Any]] = []  # changes asked for before exec
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._reset()
+
+    def _reset(self) -> None:
         self._run: Run | None = None
         self._store: Store | None = None
         self._lanes: dict[str, _Lane] = {}
@@ -119,14 +132,17 @@ class Processor:
         self._order = itertools.count()
         self._active = 0  # non-terminal jobs
         self._transitions = 0
+        self._running: set[str] = set()  # ids of jobs in an attempt (exec or commit)
+        self._kids: dict[str, list[str]] = {}  # fan-in: parent id -> child ids
+        self._open_kids: dict[str, int] = {}  # fan-in: parent id -> non-terminal children
+        self._joining: dict[str, Job] = {}  # fan-in: jobs waiting for their children
+        self._applied: set[str] = set()
         self._finished: asyncio.Future[None] | None = None
-        self._stopping = False
-        self._interrupted = False
+        self._stopping = self._interrupted = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_exec: set[asyncio.Task[None]] = set()
-        self._wall0 = 0.0
-        self._mono0 = 0.0
-        self._started = 0.0
+        self._listeners: list[StatusListener] = []
+        self._wall0 = self._mono0 = self._started = 0.0
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.values())}>"
@@ -150,36 +166,36 @@ class Processor:
 
     async def aexec(self, run: Run) -> Run:
         """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises."""
-        loop = asyncio.get_running_loop()
-        self._prepare(run, loop)
-        store = self._store
-        assert store is not None
-        listeners = self._all_listeners()
-        ticker = None
+        self._reset()
+        loop = self._loop = asyncio.get_running_loop()
+        answers = self._prepare(run, loop)
+        self._listeners = listeners = self._all_listeners()
+        helpers = []
         try:
+            for file, answer in answers:
+                control.reply(file, answer)
             for listener in listeners:
                 listener.start(self.statistics())
-                for name in sorted(run.paused):
-                    listener.note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
+            for name in sorted(run.paused):
+                self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
+            helpers.append(loop.create_task(self._watch_inbox()))
             if listeners:
-                ticker = loop.create_task(self._tick(listeners))
+                helpers.append(loop.create_task(self._tick()))
             self._start_lanes()
             self._check_finished()
             assert self._finished is not None
             await self._finished
-        except asyncio.CancelledError:
-            await self._shutdown(grace=0.0)
-            raise
         except BaseException:
             await self._shutdown(grace=0.0)
             raise
         else:
             await self._shutdown(grace=self.grace)
         finally:
-            if ticker is not None:
-                ticker.cancel()
+            for helper in helpers:
+                helper.cancel()
             for listener in listeners:
                 listener.stop(self.statistics())
+            self._loop = None
         return run
 
     def statistics(self) -> Status:
@@ -191,20 +207,22 @@ class Processor:
                 rows.append(StateStatus(name, True, self._counts.get(name, 0)))
                 continue
             rate = lane.rate
+            held = lane.running + lane.delayed + lane.awaiting
             rows.append(
                 StateStatus(
                     name,
                     False,
                     lane.jobs,
-                    waiting=max(0, lane.jobs - lane.running - lane.delayed),
+                    waiting=max(0, lane.jobs - held),
                     delayed=lane.delayed,
+                    awaiting=lane.awaiting,
                     running=lane.running,
                     done=lane.done,
                     errors=lane.errors,
                     failed=lane.failed,
                     paused=lane.paused,
                     concurrency=state.concurrency,
-                    rate=None if rate is None or rate.n == math.inf else rate.current / rate.per,
+                    rate=None if rate.n == math.inf else rate.current / rate.per,
                 )
             )
         finished = sum(self._counts.values())
@@ -212,12 +230,74 @@ class Processor:
         elapsed = time.monotonic() - self._started if self._started else 0.0
         return Status(tuple(rows), total, finished, elapsed, self._transitions)
 
+    # -- steering from Python (the command line goes through the run's inbox) -----------------
+
+    def pause(self, state: str) -> None:
+        """Stop new exec starts in ``state``; applied at once if executing, else at exec start."""
+        self._submit("pause", {"name": state})
+
+    def resume(self, state: str) -> None:
+        """Let ``state`` start execs again."""
+        self._submit("resume", {"name": state})
+
+    def redrive(self, source: str, target: str, job_ids: list[str] | None = None) -> None:
+        """Move the jobs in ``source`` (or only ``job_ids``) to ``target``."""
+        self._submit("redrive", {"from": source, "to": target, "jobs": job_ids})
+
+    def add_jobs(self, ctxs: list[dict[str, Any]], state: str = "new") -> None:
+        """Add jobs to the run being executed (from any thread)."""
+        self._submit("add", {"ctxs": ctxs, "state": state})
+
+    def _submit(self, op: str, args: dict[str, Any]) -> None:
+        req = control.new_request(op, args)
+        loop = self._loop
+        if loop is None:
+            self._queued.append(req)
+            return
+        loop.call_soon_threadsafe(lambda: self._spawn(self._steer(req)))
+
+    async def _steer(self, req: dict[str, Any]) -> None:
+        answer = await self._change(req)
+        if "error" in answer:
+            self._note(f"change refused: {answer['error']}")
+
     # -- setup -----------------------------------------------------------------------------------
 
-    def _prepare(self, run: Run, loop: asyncio.AbstractEventLoop) -> None:
-        """Check the run against the declarations, take its lock, write the first checkpoint."""
+    def _prepare(
+        self, run: Run, loop: asyncio.AbstractEventLoop
+    ) -> list[tuple[Any, dict[str, Any]]]:
+        """Apply waiting changes, check the run against the declarations, take its lock and
+        write the first checkpoint. Returns the answers owed to waiting commands."""
         if run.path is None:
             raise RunFileError("the run has no path; create it with jorb.Run.open(path)")
+        store = run._holder
+        if store is None:
+            store = run._holder = Store(run.path, durable=self.durable)
+        store.durable = self.durable
+        run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
+        answers = control.apply_inbox(run)
+        done = control.applied_ids(run)
+        for req in self._queued:
+            control.apply_one(run, req, done)
+        self._queued.clear()
+        self._check_states(run)
+        self._run, self._store = run, store
+        self._applied = control.applied_ids(run)
+        store.begin(run)  # every added job, change and the declarations reach disk here
+        self._executor = self._executor or LocalExecutor(self.states.values())
+        self._finished = loop.create_future()
+        self._wall0, self._mono0 = time.time(), loop.time()
+        self._started = time.monotonic()
+        unlimited: dict[str, Rate] = {}
+        for name, state in self.states.items():
+            if state.terminal:
+                self._counts[name] = 0
+            else:
+                rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
+                self._lanes[name] = _Lane(state, rate, name in run.paused)
+        return answers
+
+    def _check_states(self, run: Run) -> None:
         unknown: dict[str, list[str]] = {}
         for job in run.jobs.values():
             if job.state not in self.states:
@@ -229,45 +309,24 @@ class Processor:
             )
             raise StateError(
                 f"{run.path}: jobs are in states the script does not declare: {detail}. "
-                f"Declare them, or edit the run file (`jorb redrive {run.path} --from S --to T`)"
+                f"Declare them, or move the jobs (`jorb redrive {run.path} --from S --to T`)"
             )
-        store = run._holder
-        if store is None:
-            store = run._holder = Store(run.path, durable=self.durable)
-        store.durable = self.durable
-        self._run, self._store = run, store
-        run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
-        store.begin(run)  # every added job and the declarations reach disk here
-        self._executor = self._executor or LocalExecutor(self.states.values())
-        self._finished = loop.create_future()
-        self._stopping = self._interrupted = False
-        self._active = self._transitions = 0
-        self._delayed = []
-        self._wall0, self._mono0 = time.time(), loop.time()
-        self._started = time.monotonic()
-        unlimited: dict[str, Rate] = {}
-        self._lanes = {}
-        self._counts = {}
-        for name, state in self.states.items():
-            if state.terminal:
-                self._counts[name] = 0
-            else:
-                rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                self._lanes[name] = lane = _Lane(state, rate)
-                lane.paused = name in run.paused
 
     def _start_lanes(self) -> None:
         run = self._run
         assert run is not None
+        if self._joins:
+            for job in run.jobs.values():
+                if job.parent is not None:
+                    self._kids.setdefault(job.parent, []).append(job.id)
+                    if job.state in self._lanes:
+                        self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
         now = self._now()
         for job in run.jobs.values():
+            self._count_in(job.state)
             lane = self._lanes.get(job.state)
-            if lane is None:
-                self._counts[job.state] += 1
-                continue
-            lane.jobs += 1
-            self._active += 1
-            self._enqueue(lane, job, now)
+            if lane is not None:
+                self._enqueue(lane, job, now)
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -277,20 +336,45 @@ class Processor:
             listeners.append(make_progress())
         return listeners
 
-    async def _tick(self, listeners: list[StatusListener]) -> None:
+    def _note(self, message: str) -> None:
+        for listener in self._listeners:
+            listener.note(message)
+
+    async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.status_interval)
             status = self.statistics()
-            for listener in listeners:
+            for listener in self._listeners:
                 listener.update(status)
 
     # -- queues and workers ------------------------------------------------------------------
 
     def _now(self) -> float:
         """Unix time, read from the event loop's clock (so a fake loop clock fakes it too)."""
-        return self._wall0 + asyncio.get_running_loop().time() - self._mono0
+        assert self._loop is not None
+        return self._wall0 + self._loop.time() - self._mono0
+
+    def _count_in(self, state: str) -> None:
+        lane = self._lanes.get(state)
+        if lane is None:
+            self._counts[state] += 1
+        else:
+            lane.jobs += 1
+            self._active += 1
+
+    def _count_out(self, state: str) -> None:
+        lane = self._lanes.get(state)
+        if lane is None:
+            self._counts[state] -= 1
+        else:
+            lane.jobs -= 1
+            self._active -= 1
 
     def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
+        if lane.state.join and self._open_kids.get(job.id):
+            lane.awaiting += 1
+            self._joining[job.id] = job
+            return
         if job.not_before is not None and job.not_before > now:
             lane.delayed += 1
             heapq.heappush(self._delayed, (job.not_before, next(self._order), job))
@@ -312,12 +396,13 @@ class Processor:
             self._spawn(self._work(lane))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        assert self._loop is not None
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._reap)
 
     def _reap(self, task: asyncio.Task[None]) -> None:
-        """A worker ended: a failure (a checkpoint error, a bug) stops the whole exec."""
+        """A task ended: a failure (a checkpoint error, a bug) stops the whole exec."""
         self._tasks.discard(task)
         if task.cancelled() or task.exception() is None:
             return
@@ -327,8 +412,9 @@ class Processor:
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(0.0, self._delayed[0][0] - now), self._release_delayed)
+        assert self._loop is not None
+        delay = max(0.0, self._delayed[0][0] - now)
+        self._timer = self._loop.call_later(delay, self._release_delayed)
 
     def _release_delayed(self) -> None:
         self._timer = None
@@ -346,7 +432,6 @@ class Processor:
         """One worker of a lane: take, throttle, run, settle, wait for disk; repeat."""
         loop = asyncio.get_running_loop()
         rate = lane.rate
-        assert rate is not None and self._store is not None
         try:
             while not self._stopping:
                 if not lane.ready or lane.paused:
@@ -364,21 +449,25 @@ class Processor:
                     if self._stopping or lane.paused:
                         heapq.heappush(lane.ready, entry)
                         continue
-                await self._attempt(lane, entry[2], loop)
+                await self._attempt(lane, entry[2])
         finally:
             lane.workers -= 1
 
-    async def _attempt(self, lane: _Lane, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+    async def _attempt(self, lane: _Lane, job: Job) -> None:
         run, store, executor = self._run, self._store, self._executor
         assert run is not None and store is not None and executor is not None
-        lane.running += 1
         task = asyncio.current_task()
         assert task is not None
+        args: tuple[Any, ...] = (self.app, run.overall, dict(job.ctx))
+        if lane.state.join:
+            args += (self._children(job.id),)
+        lane.running += 1
+        self._running.add(job.id)
         self._in_exec.add(task)
         started = self._now()
         try:
             try:
-                result = await executor.call(lane.state, self.app, run.overall, dict(job.ctx))
+                result = await executor.call(lane.state, args)
                 error: Exception | None = None
             except Exception as e:
                 result, error = None, e
@@ -389,19 +478,39 @@ class Processor:
             await asyncio.shield(store.append(record))
         finally:
             lane.running -= 1
+            self._running.discard(job.id)
         # The transition is on disk: the job's next step and its children may start.
         now = self._now()
-        self._after_commit(job, now)
+        self._place(job, now)
         for kid in kids:
-            self._after_commit(kid, now, new=True)
+            self._place(kid, now)
         self._check_finished()
 
-    def _after_commit(self, job: Job, now: float, *, new: bool = False) -> None:
+    def _place(self, job: Job, now: float) -> None:
+        """A job's record is on disk: queue it, or note that it ended."""
         lane = self._lanes.get(job.state)
         if lane is not None:
             self._enqueue(lane, job, now)
-        elif not new:
-            self._active -= 1
+        elif job.parent is not None and self._joins:
+            self._child_ended(job.parent)
+
+    def _child_ended(self, parent: str) -> None:
+        left = self._open_kids.get(parent, 0) - 1
+        if left > 0:
+            self._open_kids[parent] = left
+            return
+        self._open_kids.pop(parent, None)
+        waiting = self._joining.pop(parent, None)
+        if waiting is not None:
+            lane = self._lanes[waiting.state]
+            lane.awaiting -= 1
+            self._enqueue(lane, waiting, self._now())
+
+    def _children(self, parent: str) -> list[Child]:
+        run = self._run
+        assert run is not None
+        kids = (run.jobs.get(i) for i in self._kids.get(parent, ()))
+        return [Child(k.id, k.state, dict(k.ctx)) for k in kids if k is not None]
 
     def _check_finished(self) -> None:
         if self._active == 0 and self._finished is not None and not self._finished.done():
@@ -414,133 +523,149 @@ class Processor:
     ) -> tuple[bytes, list[Job]]:
         """Turn an exec's outcome into a record, apply it to the run, and return its bytes."""
         run = self._run
-        assert run is not None
+        assert run is not None and self._loop is not None
         now = self._now()
         seq = run.seq + 1
         kids: list[Job] = []
         if error is None:
             try:
-                record, kids = self._success(run, job, result, started, now)
+                record, kids = outcome.success(self.states, job, result, run.next_id, started, now)
                 record["seq"] = seq
-                data = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
+                data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:
                 error = e
             except TypeError as e:  # orjson: a ctx holds something JSON cannot represent
                 error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
             if error is not None:
                 kids = []
-        if error is not None:
-            record = self._failure(run, lane, job, error, started, now)
-            record["seq"] = seq
-            data = orjson.dumps(record, default=repr, option=orjson.OPT_APPEND_NEWLINE)
-        else:
+        if error is None:
             lane.done += 1
-            assert lane.rate is not None
-            lane.rate.succeeded(asyncio.get_running_loop().time())
+            lane.rate.succeeded(self._loop.time())
+        else:
+            record, gave_up = outcome.failure(
+                lane.state,
+                job,
+                error,
+                error_state=self.error_state,
+                retry_in=self._retry_in(lane, job, error),
+                started=started,
+                now=now,
+            )
+            record["seq"] = seq
+            data = orjson.dumps(record, default=repr, option=_LINE)
+            lane.errors += 1
+            lane.failed += gave_up
         old = job.state
         apply_record(run, record)
         self._transitions += 1
         if job.state != old:
-            lane.jobs -= 1
+            self._count_out(old)
             self._count_in(job.state)
         for kid in kids:
             self._count_in(kid.state)
-            if kid.state in self._lanes:
-                self._active += 1
+            if self._joins:
+                self._kids.setdefault(job.id, []).append(kid.id)
+                if kid.state in self._lanes:
+                    self._open_kids[job.id] = self._open_kids.get(job.id, 0) + 1
         return data, kids
 
-    def _count_in(self, state: str) -> None:
-        lane = self._lanes.get(state)
-        if lane is None:
-            self._counts[state] += 1
-        else:
-            lane.jobs += 1
-
-    def _success(
-        self, run: Run, job: Job, result: Any, started: float, now: float
-    ) -> tuple[dict[str, Any], list[Job]]:
-        ctx, next_state, kicks = _unpack(result)
-        if next_state not in self.states:
-            raise ExecResultError(f"returned undeclared state {next_state!r}")
-        kids: list[Job] = []
-        next_id = run.next_id
-        for kick in kicks:
-            if not isinstance(kick, Kick):
-                raise ExecResultError(f"kicks must be jorb.Kick objects, got {type(kick).__name__}")
-            if kick.state not in self.states:
-                raise ExecResultError(f"kicked a job into undeclared state {kick.state!r}")
-            if not isinstance(kick.ctx, dict):
-                raise ExecResultError(f"a kick's ctx must be a dict, not {type(kick.ctx).__name__}")
-            delay = kick.delay
-            not_before = now + delay if delay else None
-            kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
-            next_id += 1
-        record: dict[str, Any] = {
-            "job": job.id,
-            "to": next_state,
-            "ctx": ctx,
-            "attempts": 0,
-            "throttled": 0,
-            "not_before": None,
-            "history": {
-                "from": job.state,
-                "to": next_state,
-                "time": now,
-                "duration": now - started,
-            },
-        }
-        if kids:
-            record["kids"] = kids
-            record["next_id"] = next_id
-        return record, kids
-
-    def _failure(
-        self, run: Run, lane: _Lane, job: Job, error: Exception, started: float, now: float
-    ) -> dict[str, Any]:
+    def _retry_in(self, lane: _Lane, job: Job, error: Exception) -> float | None:
+        """Seconds before the job's next attempt; a rate limit also adapts the Rate."""
         state = lane.state
-        lane.errors += 1
-        limited = isinstance(error, RateLimited)
-        attempts, throttled = job.attempts, job.throttled
-        not_before: float | None = None
-        if limited:
-            assert lane.rate is not None and isinstance(error, RateLimited)
-            lane.rate.limited(asyncio.get_running_loop().time(), error.retry_after)
-            throttled += 1
-            give_up = throttled > state.rate_limit_retries
-            if not give_up and error.retry_after is None and lane.rate.n == math.inf:
-                not_before = now + state.retry_delay(throttled, random.random())
-        else:
-            attempts += 1
-            give_up = attempts > state.retries
-            if not give_up and state.backoff > 0:
-                not_before = now + state.retry_delay(attempts, random.random())
-        record: dict[str, Any] = {
-            "job": job.id,
-            "in": state.name,
-            "error": {
-                "message": str(error) or type(error).__name__,
-                "type": _type_name(error),
-                "traceback": "".join(traceback.format_exception(error)),
-                "time": now,
-                "attempt": job.attempts + job.throttled + 1,
-                "rate_limited": limited,
-            },
-            "to": state.name,
-            "attempts": attempts,
-            "throttled": throttled,
-            "not_before": not_before,
-        }
-        if give_up:
-            lane.failed += 1
-            to = state.on_error or self.error_state
-            record.update(to=to, attempts=0, throttled=0, not_before=None)
-            record["history"] = {
-                "from": state.name,
-                "to": to,
-                "time": now,
-                "duration": now - started,
-            }
-        return record
+        if isinstance(error, RateLimited):
+            assert self._loop is not None
+            lane.rate.limited(self._loop.time(), error.retry_after)
+            if error.retry_after is None and lane.rate.n == math.inf:
+                return state.retry_delay(job.throttled + 1, random.random())
+            return None  # the Rate (cut, or paused for retry_after) spaces the next start
+        if state.backoff <= 0:
+            return None
+        return state.retry_delay(job.attempts + 1, random.random())
+
+    # -- changes from outside (command line, Python API) ---------------------------------------
+
+    async def _watch_inbox(self) -> None:
+        run = self._run
+        assert run is not None and run.path is not None
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            for file, req in control.pending(run.path):
+                answer = await self._change(req)
+                control.reply(file, answer)
+
+    async def _change(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Apply one change through the journal and the lanes; returns the command's answer."""
+        run, store = self._run, self._store
+        assert run is not None and store is not None
+        if req.get("id") in self._applied:
+            return control.previous(run, req["id"])
+        try:
+            record = control.plan(run, req, busy=self._running.__contains__)
+        except JorbError as e:
+            return {"error": str(e)}
+        op = record["op"]
+        moved = [run.jobs[i] for i in record["jobs"]] if op == "redrive" else []
+        before = {job.id: job.state for job in moved}
+        self._detach(moved)
+        record["seq"] = run.seq + 1
+        data = orjson.dumps(record, option=_LINE)
+        apply_record(run, record)
+        self._applied.add(req["id"])
+        added = record["jobs"] if op == "add" else []
+        for job in added:
+            self._count_in(job.state)
+        for job in moved:
+            self._count_out(before[job.id])
+            self._count_in(job.state)
+            if self._joins and job.parent is not None:
+                self._reopen_child(job, before[job.id])
+        if op == "pause":
+            self._lanes[record["name"]].paused = True
+        await asyncio.shield(store.append(data))
+        now = self._now()
+        for job in [*added, *moved]:
+            lane = self._lanes.get(job.state)
+            if lane is not None:
+                self._enqueue(lane, job, now)
+        if op == "resume":
+            lane = self._lanes[record["name"]]
+            lane.paused = False
+            for _ in range(min(len(lane.ready), lane.state.concurrency)):
+                self._wake(lane)
+        self._note(f"applied: {record['change']['what']} (by {req.get('who')})")
+        self._check_finished()
+        return {"result": record["change"]["result"]}
+
+    def _detach(self, jobs: list[Job]) -> None:
+        """Take jobs out of the lanes' queues (a redrive is about to move them)."""
+        ids = {job.id for job in jobs}
+        if not ids:
+            return
+        for lane in self._lanes.values():
+            if any(entry[2].id in ids for entry in lane.ready):
+                lane.ready = [entry for entry in lane.ready if entry[2].id not in ids]
+                heapq.heapify(lane.ready)
+        kept = []
+        for entry in self._delayed:
+            if entry[2].id in ids:
+                self._lanes[entry[2].state].delayed -= 1
+            else:
+                kept.append(entry)
+        if len(kept) != len(self._delayed):
+            self._delayed = kept
+            heapq.heapify(kept)
+        for ident in ids & self._joining.keys():
+            job = self._joining.pop(ident)
+            self._lanes[job.state].awaiting -= 1
+
+    def _reopen_child(self, job: Job, before: str) -> None:
+        """Keep fan-in counts right when a redrive moves a child in or out of terminal."""
+        assert job.parent is not None
+        was_open, is_open = before in self._lanes, job.state in self._lanes
+        if is_open and not was_open:
+            self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
+        elif was_open and not is_open:
+            self._child_ended(job.parent)
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -585,7 +710,7 @@ class Processor:
                 if not parked.done():
                     parked.set_result(None)
             lane.idle.clear()
-        # Workers not inside an exec are only waiting (for a rate or a slot): cancel them now.
+        # Tasks not inside an exec are only waiting (for a rate, a slot, the disk): cancel now.
         for task in list(self._tasks):
             if task not in self._in_exec:
                 task.cancel()
@@ -605,39 +730,6 @@ class Processor:
             store.finish()
             if store.failure is not None:
                 raise store.failure
-
-
-def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
-    if not isinstance(result, tuple | list) or len(result) not in (2, 3):
-        raise ExecResultError(
-            f"an exec must return (ctx, next_state) or (ctx, next_state, kicks), "
-            f"not {_describe(result)}"
-        )
-    ctx, next_state = result[0], result[1]
-    kicks = result[2] if len(result) == 3 else ()
-    if not isinstance(ctx, dict):
-        raise ExecResultError(f"the returned ctx must be a dict, not {type(ctx).__name__}")
-    if not isinstance(next_state, str):
-        raise ExecResultError(f"the returned next state must be a str, not {next_state!r}")
-    if kicks is None:
-        kicks = ()
-    if not isinstance(kicks, list | tuple):
-        raise ExecResultError(f"kicks must be a list of jorb.Kick, not {type(kicks).__name__}")
-    return ctx, next_state, kicks
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-def _type_name(error: BaseException) -> str:
-    kind = type(error)
-    return (
-        kind.__qualname__
-        if kind.__module__ == "builtins"
-        else f"{kind.__module__}.{kind.__qualname__}"
-    )
 
 
 def _command_line() -> str:

@@ -162,6 +162,9 @@ class State:
     """Longest wait between two retries, in seconds."""
     rate_limit_retries: int = field(default=100, kw_only=True)
     """How many ``RateLimited`` attempts in a row before the job is routed as failed."""
+    join: bool = field(default=False, kw_only=True)
+    """Fan-in: a job here waits, holding no slot, until every child it kicked is terminal;
+    the exec then takes a fourth argument, ``children``: a list of :class:`~jorb.Child`."""
 
     @property
     def is_async(self) -> bool:
@@ -210,6 +213,8 @@ def _check(state: State, by_name: dict[str, State]) -> Iterable[str]:
             yield f"terminal state {name!r} has an exec"
         if state.timeout is not None:
             yield f"terminal state {name!r} has a timeout"
+        if state.join:
+            yield f"terminal state {name!r} cannot join (it has no exec to receive children)"
         return
     if state.exec is None or not callable(state.exec):
         yield f"state {name!r} is not terminal and has no callable exec"

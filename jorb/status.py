@@ -26,6 +26,8 @@ class StateStatus:
     """Jobs ready to start (not delayed, not running)."""
     delayed: int = 0
     """Jobs held back by a delay or a retry's backoff."""
+    awaiting: int = 0
+    """Jobs waiting for their children to finish (fan-in: ``State(..., join=True)``)."""
     running: int = 0
     """Execs in flight (including ones whose result is being written)."""
     done: int = 0

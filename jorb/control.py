@@ -1,0 +1,282 @@
+"""Changing a run from outside: add jobs, pause and resume states, redrive jobs.
+
+With no process holding the run, a change is applied to the file directly, under the run's
+lock. With one, the change is handed over through an inbox directory beside the run
+(``x.json.inbox/``): the command writes a request file atomically and waits; the process picks
+it up within a poll interval, applies it through its journal (it stays the only writer of the
+run), records it in the run's ``changes`` and answers with a reply file. Every request carries a
+unique id that is recorded with the change, so a crash between applying and answering never
+applies it twice; a request left behind by a process that exited is applied by the next one to
+take the lock (a later exec, or the waiting command itself).
+
+    jorb.control.pause(Path("runs/x.json"), "push")      # what `jorb pause` calls
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .checkpoint import Store, atomic_write, is_locked, read_run
+from .errors import JorbError, RunLockedError, StateError
+from .model import Job, Run, apply_record
+
+__all__ = ["add", "apply_inbox", "inbox_path", "pause", "plan", "redrive", "request", "resume"]
+
+#: How often a waiting command looks for its reply, in seconds.
+POLL = 0.05
+REPLY = ".reply"
+
+
+def inbox_path(path: Path) -> Path:
+    """The inbox directory beside a run file."""
+    return path.with_name(path.name + ".inbox")
+
+
+# -- the four changes --------------------------------------------------------------------------
+
+
+def add(path: Path, ctxs: list[dict[str, Any]], state: str = "new") -> dict[str, Any]:
+    """Add one job per ctx in ``state``; the result's ``"ids"`` are the new job ids."""
+    return request(path, "add", {"ctxs": ctxs, "state": state})
+
+
+def pause(path: Path, state: str) -> dict[str, Any]:
+    """Stop new exec starts in ``state`` (running execs finish); kept across restarts."""
+    return request(path, "pause", {"name": state})
+
+
+def resume(path: Path, state: str) -> dict[str, Any]:
+    """Let ``state`` start execs again."""
+    return request(path, "resume", {"name": state})
+
+
+def redrive(
+    path: Path, source: str, target: str, job_ids: list[str] | None = None
+) -> dict[str, Any]:
+    """Move the jobs in ``source`` (or just ``job_ids``) to ``target``, keeping history and errors.
+
+    The result says how many ``"moved"``; jobs running at that moment are ``"skipped"``.
+    """
+    return request(path, "redrive", {"from": source, "to": target, "jobs": job_ids})
+
+
+# -- turning a request into a journal record ---------------------------------------------------
+
+
+def new_request(op: str, args: dict[str, Any]) -> dict[str, Any]:
+    """A request with a fresh id, saying who asked and when."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    who = f"{user}@{socket.gethostname()} pid {os.getpid()}"
+    return {"id": uuid.uuid4().hex, "op": op, "args": args, "time": time.time(), "who": who}
+
+
+def plan(
+    run: Run, req: dict[str, Any], busy: Callable[[str], bool] = lambda _id: False
+) -> dict[str, Any]:
+    """Check ``req`` against ``run`` and build its journal record (without ``seq``).
+
+    ``busy(job_id)`` says whether a job is mid-exec (a redrive skips those). Raises a
+    JorbError with a one-line reason for a request that cannot apply.
+    """
+    op, args = req.get("op"), req.get("args") or {}
+    declared = {s["name"]: bool(s.get("terminal")) for s in run.declared}
+    record: dict[str, Any]
+    if op == "add":
+        state = args.get("state", "new")
+        _known(run, declared, state)
+        jobs = [run_job(run, ctx, state, n) for n, ctx in enumerate(args.get("ctxs") or [])]
+        if not jobs:
+            raise JorbError("nothing to add: give at least one ctx")
+        record = {"op": "add", "jobs": jobs, "next_id": run.next_id + len(jobs)}
+        result: dict[str, Any] = {"ids": [job.id for job in jobs]}
+        what = f"added {len(jobs)} job(s) in {state!r}"
+    elif op in ("pause", "resume"):
+        name = args.get("name")
+        if not isinstance(name, str) or name not in declared:
+            raise StateError(f"no state {name!r} declared in {run.path} (states: {_names(run)})")
+        if declared[name]:
+            raise StateError(f"state {name!r} is terminal: it starts no execs to {op}")
+        record = {"op": op, "name": name}
+        result = {"paused": sorted(run.paused | {name} if op == "pause" else run.paused - {name})}
+        what = f"{op}d {name!r}"
+    elif op == "redrive":
+        source, target, wanted = args.get("from"), args.get("to"), args.get("jobs")
+        _known(run, declared, target)
+        if wanted:
+            missing = [i for i in wanted if i not in run.jobs]
+            if missing:
+                raise JorbError(f"no job {', '.join(missing[:5])} in {run.path}")
+            elsewhere = [i for i in wanted if run.jobs[i].state != source]
+            if elsewhere:
+                raise JorbError(
+                    f"job {', '.join(elsewhere[:5])} is not in state {source!r} "
+                    f"(it is in {run.jobs[elsewhere[0]].state!r})"
+                )
+            candidates = list(wanted)
+        else:
+            candidates = [job.id for job in run.jobs.values() if job.state == source]
+        moved = [i for i in candidates if not busy(i)]
+        skipped = [i for i in candidates if busy(i)]
+        record = {"op": "redrive", "to": target, "jobs": moved, "time": req["time"]}
+        result = {"moved": len(moved), "skipped": skipped}
+        what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"
+    else:
+        raise JorbError(f"unknown change {op!r}")
+    record["change"] = {
+        "id": req["id"],
+        "what": what,
+        "time": req["time"],
+        "who": req.get("who"),
+        "result": result,
+    }
+    return record
+
+
+def run_job(run: Run, ctx: Any, state: str, offset: int) -> Job:
+    """A job for an ``add`` request, with the id it will get (not yet registered)."""
+    if not isinstance(ctx, dict):
+        raise JorbError(f"each ctx must be a JSON object, not {type(ctx).__name__}")
+    return Job(str(run.next_id + offset), state, ctx)
+
+
+def _known(run: Run, declared: dict[str, bool], state: Any) -> None:
+    if not isinstance(state, str) or not state:
+        raise StateError(f"a state must be a non-empty string, not {state!r}")
+    if declared and state not in declared:
+        raise StateError(f"no state {state!r} declared in {run.path} (states: {_names(run)})")
+
+
+def _names(run: Run) -> str:
+    return ", ".join(s["name"] for s in run.declared) or "none recorded yet"
+
+
+def applied_ids(run: Run) -> set[str]:
+    """Ids of every change already applied to ``run``."""
+    return {change["id"] for change in run.changes if isinstance(change, dict) and "id" in change}
+
+
+# -- the inbox ---------------------------------------------------------------------------------
+
+
+def pending(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Requests waiting in the inbox, oldest first (unreadable ones are answered as errors)."""
+    inbox = inbox_path(path)
+    try:
+        names = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))
+    except FileNotFoundError:
+        return
+    for name in names:
+        file = inbox / name
+        try:
+            yield file, orjson.loads(file.read_bytes())
+        except FileNotFoundError:
+            continue
+        except orjson.JSONDecodeError:
+            reply(file, {"error": f"unreadable request {name}"})
+
+
+def reply(file: Path, answer: dict[str, Any]) -> None:
+    """Answer a request and remove it (the answer first, so a waiter never misses it)."""
+    atomic_write(file.with_suffix(REPLY), orjson.dumps(answer), durable=False)
+    with contextlib.suppress(FileNotFoundError):
+        file.unlink()
+
+
+def apply_inbox(run: Run) -> list[tuple[Path, dict[str, Any]]]:
+    """Apply every waiting request to ``run`` in memory (no process is executing it).
+
+    Returns the (request file, answer) pairs to send with :func:`reply` once the run is saved.
+    """
+    assert run.path is not None
+    done = applied_ids(run)
+    answers = []
+    for file, req in pending(run.path):
+        answers.append((file, apply_one(run, req, done)))
+    return answers
+
+
+def apply_one(run: Run, req: dict[str, Any], done: set[str]) -> dict[str, Any]:
+    """Apply one request to ``run`` in memory, unless ``done`` says it already was."""
+    if req.get("id") in done:
+        return previous(run, req["id"])
+    try:
+        record = plan(run, req)
+    except JorbError as e:
+        return {"error": str(e)}
+    record["seq"] = run.seq + 1
+    apply_record(run, record)
+    done.add(req["id"])
+    return {"result": record["change"]["result"]}
+
+
+def previous(run: Run, ident: str) -> dict[str, Any]:
+    """The answer recorded for a change that was applied before."""
+    for change in run.changes:
+        if change.get("id") == ident:
+            return {"result": change.get("result", {})}
+    return {"result": {}}
+
+
+def request(
+    path: Path, op: str, args: dict[str, Any], timeout: float | None = None
+) -> dict[str, Any]:
+    """Apply one change to the run at ``path``, directly or through its running process.
+
+    Returns the change's result; raises JorbError if it could not apply, or TimeoutError if
+    ``timeout`` passed first (the request then stays queued and is applied later).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise JorbError(f"{path}: no such run file")
+    req = new_request(op, args)
+    inbox = inbox_path(path)
+    inbox.mkdir(exist_ok=True)
+    file = inbox / f"{time.time_ns():020d}-{req['id']}.json"
+    atomic_write(file, orjson.dumps(req), durable=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    answer_file = file.with_suffix(REPLY)
+    while True:
+        if answer_file.exists():
+            answer = orjson.loads(answer_file.read_bytes())
+            answer_file.unlink()
+            if "error" in answer:
+                raise JorbError(answer["error"])
+            result: dict[str, Any] = answer["result"]
+            return result
+        if not is_locked(path):
+            _apply_offline(path)
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(
+                f"the process holding {path} has not applied the change yet; it stays queued "
+                f"in {inbox} and is applied when that process next polls or executes the run"
+            )
+        time.sleep(POLL)  # waiting on another process's reply file: nothing to await
+
+
+def _apply_offline(path: Path) -> None:
+    """Take the lock and apply every waiting request directly to the file."""
+    try:
+        store = Store(path)
+    except RunLockedError:
+        return  # someone took it meanwhile: they will apply it
+    with store:
+        run = read_run(path)
+        answers = apply_inbox(run)
+        if answers:
+            store.compact(run, finish=True)
+        for file, answer in answers:
+            reply(file, answer)

@@ -1,0 +1,134 @@
+"""Turning what an exec did into a journal record: the rules for success, failure and retry.
+
+Pure functions over a job and an outcome; the processor applies the record and writes it.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import ExecResultError, RateLimited
+from .model import Job, Kick
+from .states import State
+
+__all__ = ["failure", "success"]
+
+
+def success(
+    states: Mapping[str, State], job: Job, result: Any, next_id: int, started: float, now: float
+) -> tuple[dict[str, Any], list[Job]]:
+    """The record of an exec that returned; raises ExecResultError if the value is unusable.
+
+    Children get ids from ``next_id`` on; they are created but not registered in the run.
+    """
+    ctx, next_state, kicks = _unpack(result)
+    if next_state not in states:
+        raise ExecResultError(f"returned undeclared state {next_state!r}")
+    kids: list[Job] = []
+    for kick in kicks:
+        if not isinstance(kick, Kick):
+            raise ExecResultError(f"kicks must be jorb.Kick objects, got {type(kick).__name__}")
+        if kick.state not in states:
+            raise ExecResultError(f"kicked a job into undeclared state {kick.state!r}")
+        if not isinstance(kick.ctx, dict):
+            raise ExecResultError(f"a kick's ctx must be a dict, not {type(kick.ctx).__name__}")
+        not_before = now + kick.delay if kick.delay else None
+        kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
+        next_id += 1
+    record: dict[str, Any] = {
+        "job": job.id,
+        "to": next_state,
+        "ctx": ctx,
+        "attempts": 0,
+        "throttled": 0,
+        "not_before": None,
+        "history": step(job.state, next_state, now, started),
+    }
+    if kids:
+        record["kids"] = kids
+        record["next_id"] = next_id
+    return record, kids
+
+
+def failure(
+    state: State,
+    job: Job,
+    error: Exception,
+    *,
+    error_state: str,
+    retry_in: float | None,
+    started: float,
+    now: float,
+) -> tuple[dict[str, Any], bool]:
+    """The record of a failed attempt, and whether the job gave up (was routed away).
+
+    A ``RateLimited`` uses the separate ``rate_limit_retries`` budget, anything else the
+    state's ``retries``. ``retry_in`` is the backoff before the next attempt (None: at once).
+    """
+    limited = isinstance(error, RateLimited)
+    attempts, throttled = job.attempts, job.throttled
+    if limited:
+        throttled += 1
+        give_up = throttled > state.rate_limit_retries
+    else:
+        attempts += 1
+        give_up = attempts > state.retries
+    record: dict[str, Any] = {
+        "job": job.id,
+        "in": state.name,
+        "error": {
+            "message": str(error) or type(error).__name__,
+            "type": _type_name(error),
+            "traceback": "".join(traceback.format_exception(error)),
+            "time": now,
+            "attempt": job.attempts + job.throttled + 1,
+            "rate_limited": limited,
+        },
+        "to": state.name,
+        "attempts": attempts,
+        "throttled": throttled,
+        "not_before": None if retry_in is None else now + retry_in,
+    }
+    if give_up:
+        to = state.on_error or error_state
+        record.update(to=to, attempts=0, throttled=0, not_before=None)
+        record["history"] = step(state.name, to, now, started)
+    return record, give_up
+
+
+def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
+    """One history entry."""
+    return {"from": source, "to": to, "time": now, "duration": now - started}
+
+
+def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
+    if not isinstance(result, tuple | list) or len(result) not in (2, 3):
+        raise ExecResultError(
+            f"an exec must return (ctx, next_state) or (ctx, next_state, kicks), "
+            f"not {_describe(result)}"
+        )
+    ctx, next_state = result[0], result[1]
+    kicks = result[2] if len(result) == 3 else ()
+    if not isinstance(ctx, dict):
+        raise ExecResultError(f"the returned ctx must be a dict, not {type(ctx).__name__}")
+    if not isinstance(next_state, str):
+        raise ExecResultError(f"the returned next state must be a str, not {next_state!r}")
+    if kicks is None:
+        kicks = ()
+    if not isinstance(kicks, list | tuple):
+        raise ExecResultError(f"kicks must be a list of jorb.Kick, not {type(kicks).__name__}")
+    return ctx, next_state, kicks
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _type_name(error: BaseException) -> str:
+    kind = type(error)
+    if kind.__module__ == "builtins":
+        return kind.__qualname__
+    return f"{kind.__module__}.{kind.__qualname__}"
