@@ -196,6 +196,7 @@ class Processor:
             for listener in listeners:
                 listener.stop(self.statistics())
             self._loop = None
+            run.close()  # no longer executing: commands may now edit the file directly
         return run
 
     def statistics(self) -> Status:
