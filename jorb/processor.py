@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import logging
 import math
 import os
 import random
@@ -39,6 +40,7 @@ from .status import StateStatus, Status, StatusListener
 __all__ = ["Processor"]
 
 _LINE = orjson.OPT_APPEND_NEWLINE
+logger = logging.getLogger("jorb")
 
 
 class _Lane:
@@ -338,6 +340,9 @@ class Processor:
         return listeners
 
     def _note(self, message: str) -> None:
+        """Tell the user something: through the listeners, or the "jorb" logger if none."""
+        if not self._listeners:
+            logger.warning("jorb: %s", message)
         for listener in self._listeners:
             listener.note(message)
 
