@@ -10,14 +10,19 @@ does not jump while any is outstanding.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Sized
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
 __all__ = ["FakeClockLoop", "run", "settle"]
 
 T = TypeVar("T")
+
+#: The least a real monotonic clock moves between two readings that differ.
+_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 
 class _JumpingSelector(selectors.DefaultSelector):
@@ -31,7 +36,14 @@ class _JumpingSelector(selectors.DefaultSelector):
         loop = self.loop
         assert loop is not None
         ready = super().select(0)
-        if ready or timeout == 0:
+        if ready:
+            return ready
+        if timeout == 0:
+            if not loop.callbacks_ready():
+                # Woken only by a timer due now: a real clock would have ticked meanwhile. Tick
+                # too, or a timer that keeps rescheduling itself "now" (aiolimiter rounding a
+                # wait down to nothing) spins forever at one instant.
+                loop.tick()
             return ready
         if loop.threads_busy or timeout is None:
             # Something real is in flight (a thread) or nothing is scheduled: wait for real.
@@ -57,6 +69,15 @@ class FakeClockLoop(asyncio.SelectorEventLoop):
     def advance(self, seconds: float) -> None:
         """Move the virtual clock forward."""
         self._now += max(0.0, seconds)
+
+    def tick(self) -> None:
+        """Move the virtual clock by the least a real clock would (its resolution, 1 ns)."""
+        self._now = max(self._now + _RESOLUTION, math.nextafter(self._now, math.inf))
+
+    def callbacks_ready(self) -> int:
+        """How many callbacks are queued to run now (asyncio's own ready queue)."""
+        ready: Sized = self._ready  # type: ignore[attr-defined]
+        return len(ready)
 
     def run_in_executor(  # type: ignore[override]
         self, executor: Executor | None, func: Callable[..., T], *args: Any
