@@ -144,7 +144,8 @@ class Processor:
         self._tasks: set[asyncio.Task[None]] = set()
         self._in_exec: set[asyncio.Task[None]] = set()
         self._listeners: list[StatusListener] = []
-        self._wall0 = self._mono0 = self._started = 0.0
+        self._clock = time.monotonic
+        self._offset = self._started = 0.0
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.values())}>"
@@ -289,7 +290,8 @@ class Processor:
         store.begin(run)  # every added job, change and the declarations reach disk here
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
-        self._wall0, self._mono0 = time.time(), loop.time()
+        self._clock = loop.time
+        self._offset = time.time() - loop.time()
         self._started = time.monotonic()
         unlimited: dict[str, Rate] = {}
         for name, state in self.states.items():
@@ -357,8 +359,7 @@ class Processor:
 
     def _now(self) -> float:
         """Unix time, read from the event loop's clock (so a fake loop clock fakes it too)."""
-        assert self._loop is not None
-        return self._wall0 + self._loop.time() - self._mono0
+        return self._clock() + self._offset
 
     def _count_in(self, state: str) -> None:
         lane = self._lanes.get(state)
@@ -437,6 +438,8 @@ class Processor:
     async def _work(self, lane: _Lane) -> None:
         """One worker of a lane: take, throttle, run, settle, wait for disk; repeat."""
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         rate = lane.rate
         try:
             while not self._stopping:
@@ -455,15 +458,13 @@ class Processor:
                     if self._stopping or lane.paused:
                         heapq.heappush(lane.ready, entry)
                         continue
-                await self._attempt(lane, entry[2])
+                await self._attempt(lane, entry[2], task)
         finally:
             lane.workers -= 1
 
-    async def _attempt(self, lane: _Lane, job: Job) -> None:
+    async def _attempt(self, lane: _Lane, job: Job, task: asyncio.Task[None]) -> None:
         run, store, executor = self._run, self._store, self._executor
         assert run is not None and store is not None and executor is not None
-        task = asyncio.current_task()
-        assert task is not None
         args: tuple[Any, ...] = (self.app, run.overall, dict(job.ctx))
         if lane.state.join:
             args += (self._children(job.id),)
