@@ -1,0 +1,141 @@
+"""Shared helpers for jorb's tests: runs in tmp_path, processors without progress, counters."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import jorb
+import jorb.testing
+
+#: A terminal "done" state, shared by most tests.
+DONE = jorb.State("done", terminal=True)
+
+#: How long a barrier may wait before the test is declared stuck (real seconds). A guard against
+#: hanging forever when the engine is broken, never a way to wait for something to happen.
+STUCK = 5.0
+
+MakeRun = Callable[..., jorb.Run]
+
+
+@pytest.fixture
+def make_run(tmp_path: Path) -> Iterator[MakeRun]:
+    """``make_run(jobs=[ctx, ...], state="new", name="run.json", overall=None)``: an open Run.
+
+    Every run it opens is closed (its lock released) when the test ends.
+    """
+    opened: list[jorb.Run] = []
+
+    def make(
+        jobs: Iterable[dict[str, Any]] = (),
+        state: str = "new",
+        *,
+        name: str = "run.json",
+        overall: dict[str, Any] | None = None,
+    ) -> jorb.Run:
+        run = jorb.Run.open(tmp_path / name, overall=overall)
+        opened.append(run)
+        for ctx in jobs:
+            run.add_job(ctx, state)
+        return run
+
+    yield make
+    for run in opened:
+        run.close()
+
+
+def process(
+    states: Sequence[jorb.State], run: jorb.Run, app: Any = None, **options: Any
+) -> jorb.Run:
+    """``Processor(app, states, progress=False, **options).exec(run)`` on a real event loop."""
+    return jorb.Processor(app, states, progress=False, **options).exec(run)
+
+
+def process_fake_clock(
+    states: Sequence[jorb.State], run: jorb.Run, app: Any = None, **options: Any
+) -> jorb.Run:
+    """Like :func:`process`, but on jorb.testing's virtual clock (rates and delays cost nothing).
+
+    A watchdog cancels the run if it takes ``STUCK`` real seconds, so a virtual clock that stops
+    moving fails the test instead of hanging the suite.
+    """
+    processor = jorb.Processor(app, states, progress=False, **options)
+
+    async def guarded() -> jorb.Run:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        watchdog = threading.Timer(STUCK, loop.call_soon_threadsafe, (task.cancel,))
+        watchdog.start()
+        try:
+            return await processor.aexec(run)
+        except asyncio.CancelledError:
+            raise AssertionError(
+                f"the run on the virtual clock was still going after {STUCK:g} real seconds "
+                f"(virtual time {loop.time():g}s): the clock stopped moving"
+            ) from None
+        finally:
+            watchdog.cancel()
+
+    return jorb.testing.run(guarded())
+
+
+def job_dict(job: jorb.Job) -> dict[str, Any]:
+    """Every field of a job, for comparing a reloaded run with the one in memory."""
+    return asdict(job)
+
+
+class InFlight:
+    """Counts execs in flight (thread-safe) and remembers the most seen at once.
+
+    ``with counter: ...`` around the body of an exec. The first time ``target`` execs are in
+    flight together the counter is *full*: ``wait_full()`` blocks a ``def`` exec until then and
+    ``await await_full()`` an ``async def`` one, both failing loudly if it never happens.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.now = 0
+        self.max = 0
+        self.entered = 0
+        self.full = threading.Event()
+        self._lock = threading.Lock()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    def __enter__(self) -> InFlight:
+        with self._lock:
+            self.now += 1
+            self.entered += 1
+            self.max = max(self.max, self.now)
+            if self.now >= self.target and not self.full.is_set():
+                self.full.set()
+                for loop, event in self._waiters:
+                    loop.call_soon_threadsafe(event.set)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._lock:
+            self.now -= 1
+
+    def wait_full(self) -> None:
+        if not self.full.wait(STUCK):
+            raise AssertionError(f"never {self.target} in flight at once (max {self.max})")
+
+    async def await_full(self) -> None:
+        event = asyncio.Event()
+        with self._lock:
+            if self.full.is_set():
+                return
+            self._waiters.append((asyncio.get_running_loop(), event))
+        try:
+            await asyncio.wait_for(event.wait(), STUCK)
+        except TimeoutError:
+            raise AssertionError(
+                f"never {self.target} in flight at once (max {self.max})"
+            ) from None

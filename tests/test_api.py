@@ -1,0 +1,85 @@
+"""The public surface: exactly these names, all errors under JorbError, and a light import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import jorb
+
+#: Every name ``import jorb`` offers. Changing the public API means changing this set on purpose.
+EXPORTS = {
+    # the model
+    "Run",
+    "Job",
+    "Kick",
+    "Child",
+    # declarations and the engine
+    "State",
+    "Rate",
+    "Processor",
+    # status snapshots for listeners
+    "Status",
+    "StateStatus",
+    "StatusListener",
+    # errors
+    "JorbError",
+    "StateError",
+    "RunFileError",
+    "CorruptRunError",
+    "JournalConflictError",
+    "RunLockedError",
+    "CheckpointError",
+    "ExecResultError",
+    "TimedOut",
+    "RateLimited",
+}
+
+ERRORS = {
+    "StateError",
+    "RunFileError",
+    "CorruptRunError",
+    "JournalConflictError",
+    "RunLockedError",
+    "CheckpointError",
+    "ExecResultError",
+    "TimedOut",
+    "RateLimited",
+}
+
+
+def test_exports_are_exactly_the_public_api() -> None:
+    assert set(jorb.__all__) == EXPORTS
+    assert len(jorb.__all__) == len(EXPORTS)  # no name listed twice
+    for name in jorb.__all__:
+        assert getattr(jorb, name) is not None, name
+
+
+def test_star_import_gives_the_public_api_and_nothing_private() -> None:
+    namespace: dict[str, object] = {}
+    exec("from jorb import *", namespace)
+    assert set(namespace) - {"__builtins__"} == EXPORTS
+
+
+def test_every_error_jorb_raises_is_a_jorb_error() -> None:
+    for name in ERRORS:
+        error = getattr(jorb, name)
+        assert issubclass(error, jorb.JorbError), name
+    assert issubclass(jorb.CorruptRunError, jorb.RunFileError)
+    assert issubclass(jorb.JournalConflictError, jorb.RunFileError)
+    assert issubclass(jorb.JorbError, Exception)
+
+
+def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
+    assert jorb.RateLimited(retry_after=2.5).retry_after == 2.5
+    assert jorb.RateLimited().retry_after is None
+
+
+def test_importing_jorb_does_not_import_rich_or_typer() -> None:
+    check = (
+        "import jorb, jorb.testing, sys; "
+        "heavy = sorted(m for m in ('rich', 'typer') if m in sys.modules); "
+        "assert not heavy, heavy"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

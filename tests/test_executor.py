@@ -1,0 +1,164 @@
+"""The exec seam: where execs run (loop or thread), timeouts, and swapping the executor."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from conftest import DONE, STUCK, MakeRun, process, process_fake_clock
+
+import jorb
+from jorb.executor import LocalExecutor
+
+
+def test_async_execs_run_on_the_loop_and_def_execs_in_worker_threads(make_run: MakeRun) -> None:
+    seen: dict[str, set[str]] = {"on_loop": set(), "in_thread": set()}
+
+    async def on_loop(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        asyncio.get_running_loop()  # there is one, in this thread
+        seen["on_loop"].add(threading.current_thread().name)
+        return ctx, "in_thread"
+
+    def in_thread(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        seen["in_thread"].add(threading.current_thread().name)
+        return ctx, "done"
+
+    states = [
+        jorb.State("on_loop", exec=on_loop, concurrency=2),
+        jorb.State("in_thread", exec=in_thread, concurrency=2),
+        DONE,
+    ]
+    run = make_run([{"n": i} for i in range(6)], state="on_loop")
+
+    process(states, run)
+
+    assert run.counts() == {"done": 6}
+    assert seen["on_loop"] == {threading.main_thread().name}
+    assert seen["in_thread"] and threading.main_thread().name not in seen["in_thread"]
+
+
+def test_every_exec_goes_through_the_executor_given_to_the_processor(make_run: MakeRun) -> None:
+    class Counting:
+        """A stand-in executor: counts calls, delegates to the local one."""
+
+        def __init__(self, states: list[jorb.State]) -> None:
+            self.inner = LocalExecutor(states)
+            self.calls: list[str] = []
+            self.closed = False
+
+        async def call(self, state: jorb.State, *args: Any) -> Any:
+            self.calls.append(state.name)
+            return await self.inner.call(state, *args)
+
+        def close(self) -> None:
+            self.closed = True
+            self.inner.close()
+
+    async def first(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "second"
+
+    def second(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=first), jorb.State("second", exec=second), DONE]
+    executor = Counting(states)
+    run = make_run([{"n": i} for i in range(4)])
+
+    process(states, run, executor=executor)
+
+    assert run.counts() == {"done": 4}
+    assert sorted(executor.calls) == ["new"] * 4 + ["second"] * 4
+    assert executor.closed
+
+
+# -- timeouts ---------------------------------------------------------------------------------
+
+
+def test_an_async_exec_past_its_timeout_is_cancelled_and_retried(make_run: MakeRun) -> None:
+    starts: list[float] = []
+    cancelled: list[float] = []
+
+    async def hangs(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        starts.append(loop.time())
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            cancelled.append(loop.time())
+            raise
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=hangs, timeout=2.0, retries=1, backoff=0), DONE]
+    run = make_run([{}])
+
+    process_fake_clock(states, run)
+
+    (job,) = run.jobs.values()
+    assert job.state == "failed"
+    assert [e["message"] for e in job.errors["new"]] == ["timed out after 2s"] * 2
+    assert all(e["type"].endswith("TimedOut") for e in job.errors["new"])
+    assert [c - s for s, c in zip(starts, cancelled, strict=True)] == [2.0, 2.0]
+
+
+def test_an_exec_that_finishes_in_time_is_unaffected_by_its_timeout(make_run: MakeRun) -> None:
+    async def quick(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        await asyncio.sleep(1.0)
+        return {**ctx, "ok": True}, "done"
+
+    run = make_run([{}, {}])
+    process_fake_clock([jorb.State("new", exec=quick, timeout=1.5, concurrency=2), DONE], run)
+    assert [(j.state, j.ctx, j.errors) for j in run.jobs.values()] == [
+        ("done", {"ok": True}, {})
+    ] * 2
+
+
+def test_an_execs_own_timeout_error_is_not_reported_as_a_jorb_timeout(make_run: MakeRun) -> None:
+    async def async_call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        raise TimeoutError("the API read timed out")
+
+    def sync_call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        raise TimeoutError("the API read timed out")
+
+    states = [
+        jorb.State("new", exec=async_call, timeout=60.0),
+        jorb.State("sync", exec=sync_call, timeout=60.0),
+        DONE,
+    ]
+    run = make_run([{}])
+    run.add_job({}, state="sync")
+
+    process(states, run)
+
+    for job in run.jobs.values():
+        (error,) = next(iter(job.errors.values()))
+        assert (error["type"], error["message"]) == ("TimeoutError", "the API read timed out")
+
+
+def test_a_def_exec_past_its_timeout_does_not_starve_the_jobs_after_it(
+    make_run: MakeRun,
+) -> None:
+    # A thread cannot be killed: the timed-out exec runs on. The jobs behind it must still run
+    # (and not be charged a timeout for time they spent waiting for a thread).
+    release = threading.Event()
+    ran: list[str] = []
+
+    def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        ran.append(ctx["name"])
+        if ctx["name"] == "stuck":
+            release.wait(STUCK)
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=call, timeout=0.2, concurrency=1), DONE]
+    run = make_run([{"name": "stuck"}, {"name": "a"}, {"name": "b"}])
+
+    try:
+        process(states, run)
+    finally:
+        release.set()
+
+    stuck, a, b = run.jobs.values()
+    assert stuck.state == "failed"
+    assert stuck.errors["new"][0]["message"].startswith("timed out after 0.2s")
+    assert ran[1:] == ["a", "b"]
+    assert (a.state, b.state) == ("done", "done"), (a.errors, b.errors)

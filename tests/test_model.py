@@ -1,0 +1,288 @@
+"""Run, Job and Kick through the public API: opening, adding, ids, and the run file's form."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DONE, MakeRun, job_dict, process, process_fake_clock
+
+import jorb
+
+# -- Run.open / add_job / counts --------------------------------------------------------------
+
+
+def test_open_creates_a_run_then_reopens_it_with_its_own_overall(tmp_path: Path) -> None:
+    path = tmp_path / "runs" / "migrate.json"
+    run = jorb.Run.open(path, overall={"workdir": "/w"})
+    assert run.jobs == {}
+    assert run.overall == {"workdir": "/w"}
+    run.add_job({"repo": "a"})
+    run.add_job({"repo": "b"}, state="edit")
+    run.save()
+    run.close()
+    assert path.exists()
+
+    again = jorb.Run.open(path, overall={"workdir": "/elsewhere"})
+    try:
+        assert again.overall == {"workdir": "/w"}  # the file's overall wins on reopen
+        assert {i: (j.state, j.ctx) for i, j in again.jobs.items()} == {
+            "1": ("new", {"repo": "a"}),
+            "2": ("edit", {"repo": "b"}),
+        }
+    finally:
+        again.close()
+
+
+def test_add_job_defaults_to_state_new_and_counts_by_state(make_run: MakeRun) -> None:
+    run = make_run()
+    first = run.add_job({"n": 1})
+    assert (first.id, first.state, first.ctx, first.parent) == ("1", "new", {"n": 1}, None)
+    assert (first.history, first.errors, first.priority, first.not_before) == ([], {}, 0, None)
+    run.add_job({"n": 2})
+    run.add_job({"n": 3}, state="review")
+    run.add_job({"n": 4}, "done")
+
+    assert run.counts() == {"new": 2, "review": 1, "done": 1}
+    assert list(run.jobs) == ["1", "2", "3", "4"]
+    assert all(run.jobs[i].id == i for i in run.jobs)
+
+
+def test_add_job_rejects_what_cannot_be_a_job(make_run: MakeRun) -> None:
+    run = make_run()
+    with pytest.raises(jorb.JorbError, match="dict"):
+        run.add_job(["not", "a", "dict"])  # type: ignore[arg-type]
+    with pytest.raises(jorb.JorbError, match="delay"):
+        run.add_job({}, delay=-1)
+    assert run.jobs == {}
+
+
+def test_ids_are_never_reused_after_deletion(make_run: MakeRun, tmp_path: Path) -> None:
+    run = make_run([{"n": i} for i in range(3)])
+    del run.jobs["3"]
+    assert run.add_job({"n": 99}).id == "4"
+    run.save()
+    run.close()
+
+    # A user deletes the newest jobs from the file by hand; ids still move on.
+    path = tmp_path / "run.json"
+    doc = json.loads(path.read_text())
+    doc["jobs"] = [j for j in doc["jobs"] if j["id"] == "1"]
+    path.write_text(json.dumps(doc, indent=2))
+    reopened = make_run(name="run.json")
+    assert list(reopened.jobs) == ["1"]
+    assert reopened.add_job({"n": 5}).id == "5"
+
+    # Kicked children take fresh ids too, never one a deleted job had.
+    def split(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "done", [jorb.Kick("done", {"child": i}) for i in range(2)]
+
+    process([jorb.State("new", exec=split), DONE], reopened)
+    assert sorted(reopened.jobs, key=int) == ["1", "5", "6", "7", "8", "9"]
+
+
+def test_add_job_stores_delay_and_priority(make_run: MakeRun, tmp_path: Path) -> None:
+    run = make_run()
+    before = time.time()
+    job = run.add_job({"n": 1}, delay=60.0, priority=7)
+    after = time.time()
+    assert job.priority == 7
+    assert job.not_before is not None and before + 60.0 <= job.not_before <= after + 60.0
+    run.save()
+
+    stored = jorb.Run.load(tmp_path / "run.json").jobs["1"]
+    assert (stored.priority, stored.not_before) == (7, job.not_before)
+
+
+def test_a_delayed_job_holds_no_slot_and_starts_after_its_delay(make_run: MakeRun) -> None:
+    started: dict[str, float] = {}
+
+    async def note(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        started[ctx["name"]] = asyncio.get_running_loop().time()
+        return ctx, "done"
+
+    run = make_run()
+    run.add_job({"name": "later"}, delay=60.0)
+    run.add_job({"name": "now"})
+
+    process_fake_clock([jorb.State("new", exec=note, concurrency=1), DONE], run)
+
+    # With one slot, "now" could not start before "later" if the delayed job held the slot.
+    assert started["now"] < 1.0
+    assert 59.0 <= started["later"] - started["now"] <= 61.0
+    assert run.counts() == {"done": 2}
+
+
+# -- the finished run on disk -----------------------------------------------------------------
+
+SECRET = "APP-SENTINEL-5f1c9a"
+
+
+class App:
+    """An app context holding something that must never be written down."""
+
+    def __init__(self) -> None:
+        self.token = SECRET
+        self.calls: Counter[int] = Counter()
+
+    def __repr__(self) -> str:
+        return f"<App token={self.token}>"
+
+
+async def _fetch(app: App, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    ctx["token_length"] = len(app.token)
+    app.calls[ctx["n"]] += 1
+    if ctx["n"] % 4 == 0 and app.calls[ctx["n"]] == 1:
+        raise ConnectionError(f"flaky fetch of {ctx['n']} with {type(app).__name__}")
+    kicks = [jorb.Kick("part", {"of": ctx["n"], "i": i}) for i in range(ctx["n"] % 3)]
+    return ctx, "store", kicks
+
+
+def _store(app: App, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    if ctx["n"] == 5:
+        raise PermissionError(f"cannot store {ctx['n']} in {overall['bucket']}")
+    return {**ctx, "stored": True}, "done"
+
+
+async def _part(app: App, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    return {**ctx, "ok": True}, "done"
+
+
+STATES = [
+    jorb.State("new", exec=_fetch, concurrency=3, retries=1, backoff=0),
+    jorb.State("store", exec=_store, concurrency=2, retries=1, backoff=0),
+    jorb.State("part", exec=_part, concurrency=2),
+    DONE,
+]
+
+
+@pytest.fixture
+def finished(make_run: MakeRun) -> jorb.Run:
+    """A finished run with kicks, retried errors, a routed failure and multi-step histories."""
+    run = make_run([{"n": n} for n in range(9)], overall={"bucket": "b1"})
+    process(STATES, run, App())
+    return run
+
+
+def test_the_finished_run_reloads_with_everything_intact(finished: jorb.Run) -> None:
+    assert finished.path is not None
+    loaded = jorb.Run.load(finished.path)
+
+    assert loaded.overall == {"bucket": "b1"}
+    assert list(loaded.jobs) == list(finished.jobs)
+    for ident, job in finished.jobs.items():
+        assert job_dict(loaded.jobs[ident]) == job_dict(job)
+    assert loaded.next_id == finished.next_id
+    assert loaded.counts() == finished.counts() == {"done": 17, "failed": 1}
+
+    # And the outcome is what the execs did: spot-check what reloaded.
+    five = loaded.jobs["6"]
+    assert five.ctx["n"] == 5 and five.state == "failed"
+    assert [e["type"] for e in five.errors["store"]] == ["PermissionError"] * 2
+    assert "cannot store 5 in b1" in five.errors["store"][0]["traceback"]
+    four = loaded.jobs["5"]
+    assert [e["message"] for e in four.errors["new"]] == ["flaky fetch of 4 with App"]
+    assert [(h["from"], h["to"]) for h in four.history] == [("new", "store"), ("store", "done")]
+    parts = [j for j in loaded.jobs.values() if j.parent is not None]
+    assert len(parts) == 9 and all(j.ctx["ok"] for j in parts)
+    for job in loaded.jobs.values():
+        for step in job.history:
+            assert set(step) == {"from", "to", "time", "duration"}
+            assert step["duration"] >= 0
+            assert abs(step["time"] - time.time()) < 3600
+        for records in job.errors.values():
+            for error in records:
+                assert {"message", "type", "traceback", "time", "attempt"} <= set(error)
+
+
+def test_the_run_file_alone_holds_the_finished_run(finished: jorb.Run) -> None:
+    # Not only Run.load: the JSON file by itself, read by any JSON reader, is complete.
+    assert finished.path is not None
+    doc = json.loads(finished.path.read_text())
+    assert doc["jobs"] == [job_dict(job) for job in finished.jobs.values()]
+    assert doc["overall"] == {"bucket": "b1"}
+
+
+def test_the_app_context_never_reaches_disk(finished: jorb.Run, tmp_path: Path) -> None:
+    assert finished.jobs["2"].ctx["token_length"] == len(SECRET)  # the execs did use it
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert finished.path in files
+    for path in files:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_the_run_file_is_indented_json_a_user_can_find_and_replace_in(
+    finished: jorb.Run,
+) -> None:
+    assert finished.path is not None
+    text = finished.path.read_text()
+    doc = json.loads(text)
+
+    assert doc["format"] == "jorb-run"
+    assert isinstance(doc["version"], int)
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    assert lines[1].startswith('  "') and not lines[1].startswith("   ")
+    for line in lines:
+        indent = len(line) - len(line.lstrip(" "))
+        assert indent % 2 == 0, line
+        assert _one_value_per_line(line.strip()), line
+    assert text.count('"state"') == len(doc["jobs"]) == 18  # only jobs carry a "state" key
+    assert text.count('"state": "done"') == 17
+    assert text.count('"from"') == text.count('"to"') == sum(len(j["history"]) for j in doc["jobs"])
+    assert doc["jobs"][0]["id"] == "1"
+    assert list(doc["jobs"][0])[:3] == ["id", "state", "ctx"]
+    declared = {s["name"]: s["terminal"] for s in doc["states"]}
+    assert declared == {"new": False, "store": False, "part": False, "done": True, "failed": True}
+
+
+def _one_value_per_line(line: str) -> bool:
+    """Whether a pretty-printed JSON line holds at most one key and one scalar or opener."""
+    if line.endswith(","):
+        line = line[:-1]
+    keyed = re.fullmatch(r'("(?:[^"\\]|\\.)*"): (.+)', line)
+    value = keyed.group(2) if keyed else line
+    if value in ("{", "[", "}", "]", "{}", "[]"):
+        return True
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        return False
+    return not isinstance(parsed, dict | list)
+
+
+def test_editing_a_state_in_the_file_redrives_the_job(
+    finished: jorb.Run, make_run: MakeRun
+) -> None:
+    assert finished.path is not None
+    finished.close()
+    text = finished.path.read_text()
+    finished.path.write_text(text.replace('"state": "failed"', '"state": "store"'))
+
+    def store_fixed(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return {**ctx, "stored": True}, "done"
+
+    run = make_run(name=finished.path.name)
+    states = [jorb.State("store", exec=store_fixed), *(s for s in STATES if s.name != "store")]
+    process(states, run, App())
+
+    job = run.jobs["6"]
+    assert (job.state, job.ctx["stored"]) == ("done", True)
+    assert len(job.errors["store"]) == 2  # the old errors are kept
+    assert [h["to"] for h in job.history][-2:] == ["failed", "done"]
+    assert run.counts() == {"done": 18}
+
+
+def test_a_corrupt_run_file_is_a_jorb_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"format": "jorb-run", "version": 1, "jobs": [\n')
+    with pytest.raises(jorb.JorbError, match=r"broken\.json"):
+        jorb.Run.load(path)
+    with pytest.raises(jorb.JorbError, match=r"missing\.json"):
+        jorb.Run.load(tmp_path / "missing.json")

@@ -1,0 +1,193 @@
+"""Declarations: what is rejected before any work starts, and how the message names it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DONE, MakeRun, process
+
+import jorb
+
+
+def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    return ctx, "done"
+
+
+BAD_DECLARATIONS: dict[str, tuple[list[jorb.State], list[str]]] = {
+    "duplicate": (
+        [jorb.State("fetch", exec=work), jorb.State("fetch", exec=work), DONE],
+        ["'fetch'", "twice"],
+    ),
+    "concurrency-0": (
+        [jorb.State("fetch", exec=work, concurrency=0), DONE],
+        ["'fetch'", "concurrency"],
+    ),
+    "concurrency-negative": (
+        [jorb.State("fetch", exec=work, concurrency=-3), DONE],
+        ["'fetch'", "concurrency", "-3"],
+    ),
+    "on-error-undeclared": (
+        [jorb.State("fetch", exec=work, on_error="quarantine"), DONE],
+        ["'fetch'", "'quarantine'"],
+    ),
+    "terminal-with-exec": (
+        [jorb.State("fetch", exec=work), jorb.State("done", exec=work, terminal=True)],
+        ["'done'", "exec"],
+    ),
+    "non-terminal-without-exec": (
+        [jorb.State("fetch", exec=work), jorb.State("review"), DONE],
+        ["'review'", "exec"],
+    ),
+    "timeout-0": (
+        [jorb.State("fetch", exec=work, timeout=0), DONE],
+        ["'fetch'", "timeout"],
+    ),
+    "timeout-negative": (
+        [jorb.State("fetch", exec=work, timeout=-1.5), DONE],
+        ["'fetch'", "timeout"],
+    ),
+    "timeout-on-terminal": (
+        [jorb.State("fetch", exec=work), jorb.State("done", terminal=True, timeout=5.0)],
+        ["'done'", "timeout"],
+    ),
+    "retries-negative": (
+        [jorb.State("fetch", exec=work, retries=-1), DONE],
+        ["'fetch'", "retries"],
+    ),
+    "rate-not-a-rate": (
+        [jorb.State("fetch", exec=work, rate=5), DONE],  # type: ignore[arg-type]
+        ["'fetch'", "rate"],
+    ),
+    "error-state-not-terminal": (
+        [jorb.State("fetch", exec=work), jorb.State("failed", exec=work), DONE],
+        ["'failed'", "terminal"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DECLARATIONS))
+def test_bad_declarations_raise_state_error_naming_the_culprit(case: str) -> None:
+    states, fragments = BAD_DECLARATIONS[case]
+    with pytest.raises(jorb.StateError) as raised:
+        jorb.Processor(None, states, progress=False)
+    assert isinstance(raised.value, jorb.JorbError)
+    for fragment in fragments:
+        assert fragment in str(raised.value)
+
+
+def test_every_culprit_is_named_at_once() -> None:
+    states = [
+        jorb.State("a", exec=work, concurrency=0),
+        jorb.State("b", exec=work, on_error="nowhere"),
+        jorb.State("c"),
+        jorb.State("d", exec=work),
+        jorb.State("d", exec=work),
+        DONE,
+    ]
+    with pytest.raises(jorb.StateError) as raised:
+        jorb.Processor(None, states, progress=False)
+    message = str(raised.value)
+    for name in ("'a'", "'b'", "'nowhere'", "'c'", "'d'"):
+        assert name in message
+
+
+def test_a_duplicated_state_still_has_its_own_problems_reported() -> None:
+    # The first "b" routes errors nowhere; the second "b" must not hide that.
+    states = [
+        jorb.State("b", exec=work, on_error="nowhere"),
+        jorb.State("b", exec=work),
+        DONE,
+    ]
+    with pytest.raises(jorb.StateError) as raised:
+        jorb.Processor(None, states, progress=False)
+    assert "twice" in str(raised.value)
+    assert "'nowhere'" in str(raised.value)
+
+
+def test_good_declarations_are_accepted_and_the_error_state_is_implicit() -> None:
+    processor = jorb.Processor(None, [jorb.State("fetch", exec=work), DONE], progress=False)
+    assert list(processor.states) == ["fetch", "done", "failed"]
+    assert processor.states["failed"].terminal
+    custom = jorb.Processor(
+        None, [jorb.State("fetch", exec=work), DONE], error_state="dead", progress=False
+    )
+    assert "dead" in custom.states and custom.states["dead"].terminal
+
+
+def test_jobs_in_undeclared_states_stop_exec_and_leave_the_file_alone(
+    make_run: MakeRun, tmp_path: Path
+) -> None:
+    ran: list[str] = []
+
+    def fetch(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        ran.append(ctx["n"])
+        return ctx, "done"
+
+    run = make_run([{"n": 1}, {"n": 2}], state="fetch")
+    run.add_job({"n": 3}, state="ghost")
+    run.add_job({"n": 4}, state="spook")
+    run.add_job({"n": 5}, state="ghost")
+    run.save()
+    path = tmp_path / "run.json"
+    before = path.read_bytes()
+
+    with pytest.raises(jorb.StateError) as raised:
+        process([jorb.State("fetch", exec=fetch), DONE], run)
+
+    message = str(raised.value)
+    for fragment in ("'ghost'", "'spook'", "run.json"):
+        assert fragment in message
+    for ident in ("3", "4", "5"):  # the jobs, by id
+        assert re.search(rf"\b{ident}\b", message.replace(str(tmp_path), "")), ident
+    assert "'fetch'" not in message
+    assert ran == []  # no work started
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        "run.json"
+    ]
+
+
+def test_a_loaded_run_with_undeclared_states_is_refused_too(
+    make_run: MakeRun, tmp_path: Path
+) -> None:
+    run = make_run([{"n": 1}], state="old_name")
+    run.save()
+    run.close()
+    path = tmp_path / "run.json"
+    before = path.read_bytes()
+
+    loaded = jorb.Run.load(path)
+    with pytest.raises(jorb.StateError, match="old_name"):
+        process([jorb.State("new_name", exec=work), DONE], loaded)
+    loaded.close()
+    assert path.read_bytes() == before
+
+
+# -- State and Rate values --------------------------------------------------------------------
+
+
+def test_a_state_is_a_frozen_value() -> None:
+    state = jorb.State("fetch", exec=work, concurrency=4, retries=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        state.concurrency = 8  # type: ignore[misc]
+    assert (state.concurrency, state.retries, state.on_error, state.terminal) == (4, 2, None, False)
+    assert jorb.State("fetch", exec=work, concurrency=4, retries=2) == state
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [((0,), "n"), ((-2,), "n"), ((5, 0), "per"), ((5, -1.0), "per")],
+)
+def test_a_rate_rejects_non_positive_numbers(args: tuple[float, ...], fragment: str) -> None:
+    with pytest.raises(jorb.JorbError, match=fragment):
+        jorb.Rate(*args)
+
+
+def test_a_rate_keeps_its_configuration() -> None:
+    rate = jorb.Rate(5, per=2.0)
+    assert (rate.n, rate.per) == (5, 2.0)
+    assert jorb.Rate(10).per == 1.0
