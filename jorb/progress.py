@@ -1,39 +1,512 @@
-"""Live progress (placeholder: plain lines; the rich display replaces this)."""
+"""Live progress: a rich table of bars per state on a terminal, plain status lines elsewhere.
+
+``Processor(..., progress=True)`` (the default) adds ``make_progress()`` to its listeners. On a
+terminal it shows one row per declared state, in declaration order, redrawn four times a
+second (here 80 columns wide)::
+
+    jorb 608/1,000 jobs finished (61%) · 1,240 transitions · 0:01:02 elapsed
+    state  progress    jobs waiting delayed running  done errors done/s      eta
+    new    ━━━━━━       380     372       0     8/8   620      3 12.4/s  0:00:31
+    edit   ━━━━━━━━━╸    12       0      10     2/2   608      0  9.8/s   paused
+    done   ━━━━━╸       596                                             terminal
+    failed               12                                             terminal
+    total  ━━━━━━     1,000     372      10      10 1,228      3  9.1/s  0:00:43
+
+A state's bar is its ``done`` against ``done + jobs`` (what passed through it in this process
+against what is still in it); a terminal state's bar is its share of all jobs. ``done/s`` is
+measured over the last 30 seconds and ``eta`` is the jobs in the state at that pace; the total
+row's are jobs reaching terminal states. A wider terminal also shows each state's current rate
+limit and how many jobs it gave up on.
+
+Whatever the user's execs print (or log through a handler on stdout/stderr) appears above the
+table without tearing it. When stdout is not a terminal (CI, ``nohup``, a pipe) it prints a
+plain status line to stderr every few seconds and one at the end instead.
+
+Everything shown comes from the processor's :class:`~jorb.Status` snapshots, which carry their
+own clock (``elapsed``): throughput is measured over a sliding window of snapshots, so a test
+can hand-build snapshots and render them into a fixed-width ``Console`` to compare text. This
+is the only module of the core that imports rich.
+"""
 
 from __future__ import annotations
 
+import logging
 import sys
-import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
 
-from .status import Status, StatusListener
+from rich.cells import cell_len, set_cell_size
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.live import Live
+from rich.text import Text
+
+from .status import StateStatus, Status, StatusListener
+
+__all__ = [
+    "LiveProgress",
+    "Meter",
+    "PlainProgress",
+    "Speed",
+    "make_progress",
+    "plain_line",
+    "render",
+]
+
+#: Seconds of snapshots that throughput is measured over.
+WINDOW = 30.0
+#: Throughput is not shown until the window spans at least this many seconds.
+MIN_SPAN = 1.0
+
+
+def make_progress(
+    console: Console | None = None,
+    *,
+    stream: IO[str] | None = None,
+    every: float = 5.0,
+    refresh_per_second: float = 4.0,
+) -> StatusListener:
+    """The listener ``progress=True`` adds: live bars if ``console`` (stdout) is a terminal.
+
+    Otherwise a :class:`PlainProgress` writing a line to ``stream`` (stderr) every ``every``
+    seconds.
+    """
+    console = console or Console()
+    if console.is_terminal and not console.is_dumb_terminal:
+        return LiveProgress(console, refresh_per_second=refresh_per_second)
+    return PlainProgress(stream, every=every)
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Speed:
+    """Throughput over the sliding window, as of one snapshot."""
+
+    done: tuple[float | None, ...]
+    """Execs done per second, per state row (None until the window spans ``MIN_SPAN``)."""
+    finished: float | None
+    """Jobs reaching terminal states per second."""
+
+    @classmethod
+    def unknown(cls, status: Status) -> Speed:
+        return cls(tuple(None for _ in status.states), None)
+
+
+class Meter:
+    """Turns a stream of snapshots into throughput over the last ``window`` seconds.
+
+    ``speed = meter.add(status)``; time is the snapshots' own ``elapsed``.
+    """
+
+    __slots__ = ("_samples", "window")
+
+    def __init__(self, window: float = WINDOW) -> None:
+        self.window = window
+        self._samples: deque[tuple[float, int, tuple[int, ...]]] = deque()
+
+    def __repr__(self) -> str:
+        return f"<Meter window={self.window:g}s samples={len(self._samples)}>"
+
+    def add(self, status: Status) -> Speed:
+        """Record ``status`` and return the throughput as of it."""
+        sample = (status.elapsed, status.finished, tuple(row.done for row in status.states))
+        samples = self._samples
+        if samples and (sample[0] < samples[-1][0] or len(sample[2]) != len(samples[-1][2])):
+            samples.clear()  # a new exec (the clock went back) or other states
+        samples.append(sample)
+        while len(samples) > 2 and sample[0] - samples[1][0] >= self.window:
+            samples.popleft()
+        first = samples[0]
+        span = sample[0] - first[0]
+        if span < MIN_SPAN:
+            return Speed.unknown(status)
+        done = tuple((now - then) / span for now, then in zip(sample[2], first[2], strict=True))
+        return Speed(done, (sample[1] - first[1]) / span)
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+_HEADERS = ("jobs", "waiting", "delayed", "awaiting", "running", "done", "errors", "done/s", "eta")
+_AWAITING = _HEADERS.index("awaiting")
+BAR_MIN, BAR_MAX = 10, 40
+NAME_MAX = 24
+
+Cell = tuple[str, str]
+"""Text and its style."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Bar:
+    completed: int
+    total: int
+    style: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    name: Cell
+    bar: _Bar
+    numbers: tuple[Cell, ...]
+    """One per header in ``_HEADERS``."""
+    note: Text
+
+
+def render(status: Status, speed: Speed | None = None) -> RenderableType:
+    """The display for one snapshot: a summary line, a row per state, then the total.
+
+    The bars take the width the numbers leave (10 to 40 columns); notes (a state's current
+    rate limit, jobs it gave up on) come last and are cut first when the terminal is narrow.
+    """
+    return _Board(status, speed or Speed.unknown(status))
+
+
+class _Board:
+    """Lays the rows out for the console's width when rich renders them.
+
+    The layout is done by hand (plain string widths, no rich Table): a frame costs well under a
+    millisecond, and it is cached, so redrawing an unchanged snapshot costs nothing more.
+    """
+
+    __slots__ = ("_cache", "speed", "status")
+
+    def __init__(self, status: Status, speed: Speed) -> None:
+        self.status = status
+        self.speed = speed
+        self._cache: tuple[int, bool, Text] | None = None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width, colour = options.max_width, console.color_system is not None
+        cache = self._cache
+        if cache is None or cache[:2] != (width, colour):
+            cache = self._cache = (width, colour, self._layout(width, colour))
+        yield cache[2]
+
+    def _layout(self, width: int, colour: bool) -> Text:
+        status, speed = self.status, self.speed
+        rows = [
+            _terminal_row(row, status.jobs) if row.terminal else _lane_row(row, rate)
+            for row, rate in zip(status.states, speed.done, strict=True)
+        ]
+        rows.append(_total_row(status, speed))
+        # Fan-in: the column for jobs awaiting their children appears once some do.
+        joins = any(row.awaiting for row in status.states)
+        shown = [i for i in range(len(_HEADERS)) if i != _AWAITING or joins]
+        name_width = min(NAME_MAX, max(cell_len(row.name[0]) for row in [*rows, _HEAD]))
+        widths = {i: max(cell_len(row.numbers[i][0]) for row in [*rows, _HEAD]) for i in shown}
+        room = width - name_width - sum(widths.values()) - len(shown) - 1  # bar + gap + notes
+        need = max(row.note.cell_len for row in rows)
+        bar = max(BAR_MIN, min(BAR_MAX, room - (need + 1 if need else 0)))
+        notes = room - bar - 1 if need and room - bar - 1 >= 6 else 0
+        text = _summary(status)
+        for row in [_HEAD, *rows]:
+            text.append("\n")
+            _cell(text, row.name, name_width, left=True)
+            text.append(" ")
+            _draw_bar(text, row.bar, bar, colour)
+            for i in shown:
+                text.append(" ")
+                _cell(text, row.numbers[i], widths[i], left=False)
+            if notes and row.note:
+                text.append(" ")
+                note = row.note.copy()
+                note.truncate(notes, overflow="ellipsis")
+                text.append_text(note)
+        text.no_wrap, text.overflow = True, "ellipsis"  # a too-narrow terminal cuts, never wraps
+        return text
+
+
+_HEAD = _Row(
+    ("state", "bold"),
+    _Bar(0, 0, "progress"),
+    tuple((header, "bold") for header in _HEADERS),
+    Text(),
+)
+
+
+def _cell(text: Text, cell: Cell, width: int, *, left: bool) -> None:
+    value, style = cell
+    size = cell_len(value)
+    if size > width:
+        value, size = set_cell_size(value, width - 1) + "…", width
+    pad = " " * (width - size)
+    text.append(pad if not left else "")
+    text.append(value, style)
+    text.append(pad if left else "")
+
+
+def _draw_bar(text: Text, bar: _Bar, width: int, colour: bool) -> None:
+    """Like rich's ProgressBar: half-cell steps, the unfilled part drawn only in colour."""
+    if bar.style == "progress":  # the header
+        text.append("progress".ljust(width), "bold")
+        return
+    if bar.total <= 0:
+        text.append(" " * width)
+        return
+    halves = int(width * 2 * min(bar.completed, bar.total) / bar.total)
+    full, half = divmod(halves, 2)
+    style = "bar.finished" if bar.completed >= bar.total else bar.style
+    text.append("━" * full + ("╸" if half else ""), style)
+    rest = width - full - half
+    if rest and colour:
+        text.append(("╺" if full and not half else "━") + "━" * (rest - 1), "bar.back")
+    elif rest:
+        text.append(" " * rest)
+
+
+def _summary(status: Status) -> Text:
+    share = status.finished / status.jobs if status.jobs else 1.0
+    text = Text.assemble(
+        ("jorb ", "bold"),
+        f"{status.finished:,}/{status.jobs:,} jobs finished ({share:.0%})",
+        f" · {status.transitions:,} transitions · {_clock(status.elapsed)} elapsed",
+    )
+    if status.complete:
+        text.append(" · complete", style="bold green")
+    return text
+
+
+def _lane_row(row: StateStatus, rate: float | None) -> _Row:
+    eta = None if not rate else row.jobs / rate
+    return _Row(
+        (row.name, "bold"),
+        _Bar(row.done, row.done + row.jobs, "bar.complete"),
+        (
+            (f"{row.jobs:,}", ""),
+            (f"{row.waiting:,}", ""),
+            (f"{row.delayed:,}", ""),
+            (f"{row.awaiting:,}", ""),
+            (f"{row.running:,}/{row.concurrency:,}", ""),
+            (f"{row.done:,}", ""),
+            (f"{row.errors:,}", "red" if row.errors else ""),
+            (_per_second(rate), ""),
+            ("paused", "bold yellow") if row.paused else (_eta(eta, row.jobs), ""),
+        ),
+        _notes(row),
+    )
+
+
+def _terminal_row(row: StateStatus, total: int) -> _Row:
+    blank = ("", "")
+    numbers = ((f"{row.jobs:,}", ""), *[blank] * 7, ("terminal", "dim"))
+    return _Row((row.name, "bold"), _Bar(row.jobs, total, "bar.finished"), numbers, Text())
+
+
+def _total_row(status: Status, speed: Speed) -> _Row:
+    lanes = [row for row in status.states if not row.terminal]
+    unfinished = status.jobs - status.finished
+    eta = speed.finished and unfinished / speed.finished
+    errors = sum(row.errors for row in lanes)
+    return _Row(
+        ("total", "bold"),
+        _Bar(status.finished, status.jobs, "bar.complete"),
+        (
+            (f"{status.jobs:,}", ""),
+            (f"{sum(row.waiting for row in lanes):,}", ""),
+            (f"{sum(row.delayed for row in lanes):,}", ""),
+            (f"{sum(row.awaiting for row in lanes):,}", ""),
+            (f"{sum(row.running for row in lanes):,}", ""),
+            (f"{sum(row.done for row in lanes):,}", ""),
+            (f"{errors:,}", "red" if errors else ""),
+            (_per_second(speed.finished), ""),
+            (_eta(eta, unfinished), ""),
+        ),
+        Text(),
+    )
+
+
+def _notes(row: StateStatus) -> Text:
+    note = Text()
+    if row.rate is not None:
+        note.append(f"≤{_per_second(row.rate)}", "cyan")
+    if row.failed:
+        note.append(" " if note else "")
+        note.append(f"{row.failed:,} failed", "red")
+    return note
+
+
+def plain_line(status: Status, speed: Speed | None = None) -> str:
+    """One status line for logs: totals, then each state's numbers."""
+    speed = speed or Speed.unknown(status)
+    unfinished = status.jobs - status.finished
+    eta = speed.finished and unfinished / speed.finished
+    head = f"jorb [{_clock(status.elapsed)}] {status.finished:,}/{status.jobs:,} finished"
+    if unfinished:
+        head += f", {_per_second(speed.finished) or '-'}, eta {_eta(eta, unfinished)}"
+    parts = [head]
+    for row, rate in zip(status.states, speed.done, strict=True):
+        if row.terminal:
+            parts.append(f"{row.name} {row.jobs:,}")
+            continue
+        words = [row.name]
+        if row.paused:
+            words.append("PAUSED")
+        words.append(f"{row.waiting:,} waiting")
+        if row.delayed:
+            words.append(f"{row.delayed:,} delayed")
+        if row.awaiting:
+            words.append(f"{row.awaiting:,} awaiting children")
+        words.append(f"{row.running:,} running")
+        words.append(f"{row.done:,} done")
+        if row.errors:
+            words.append(f"{row.errors:,} errors")
+        if rate:
+            words.append(_per_second(rate))
+        parts.append(" ".join(words))
+    return " | ".join(parts)
+
+
+def _per_second(rate: float | None) -> str:
+    if rate is None:
+        return ""
+    if rate >= 100:
+        return f"{rate:,.0f}/s"
+    if rate >= 1:
+        return f"{rate:.1f}/s"
+    return f"{rate:.2f}/s"
+
+
+def _eta(seconds: float | None, remaining: int) -> str:
+    if remaining == 0:
+        return ""
+    if not seconds or seconds > 99 * 3600:
+        return "-"
+    return _clock(seconds)
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds + 0.5)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+# -- the two listeners -------------------------------------------------------------------------
+
+
+class LiveProgress:
+    """Redraws :func:`render` on a terminal ``refresh_per_second`` times a second (rich Live).
+
+    The snapshot is taken on the event loop by :meth:`update`; rich's refresh thread renders
+    the latest one, so the engine never waits for the terminal.
+    """
+
+    def __init__(self, console: Console, *, refresh_per_second: float = 4.0) -> None:
+        self.console = console
+        self.refresh_per_second = refresh_per_second
+        self._meter = Meter()
+        self._view: tuple[Status, Speed] | None = None
+        self._live: Live | None = None
+        self._restore: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
+
+    def __repr__(self) -> str:
+        return f"<LiveProgress live={self._live is not None} {self._meter!r}>"
+
+    def start(self, status: Status) -> None:
+        self._view = (status, self._meter.add(status))
+        stdout, stderr = sys.stdout, sys.stderr
+        self._live = Live(
+            console=self.console,
+            get_renderable=self._renderable,
+            refresh_per_second=self.refresh_per_second,
+            # Only streams on a terminal: output sent to a file or a pipe stays there.
+            redirect_stdout=_isatty(stdout),
+            redirect_stderr=_isatty(stderr),
+        )
+        self._live.start(refresh=True)
+        self._restore = _redirect_logging({stdout: sys.stdout, stderr: sys.stderr})
+
+    def update(self, status: Status) -> None:
+        self._view = (status, self._meter.add(status))
+
+    def note(self, message: str) -> None:
+        self.console.print(Text(f"jorb: {message}", style="yellow"))
+
+    def stop(self, status: Status) -> None:
+        self._view = (status, self._meter.add(status))
+        for handler, stream in self._restore:
+            handler.setStream(stream)
+        self._restore = []
+        if self._live is not None:
+            self._live.stop()  # draws the last frame and leaves it on the screen
+            self._live = None
+
+    def _renderable(self) -> RenderableType:
+        view = self._view
+        if view is None:
+            return Text("")
+        return render(*view)
 
 
 class PlainProgress:
-    """Prints one status line every ``every`` seconds to stderr."""
+    """Writes :func:`plain_line` to ``stream`` (stderr): at start, every ``every`` s, at the end."""
 
-    def __init__(self, every: float = 5.0) -> None:
+    def __init__(self, stream: IO[str] | None = None, *, every: float = 5.0) -> None:
+        self.stream = stream
         self.every = every
-        self._last = 0.0
+        self._meter = Meter()
+        self._next = 0.0
+
+    def __repr__(self) -> str:
+        return f"<PlainProgress every={self.every:g}s>"
 
     def start(self, status: Status) -> None:
-        self._last = time.monotonic()
+        self._next = status.elapsed + self.every
+        self._write(plain_line(status, self._meter.add(status)))
 
     def update(self, status: Status) -> None:
-        if time.monotonic() - self._last >= self.every:
-            self._last = time.monotonic()
-            print(_line(status), file=sys.stderr)
+        speed = self._meter.add(status)
+        if status.elapsed >= self._next:
+            self._next = status.elapsed + self.every
+            self._write(plain_line(status, speed))
 
     def note(self, message: str) -> None:
-        print(f"jorb: {message}", file=sys.stderr)
+        self._write(f"jorb: {message}")
 
     def stop(self, status: Status) -> None:
-        print(_line(status), file=sys.stderr)
+        self._write(plain_line(status, self._meter.add(status)))
+
+    def _write(self, line: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
 
 
-def _line(status: Status) -> str:
-    parts = [f"{s.name}={s.jobs}" for s in status.states]
-    return f"jorb: {status.finished}/{status.jobs} finished  " + " ".join(parts)
+def _isatty(stream: IO[str] | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # a closed or detached stream
+        return False
 
 
-def make_progress() -> StatusListener:
-    return PlainProgress()
+def _redirect_logging(
+    moved: dict[IO[str], IO[str]],
+) -> list[tuple[logging.StreamHandler[Any], IO[str]]]:
+    """Point logging handlers that write to a redirected std stream at its replacement.
+
+    A ``logging.StreamHandler`` keeps the stream it was created with, so a handler set up
+    before the display (``logging.basicConfig()``) would write under the bars and tear them.
+    Returns what to put back.
+    """
+    restore = []
+    for handler in _stream_handlers():
+        target = moved.get(handler.stream)
+        if target is not None and target is not handler.stream:
+            restore.append((handler, handler.stream))
+            handler.setStream(target)
+    return restore
+
+
+def _stream_handlers() -> Iterator[logging.StreamHandler[Any]]:
+    loggers: list[Any] = [logging.getLogger()]
+    loggers.extend(logging.Logger.manager.loggerDict.values())
+    seen: set[int] = set()
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if (
+                isinstance(handler, logging.StreamHandler)
+                and not isinstance(handler, logging.FileHandler)
+                and id(handler) not in seen
+            ):
+                seen.add(id(handler))
+                yield handler

@@ -1,0 +1,478 @@
+"""The ``jorb`` command: look into a run file, and steer it, from the shell.
+
+A thin layer: reading commands load the run (``jorb.Run.load`` replays the journal, so they
+work while a process runs it) and print what :mod:`jorb.report` computes; changing commands
+call :mod:`jorb.control`, which edits the file under the run's lock or hands the change to the
+process running it. A user mistake (a missing or corrupt file, an unknown state or job, bad
+JSON) prints one line to stderr and exits with status 1 (2 for a bad option), no traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import orjson
+import typer
+from rich.console import Console
+from rich.json import JSON
+from rich.table import Table
+from rich.text import Text
+
+from . import __version__, report
+from .checkpoint import is_locked
+from .errors import JorbError, StateError
+from .model import Run
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="jorb",
+    help=(
+        "Look into a jorb run file and steer it from the shell.\n\n"
+        "Reading commands (status, jobs, show, graph) work while a process runs the file. "
+        "Changing commands (redrive, add, pause, resume) edit the file under its lock, or hand "
+        "the change to the running process and return once it is applied."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="markdown",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., None])
+RunFile = Annotated[
+    Path,
+    typer.Argument(
+        help="The run file (e.g. runs/migrate.json).", metavar="RUNFILE", show_default=False
+    ),
+]
+
+
+def main() -> None:
+    """Entry point of the ``jorb`` console script."""
+    app()
+
+
+def _friendly(command: F) -> F:
+    """Turn a user mistake into one line on stderr and a non-zero exit."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except JorbError as e:
+            _fail(str(e))
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"jorb: error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+@app.callback(invoke_without_command=True)
+def _options(
+    version: Annotated[
+        bool, typer.Option("--version", help="Print jorb's version and exit.", is_eager=True)
+    ] = False,
+) -> None:
+    if version:
+        typer.echo(f"jorb {__version__}")
+        raise typer.Exit()
+
+
+# -- reading ---------------------------------------------------------------------------------
+
+
+@app.command()
+@_friendly
+def status(runfile: RunFile) -> None:
+    """Per-state counts, errors and timings, and whether the run is complete."""
+    run = Run.load(runfile)
+    console.print(_headline(run, runfile), soft_wrap=True)
+    rows = report.states(run)
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for name in ("state", "jobs", "", "errors", "in jobs"):
+        table.add_column(name, justify="left" if name in ("state", "") else "right")
+    for name in ("execs", "mean", "median", "p95"):
+        table.add_column(name, justify="right")
+    for row in rows:
+        timing = row.timing
+        table.add_row(
+            Text(row.name, style="bold"),
+            f"{row.jobs:,}",
+            _mark(row),
+            Text(f"{row.errors:,}", style="red") if row.errors else "",
+            f"{row.failing:,}" if row.errors else "",
+            *(
+                (
+                    f"{timing.count:,}",
+                    _seconds(timing.mean),
+                    _seconds(timing.median),
+                    _seconds(timing.p95),
+                )
+                if timing
+                else ("", "", "", "")
+            ),
+        )
+    console.print()
+    console.print(table)
+    summaries = report.errors(run)
+    if summaries:
+        console.print()
+        console.print(Text("errors (most common first)", style="bold"))
+        for summary in summaries:
+            console.print(
+                f"  {summary.state}: {summary.errors:,} error(s) in {summary.jobs:,} job(s)",
+                markup=False,
+            )
+            for line, count in summary.common:
+                console.print(Text(f"    {count:>6,}× {line}", overflow="ellipsis", no_wrap=True))
+            others = summary.distinct - len(summary.common)
+            if others:
+                console.print(f"    ... and {others:,} other message(s)", style="dim")
+    if run.changes:
+        console.print()
+        console.print(Text("recent changes", style="bold"))
+        for change in run.changes[-5:]:
+            who = f"  ({change['who']})" if change.get("who") else ""
+            line = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
+            console.print(line, markup=False, soft_wrap=True)
+
+
+def _headline(run: Run, path: Path) -> Text:
+    total = len(run.jobs)
+    finished = sum(row.jobs for row in report.states(run) if row.terminal)
+    complete = report.is_complete(run)
+    text = Text(f"{path}: ", style="bold")
+    if complete is None:
+        text.append(f"{total:,} jobs, never executed (no states recorded yet)")
+    elif complete:
+        text.append("complete", style="bold green")
+        text.append(f": all {total:,} jobs are in terminal states")
+    else:
+        text.append("not complete", style="bold yellow")
+        text.append(f": {finished:,} of {total:,} jobs are in terminal states")
+    if is_locked(path):
+        text.append(" · a process is running it now", style="cyan")
+    return text
+
+
+def _mark(row: report.StateReport) -> Text:
+    if row.terminal is None:
+        return Text("undeclared", style="red")
+    if row.terminal:
+        return Text("terminal", style="green")
+    if row.paused:
+        return Text("PAUSED", style="bold yellow")
+    return Text("")
+
+
+@app.command()
+@_friendly
+def jobs(
+    runfile: RunFile,
+    state: Annotated[
+        str | None, typer.Option("--state", "-s", help="Only jobs in this state.", metavar="STATE")
+    ] = None,
+    errors: Annotated[
+        bool, typer.Option("--errors", "-e", help="Only jobs with errors recorded.")
+    ] = False,
+    limit: Annotated[
+        int,
+        typer.Option("--limit", "-n", help="Show at most this many (0: all).", min=0, metavar="N"),
+    ] = 50,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per line, every field of each job.")
+    ] = False,
+) -> None:
+    """List jobs (id, state, parent, errors, ctx), optionally filtered."""
+    run = Run.load(runfile)
+    found = report.find_jobs(run, state, errors=errors)
+    shown = found[:limit] if limit else found
+    if as_json:
+        out = sys.stdout
+        for job in shown:
+            out.write(orjson.dumps(job).decode() + "\n")
+        return
+    if not found:
+        console.print("no jobs match", style="dim")
+        return
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    fixed = 0
+    for name, cells in (
+        ("id", [job.id for job in shown]),
+        ("state", [job.state for job in shown]),
+        ("parent", [job.parent or "" for job in shown]),
+        ("errors", []),
+    ):
+        width = max([len(name), *(len(cell) for cell in cells)])
+        fixed += width + 2
+        table.add_column(name, justify="left" if name == "state" else "right", min_width=width)
+    # What is left is shared by the two long columns, cut with an ellipsis.
+    room = max(12, (console.width - fixed - 2) // 2)
+    table.add_column("last error", overflow="ellipsis", no_wrap=True, max_width=room)
+    table.add_column("ctx", overflow="ellipsis", no_wrap=True, max_width=room)
+    for job in shown:
+        count = sum(len(records) for records in job.errors.values())
+        last = report.last_error(job)
+        table.add_row(
+            job.id,
+            job.state,
+            job.parent or "",
+            Text(f"{count:,}", style="red") if count else "",
+            Text(f"{last[0]}: {report.error_line(last[1])}") if last else "",
+            Text(_compact(job.ctx)),
+        )
+    console.print(table)
+    if len(shown) < len(found):
+        console.print(
+            f"showing {len(shown):,} of {len(found):,} jobs; --limit 0 shows all", style="dim"
+        )
+
+
+@app.command()
+@_friendly
+def show(
+    runfile: RunFile,
+    job_id: Annotated[
+        str, typer.Argument(help="The job's id.", metavar="JOB_ID", show_default=False)
+    ],
+) -> None:
+    """One job: its ctx, history, errors with tracebacks, parent and children."""
+    run = Run.load(runfile)
+    detail = report.job_detail(run, job_id)
+    job = detail.job
+    facts = Table.grid(padding=(0, 2))
+    facts.add_column(style="bold")
+    facts.add_column()
+    facts.add_row("job", Text(job.id))
+    facts.add_row("state", Text(job.state))
+    if job.parent is not None:
+        where = f" (in {detail.parent.state})" if detail.parent else " (no longer in the file)"
+        facts.add_row("parent", Text(job.parent + where))
+    if detail.children:
+        ids = ", ".join(kid.id for kid in detail.children[:20])
+        more = f", ... ({len(detail.children):,} in all)" if len(detail.children) > 20 else ""
+        facts.add_row("children", Text(ids + more))
+    if job.priority:
+        facts.add_row("priority", str(job.priority))
+    if job.attempts or job.throttled:
+        facts.add_row("attempts", f"{job.attempts} failed, {job.throttled} rate-limited here")
+    if job.not_before is not None:
+        facts.add_row("not before", _when(job.not_before))
+    console.print(facts)
+    console.print()
+    console.print(Text("ctx", style="bold"))
+    console.print(JSON(json.dumps(job.ctx, ensure_ascii=False), indent=2))
+    if job.history:
+        console.print()
+        console.print(Text("history", style="bold"))
+        steps = Table(box=None, pad_edge=False, header_style="bold")
+        for name in ("time", "from", "to", "took"):
+            steps.add_column(name, justify="right" if name == "took" else "left")
+        for step in report.history(run, job):
+            steps.add_row(
+                _when(step.time),
+                Text(step.source),
+                Text(step.target),
+                "redrive" if step.redrive else _seconds(step.duration),
+            )
+        console.print(steps)
+    for state, records in job.errors.items():
+        for record in records:
+            console.print()
+            kind = "rate limited" if record.get("rate_limited") else "error"
+            head = f"{kind} in {state}, attempt {record.get('attempt', '?')}"
+            console.print(Text(f"{head} at {_when(record.get('time'))}", style="bold red"))
+            console.print(Text(report.error_line(record)))
+            trace = str(record.get("traceback") or "").rstrip()
+            if trace:
+                console.print(Text(trace, style="dim"))
+
+
+class Format(enum.StrEnum):
+    mermaid = "mermaid"
+    dot = "dot"
+
+
+@app.command()
+@_friendly
+def graph(
+    runfile: RunFile,
+    format: Annotated[
+        Format, typer.Option("--format", "-f", help="Mermaid flowchart or Graphviz DOT.")
+    ] = Format.mermaid,
+) -> None:
+    """The observed state graph: states as nodes, transitions as edges with counts.
+
+    Pipe it on: `jorb graph run.json -f dot | dot -Tsvg > graph.svg`.
+    """
+    g = report.graph(Run.load(runfile))
+    typer.echo(report.to_dot(g) if format is Format.dot else report.to_mermaid(g), nl=False)
+
+
+# -- changing --------------------------------------------------------------------------------
+
+
+@app.command()
+@_friendly
+def redrive(
+    runfile: RunFile,
+    source: Annotated[
+        str, typer.Option("--from", help="Move jobs in this state...", metavar="STATE")
+    ],
+    target: Annotated[str, typer.Option("--to", help="...to this one.", metavar="STATE")],
+    job_ids: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--job", "-j", help="Only this job (repeat for more); default: all.", metavar="ID"
+        ),
+    ] = None,
+) -> None:
+    """Move jobs from one state to another, keeping their history and errors.
+
+    Typical: `jorb redrive run.json --from failed --to new` after fixing a bug, then rerun
+    the script (or let the running one pick them up).
+    """
+    run = Run.load(runfile)
+    if source not in report.state_names(run):
+        names = ", ".join(report.state_names(run)) or "none"
+        raise StateError(f"no state {source!r} in {runfile} (states: {names})")
+    from . import control
+
+    _handing_over(runfile)
+    result = control.redrive(runfile, source, target, job_ids or None)
+    moved = int(result.get("moved", 0))
+    line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
+    skipped = result.get("skipped") or []
+    if skipped:
+        line += f"; {len(skipped):,} running right now were left ({', '.join(skipped[:5])})"
+    typer.echo(line)
+
+
+@app.command()
+@_friendly
+def add(
+    runfile: RunFile,
+    state: Annotated[
+        str, typer.Option("--state", "-s", help="The jobs' first state.", metavar="STATE")
+    ] = "new",
+    ctx: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ctx", "-c", help="The job's ctx, a JSON object (repeat for more).", metavar="JSON"
+        ),
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", "-f", help="A JSON-lines file, a ctx per line (- for stdin).", metavar="FILE"
+        ),
+    ] = None,
+) -> None:
+    """Add jobs: `jorb add run.json --ctx '{"repo": "a/b"}'` or `--file jobs.jsonl`."""
+    if bool(ctx) == (file is not None):
+        _fail("give --ctx JSON (one or more) or --file JSONL, not both or neither", 2)
+    if file is not None:
+        text = sys.stdin.read() if str(file) == "-" else file.read_text()
+        where = "stdin" if str(file) == "-" else str(file)
+        sources = [(f"{where} line {n}", line) for n, line in enumerate(text.splitlines(), 1)]
+        sources = [(place, line) for place, line in sources if line.strip()]
+    else:
+        sources = [("--ctx", value) for value in ctx or []]
+    ctxs = [_json_object(place, value) for place, value in sources]
+    if not ctxs:
+        _fail(f"{file}: no jobs in it", 2)
+    from . import control
+
+    _handing_over(runfile)
+    ids = [str(i) for i in control.add(runfile, ctxs, state).get("ids", [])]
+    shown = ", ".join(ids) if len(ids) <= 10 else f"{ids[0]} to {ids[-1]}"
+    typer.echo(f"added {len(ids):,} job(s) in {state!r}: {shown}")
+
+
+@app.command()
+@_friendly
+def pause(
+    runfile: RunFile,
+    state: Annotated[
+        str, typer.Argument(help="The state to pause.", metavar="STATE", show_default=False)
+    ],
+) -> None:
+    """Stop new exec starts in a state (running ones finish); kept across restarts."""
+    from . import control
+
+    _handing_over(runfile)
+    control.pause(runfile, state)
+    typer.echo(f"paused {state!r}: no new execs start in it until `jorb resume {runfile} {state}`")
+
+
+@app.command()
+@_friendly
+def resume(
+    runfile: RunFile,
+    state: Annotated[
+        str, typer.Argument(help="The state to resume.", metavar="STATE", show_default=False)
+    ],
+) -> None:
+    """Let a paused state start execs again."""
+    from . import control
+
+    _handing_over(runfile)
+    control.resume(runfile, state)
+    typer.echo(f"resumed {state!r}")
+
+
+def _handing_over(path: Path) -> None:
+    if path.exists() and is_locked(path):
+        typer.echo("jorb: a process is running this run; handing the change to it...", err=True)
+
+
+def _json_object(place: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        _fail(f"{place}: not valid JSON ({e.msg} at column {e.colno}): {text[:60]}", 2)
+    if not isinstance(value, dict):
+        _fail(f"{place}: a ctx must be a JSON object {{...}}, not {type(value).__name__}", 2)
+    return value  # type: ignore[no-any-return]
+
+
+# -- formatting --------------------------------------------------------------------------------
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    if value < 1:
+        return f"{value * 1000:.0f}ms" if value >= 0.001 else f"{value * 1000:.2f}ms"
+    if value < 60:
+        return f"{value:.2f}s"
+    minutes, seconds = divmod(int(value + 0.5), 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def _when(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return ""
+    return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _compact(ctx: dict[str, Any]) -> str:
+    return orjson.dumps(ctx).decode()

@@ -1,0 +1,388 @@
+"""Reports over a run: pure functions of a :class:`~jorb.Run`, no IO, no printing.
+
+What the command line shows comes from here, so a user can build the same reports in Python::
+
+    run = jorb.Run.load("runs/migrate.json")      # works while a process runs it
+    for row in jorb.report.states(run):
+        print(row.name, row.jobs, row.timing)
+    print(jorb.report.to_mermaid(jorb.report.graph(run)))
+
+States come in the order the script declared them at its last exec (``run.declared``), then
+any state a job is in that was not declared (after an edit of the file). Timings are the
+durations of the execs that moved a job on, from each job's history; a redrive from the
+command line is a transition too, but it took no time and is counted apart.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import JorbError, StateError
+from .model import Job, Run
+
+__all__ = [
+    "ErrorSummary",
+    "Graph",
+    "JobDetail",
+    "StateReport",
+    "Step",
+    "Timing",
+    "error_line",
+    "errors",
+    "find_jobs",
+    "graph",
+    "history",
+    "is_complete",
+    "job_detail",
+    "last_error",
+    "state_names",
+    "states",
+    "timings",
+    "to_dot",
+    "to_mermaid",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """How long the execs of one state took, over the whole history of the run."""
+
+    count: int
+    """Execs that moved a job on (failed attempts that were retried are not timed)."""
+    mean: float
+    """Mean duration in seconds."""
+    median: float
+    """Median duration in seconds."""
+    p95: float
+    """95th percentile (nearest rank) in seconds."""
+    total: float
+    """Sum of the durations in seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateReport:
+    """One state of a run, as the file tells it."""
+
+    name: str
+    """The state's name."""
+    terminal: bool | None
+    """Whether it is terminal; None for a state the last exec did not declare."""
+    jobs: int
+    """Jobs in the state now."""
+    paused: bool
+    """Whether new exec starts in the state are paused."""
+    errors: int
+    """Errors recorded in the state, over every job and attempt."""
+    failing: int
+    """Jobs with at least one error recorded in the state."""
+    timing: Timing | None
+    """Durations of the state's execs, None if none moved a job on yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorSummary:
+    """The errors recorded in one state, most common messages first."""
+
+    state: str
+    """The state they happened in."""
+    errors: int
+    """How many error records."""
+    jobs: int
+    """How many jobs they belong to."""
+    common: tuple[tuple[str, int], ...]
+    """``("Type: first line of the message", count)``, most common first."""
+    distinct: int
+    """How many different messages there are in all."""
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    """The observed state graph: states as nodes, transitions with counts as edges."""
+
+    nodes: tuple[tuple[str, bool | None, int], ...]
+    """``(state, terminal, jobs in it now)`` in report order."""
+    edges: dict[tuple[str, str], int]
+    """Transitions made by execs (including giving up on errors), by ``(from, to)``."""
+    redrives: dict[tuple[str, str], int]
+    """Transitions made by redrives from the command line, by ``(from, to)``."""
+
+
+@dataclass(frozen=True, slots=True)
+class JobDetail:
+    """One job with its family."""
+
+    job: Job
+    """The job itself (ctx, history, errors)."""
+    parent: Job | None
+    """The job that kicked it, if any (None also when the parent was deleted from the file)."""
+    children: tuple[Job, ...]
+    """Jobs it kicked, in creation order."""
+
+
+# -- states -----------------------------------------------------------------------------------
+
+
+def state_names(run: Run) -> list[str]:
+    """Declared states in declaration order, then undeclared states that hold jobs."""
+    names = [str(s.get("name")) for s in run.declared]
+    seen = set(names)
+    for job in run.jobs.values():
+        if job.state not in seen:
+            seen.add(job.state)
+            names.append(job.state)
+    return names
+
+
+def states(run: Run) -> list[StateReport]:
+    """A report row per state: jobs now, terminal or not, paused, errors, timing."""
+    terminal = {str(s.get("name")): bool(s.get("terminal")) for s in run.declared}
+    counts = Counter(job.state for job in run.jobs.values())
+    times = timings(run)
+    errors_in: Counter[str] = Counter()
+    failing: Counter[str] = Counter()
+    for job in run.jobs.values():
+        for state, records in job.errors.items():
+            errors_in[state] += len(records)
+            failing[state] += 1 if records else 0
+    return [
+        StateReport(
+            name,
+            terminal.get(name),
+            counts[name],
+            name in run.paused,
+            errors_in[name],
+            failing[name],
+            times.get(name),
+        )
+        for name in state_names(run)
+    ]
+
+
+def is_complete(run: Run) -> bool | None:
+    """Whether every job sits in a terminal state; None if no exec ever declared the states."""
+    if not run.declared:
+        return None if run.jobs else True
+    terminal = {s.get("name") for s in run.declared if s.get("terminal")}
+    return all(job.state in terminal for job in run.jobs.values())
+
+
+def timings(run: Run) -> dict[str, Timing]:
+    """Per state, the durations of the execs that moved a job out of it (redrives left out)."""
+    redriven = _redrive_times(run)
+    durations: dict[str, list[float]] = {}
+    for job in run.jobs.values():
+        for step in job.history:
+            if _is_redrive(step, redriven):
+                continue
+            duration = step.get("duration")
+            if isinstance(duration, int | float):
+                durations.setdefault(str(step.get("from")), []).append(float(duration))
+    return {state: _timing(values) for state, values in durations.items()}
+
+
+def _timing(values: list[float]) -> Timing:
+    ordered = sorted(values)
+    p95 = ordered[max(0, math.ceil(0.95 * len(ordered)) - 1)]
+    total = math.fsum(ordered)
+    return Timing(len(ordered), total / len(ordered), statistics.median(ordered), p95, total)
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+def errors(run: Run, top: int = 3) -> list[ErrorSummary]:
+    """Per state with errors (report order), how many and the ``top`` most common messages."""
+    by_state: dict[str, Counter[str]] = {}
+    jobs: Counter[str] = Counter()
+    for job in run.jobs.values():
+        for state, records in job.errors.items():
+            if not records:
+                continue
+            jobs[state] += 1
+            messages = by_state.setdefault(state, Counter())
+            for record in records:
+                messages[error_line(record)] += 1
+    order = {name: index for index, name in enumerate(state_names(run))}
+    return [
+        ErrorSummary(
+            state,
+            sum(messages.values()),
+            jobs[state],
+            tuple(messages.most_common(top)),
+            len(messages),
+        )
+        for state, messages in sorted(by_state.items(), key=lambda kv: order.get(kv[0], 1 << 30))
+    ]
+
+
+def error_line(record: dict[str, Any]) -> str:
+    """``"Type: first line of the message"`` for one error record."""
+    message = str(record.get("message", "")).strip().splitlines()
+    kind = str(record.get("type", "")).rsplit(".", 1)[-1]
+    first = message[0] if message else ""
+    return f"{kind}: {first}" if kind and first else kind or first or "(no message)"
+
+
+def last_error(job: Job) -> tuple[str, dict[str, Any]] | None:
+    """The most recent error of a job and the state it happened in, if it has any."""
+    latest: tuple[str, dict[str, Any]] | None = None
+    for state, records in job.errors.items():
+        for record in records:
+            if latest is None or _time(record) >= _time(latest[1]):
+                latest = (state, record)
+    return latest
+
+
+def _time(record: dict[str, Any]) -> float:
+    value = record.get("time")
+    return float(value) if isinstance(value, int | float) else 0.0
+
+
+# -- jobs ---------------------------------------------------------------------------------------
+
+
+def find_jobs(run: Run, state: str | None = None, *, errors: bool = False) -> list[Job]:
+    """Jobs in creation order, only those in ``state`` and/or with errors if asked.
+
+    An unknown ``state`` (not declared, no job in it) is a StateError naming the known ones.
+    """
+    if state is not None and state not in state_names(run):
+        raise StateError(
+            f"no state {state!r} in {run.path} (states: {', '.join(state_names(run)) or 'none'})"
+        )
+    return [
+        job
+        for job in run.jobs.values()
+        if (state is None or job.state == state) and (not errors or any(job.errors.values()))
+    ]
+
+
+def job_detail(run: Run, job_id: str) -> JobDetail:
+    """The job ``job_id`` with its parent and children; a JorbError if there is none."""
+    job = run.jobs.get(job_id)
+    if job is None:
+        raise JorbError(f"no job {job_id!r} in {run.path} (ids run 1 to {run.next_id - 1})")
+    parent = run.jobs.get(job.parent) if job.parent is not None else None
+    return JobDetail(job, parent, tuple(run.children(job_id)))
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One entry of a job's history."""
+
+    time: float | None
+    """Unix time of the transition."""
+    source: str
+    """The state the job left."""
+    target: str
+    """The state it entered."""
+    duration: float | None
+    """Seconds the exec took (0 for a redrive)."""
+    redrive: bool
+    """Whether a redrive from the command line made it, rather than an exec."""
+
+
+def history(run: Run, job: Job) -> list[Step]:
+    """A job's history, each step marked as an exec's or a redrive's."""
+    redriven = _redrive_times(run)
+    return [
+        Step(
+            _number(step.get("time")),
+            str(step.get("from")),
+            str(step.get("to")),
+            _number(step.get("duration")),
+            _is_redrive(step, redriven),
+        )
+        for step in job.history
+    ]
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None
+
+
+# -- the graph ----------------------------------------------------------------------------------
+
+
+def graph(run: Run) -> Graph:
+    """The states and every transition observed in the jobs' histories, with counts."""
+    redriven = _redrive_times(run)
+    edges: Counter[tuple[str, str]] = Counter()
+    redrives: Counter[tuple[str, str]] = Counter()
+    for job in run.jobs.values():
+        for step in job.history:
+            edge = (str(step.get("from")), str(step.get("to")))
+            (redrives if _is_redrive(step, redriven) else edges)[edge] += 1
+    names = state_names(run)
+    for edge in [*edges, *redrives]:
+        for name in edge:
+            if name not in names:
+                names.append(name)
+    terminal = {str(s.get("name")): bool(s.get("terminal")) for s in run.declared}
+    counts = Counter(job.state for job in run.jobs.values())
+    nodes = tuple((name, terminal.get(name), counts[name]) for name in names)
+    return Graph(nodes, dict(edges), dict(redrives))
+
+
+def to_mermaid(g: Graph) -> str:
+    """The graph as a Mermaid flowchart (terminal states rounded, redrives dotted)."""
+    ids = {name: f"s{index}" for index, (name, _, _) in enumerate(g.nodes)}
+    lines = ["flowchart LR"]
+    for name, terminal, jobs in g.nodes:
+        label = _mermaid_text(f"{name} ({jobs:,})")
+        lines.append(f'    {ids[name]}(["{label}"])' if terminal else f'    {ids[name]}["{label}"]')
+    for (a, b), count in sorted(g.edges.items(), key=_edge_order(ids)):
+        lines.append(f"    {ids[a]} -->|{count:,}| {ids[b]}")
+    for (a, b), count in sorted(g.redrives.items(), key=_edge_order(ids)):
+        lines.append(f'    {ids[a]} -.->|"redrive {count:,}"| {ids[b]}')
+    return "\n".join(lines) + "\n"
+
+
+def to_dot(g: Graph) -> str:
+    """The graph in Graphviz DOT (terminal states double-circled, redrives dashed)."""
+    lines = ["digraph jorb {", "    rankdir=LR;", "    node [shape=box];"]
+    for name, terminal, jobs in g.nodes:
+        shape = ", shape=doublecircle" if terminal else ""
+        lines.append(f"    {_dot_id(name)} [label={_dot_id(f'{name} ({jobs:,})')}{shape}];")
+    ids = {name: name for name, _, _ in g.nodes}
+    for (a, b), count in sorted(g.edges.items(), key=_edge_order(ids)):
+        lines.append(f'    {_dot_id(a)} -> {_dot_id(b)} [label="{count:,}"];')
+    for (a, b), count in sorted(g.redrives.items(), key=_edge_order(ids)):
+        lines.append(f'    {_dot_id(a)} -> {_dot_id(b)} [label="redrive {count:,}", style=dashed];')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _edge_order(ids: dict[str, str]) -> Any:
+    order = {name: index for index, name in enumerate(ids)}
+    return lambda item: (order[item[0][0]], order[item[0][1]])
+
+
+def _mermaid_text(text: str) -> str:
+    return text.replace("&", "#amp;").replace('"', "#quot;").replace("|", "#124;")
+
+
+def _dot_id(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- telling redrives from execs ------------------------------------------------------------------
+
+
+def _redrive_times(run: Run) -> set[float]:
+    """When redrives were applied (their history entries carry the change's time)."""
+    return {
+        float(change["time"])
+        for change in run.changes
+        if isinstance(change, dict)
+        and str(change.get("what", "")).startswith("redrove")
+        and isinstance(change.get("time"), int | float)
+    }
+
+
+def _is_redrive(step: dict[str, Any], redriven: set[float]) -> bool:
+    return step.get("duration") == 0.0 and step.get("time") in redriven

@@ -1,0 +1,399 @@
+"""The ``jorb`` command: every command in-process (CliRunner), and the real console script in a
+subprocess, on a finished run and on one a live process is executing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import DONE, process
+from typer.testing import CliRunner
+
+import jorb
+from jorb.cli import app
+
+JORB = str(Path(sys.executable).with_name("jorb"))
+STUCK = 30.0
+
+
+def clone(app: object, overall: object, ctx: dict) -> tuple[dict, str]:
+    if ctx["n"] % 4 == 0:
+        raise TimeoutError("timed out after 5s")
+    return {**ctx, "path": f"/w/{ctx['n']}"}, "edit"
+
+
+def edit(app: object, overall: object, ctx: dict) -> tuple[dict, str, list[jorb.Kick]]:
+    if ctx["n"] == 5:
+        raise ValueError("cannot parse [setup.py]")
+    return (
+        ctx,
+        "done",
+        [jorb.Kick("upload", {"file": f"{ctx['n']}.{i}"}) for i in range(ctx["n"] % 3)],
+    )
+
+
+def upload(app: object, overall: object, ctx: dict) -> tuple[dict, str]:
+    return ctx, "done"
+
+
+STATES = [
+    jorb.State("new", exec=clone, retries=1),
+    jorb.State("edit", exec=edit),
+    jorb.State("upload", exec=upload, concurrency=4),
+    DONE,
+    jorb.State("failed", terminal=True),
+]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 jobs: 4 and 8 time out twice (failed), 5 fails in edit; 1, 2 (two), 7 kick uploads."""
+    path = tmp_path_factory.mktemp("cli") / "run.json"
+    run = jorb.Run.open(path)
+    for n in range(1, 9):
+        run.add_job({"n": n})
+    process(STATES, run)
+    return path
+
+
+@pytest.fixture
+def copy(finished: Path, tmp_path: Path) -> Path:
+    """A private copy of the finished run, for commands that change it."""
+    path = tmp_path / "run.json"
+    path.write_bytes(finished.read_bytes())
+    return path
+
+
+def cli(*args: object, input: str | None = None, code: int = 0) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input, env={"COLUMNS": "120"})
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    if code == 0:
+        assert result.stderr == "", result.stderr
+    return result.stdout
+
+
+def mistake(*args: object, code: int = 1) -> str:
+    """Run a command that must fail: one line on stderr, nothing on stdout, no traceback."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("jorb: error: "), result.stderr
+    return lines[0].removeprefix("jorb: error: ")
+
+
+def table(out: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.strip()}
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+def test_status_counts_errors_timings_and_completeness(finished: Path) -> None:
+    out = cli("status", finished)
+    assert out.splitlines()[0] == f"{finished}: complete: all 12 jobs are in terminal states"
+    rows = table(out)
+    assert rows["state"] == ["jobs", "errors", "in", "jobs", "execs", "mean", "median", "p95"]
+    assert rows["new"][:4] == ["0", "4", "2", "8"]  # 4 timeouts in 2 jobs; 6 on to edit, 2 gave up
+    assert rows["edit"][:4] == ["0", "1", "1", "6"]
+    assert rows["upload"][:2] == ["0", "4"]
+    assert rows["done"] == ["9", "terminal"]
+    assert rows["failed"] == ["3", "terminal"]
+    assert "  new: 4 error(s) in 2 job(s)" in out.splitlines()
+    assert re.search(r"^ +4× TimeoutError: timed out after 5s$", out, re.M)
+    assert re.search(r"^ +1× ValueError: cannot parse \[setup.py\]$", out, re.M)
+
+
+def test_status_of_a_run_never_executed_and_with_undeclared_states(tmp_path: Path) -> None:
+    run = jorb.Run.open(tmp_path / "new.json")
+    run.add_job({"n": 1})
+    run.save()
+    run.close()
+    out = cli("status", tmp_path / "new.json")
+    assert "1 jobs, never executed (no states recorded yet)" in out.splitlines()[0]
+    assert table(out)["new"] == ["1", "undeclared"]
+
+
+def test_jobs_lists_and_filters(finished: Path) -> None:
+    rows = table(cli("jobs", finished))
+    assert list(rows) == ["id", *map(str, range(1, 13))]
+    assert rows["4"][:3] == ["failed", "2", "new:"]
+    assert rows["9"][:2] == ["done", "1"]  # kicked by job 1
+    assert list(table(cli("jobs", finished, "--state", "failed"))) == ["id", "4", "5", "8"]
+    errored = table(cli("jobs", finished, "--errors"))
+    assert list(errored) == ["id", "4", "5", "8"]
+    assert errored["5"][:4] == ["failed", "1", "edit:", "ValueError:"]
+    assert cli("jobs", finished, "-s", "upload") == "no jobs match\n"
+    short = cli("jobs", finished, "-n", "2")
+    assert list(table(short)) == ["id", "1", "2", "showing"]
+    assert "showing 2 of 12 jobs; --limit 0 shows all" in short
+
+
+def test_jobs_as_json_lines(finished: Path) -> None:
+    lines = cli("jobs", finished, "--json", "-e").splitlines()
+    jobs = [json.loads(line) for line in lines]
+    assert [job["id"] for job in jobs] == ["4", "5", "8"]
+    assert jobs[0]["errors"]["new"][1]["message"] == "timed out after 5s"
+    assert jobs[0]["history"] == [
+        {**jobs[0]["history"][0], "from": "new", "to": "failed"},
+    ]
+
+
+def test_show_a_job_with_ctx_history_errors_and_family(finished: Path) -> None:
+    out = cli("show", finished, "2")
+    assert table(out)["job"] == ["2"]
+    assert table(out)["state"] == ["done"]
+    assert table(out)["children"] == ["10,", "11"]
+    assert '"path": "/w/2"' in out
+    steps = [line.split()[2:] for line in out.splitlines() if re.match(r"\d{4}-\d\d-\d\d ", line)]
+    assert [s[:2] for s in steps] == [["new", "edit"], ["edit", "done"]]
+    kid = cli("show", finished, "10")
+    assert table(kid)["parent"] == ["2", "(in", "done)"]
+    failed = cli("show", finished, "5")
+    assert "error in edit, attempt 1 at " in failed
+    assert "ValueError: cannot parse [setup.py]" in failed
+    assert "Traceback (most recent call last):" in failed
+    assert "raise ValueError" in failed  # the exec's own line, from the traceback
+    timeouts = cli("show", finished, "4")
+    assert timeouts.count("error in new, attempt") == 2
+
+
+def test_graph_as_mermaid_and_dot(finished: Path) -> None:
+    mermaid = cli("graph", finished)
+    assert mermaid.startswith("flowchart LR\n")
+    assert '    s3(["done (9)"])' in mermaid
+    assert "    s0 -->|6| s1" in mermaid  # new -> edit
+    assert "    s0 -->|2| s4" in mermaid  # new -> failed after the retry
+    assert "    s2 -->|4| s3" in mermaid  # upload -> done
+    dot = cli("graph", finished, "--format", "dot")
+    assert '    "edit" -> "done" [label="5"];' in dot
+    assert '    "edit" -> "failed" [label="1"];' in dot
+    assert CliRunner().invoke(app, ["graph", str(finished), "-f", "png"]).exit_code == 2
+
+
+# -- changing ----------------------------------------------------------------------------------
+
+
+def test_redrive_moves_jobs_keeping_history_and_errors(copy: Path) -> None:
+    before = jorb.Run.load(copy).jobs["4"]
+    out = cli("redrive", copy, "--from", "failed", "--to", "new")
+    assert out == "moved 3 job(s) from 'failed' to 'new'\n"
+    after = jorb.Run.load(copy)
+    assert [job.id for job in after.jobs.values() if job.state == "new"] == ["4", "5", "8"]
+    job = after.jobs["4"]
+    assert job.errors == before.errors
+    assert job.history[:-1] == before.history
+    assert (job.history[-1]["from"], job.history[-1]["to"]) == ("failed", "new")
+    assert "redrive" in cli("show", copy, "4")
+    assert cli("redrive", copy, "--from", "new", "--to", "failed", "-j", "5") == (
+        "moved 1 job(s) from 'new' to 'failed'\n"
+    )
+    assert jorb.Run.load(copy).jobs["5"].state == "failed"
+    assert table(cli("status", copy))["new"][0] == "2"
+
+
+def test_add_from_ctx_file_and_stdin(copy: Path, tmp_path: Path) -> None:
+    assert cli("add", copy, "--ctx", '{"n": 20}') == "added 1 job(s) in 'new': 13\n"
+    assert cli("add", copy, "-c", '{"n": 21}', "-c", '{"n": 22}', "-s", "upload") == (
+        "added 2 job(s) in 'upload': 14, 15\n"
+    )
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"n": 23}\n\n{"n": 24}\n')
+    assert cli("add", copy, "--file", lines) == "added 2 job(s) in 'new': 16, 17\n"
+    assert cli("add", copy, "-f", "-", input='{"n": 25}\n') == "added 1 job(s) in 'new': 18\n"
+    run = jorb.Run.load(copy)
+    assert [(job.state, job.ctx) for job in list(run.jobs.values())[12:]] == [
+        ("new", {"n": 20}),
+        ("upload", {"n": 21}),
+        ("upload", {"n": 22}),
+        ("new", {"n": 23}),
+        ("new", {"n": 24}),
+        ("new", {"n": 25}),
+    ]
+
+
+def test_pause_and_resume(copy: Path) -> None:
+    assert cli("pause", copy, "edit").startswith("paused 'edit': no new execs start in it")
+    assert jorb.Run.load(copy).paused == {"edit"}
+    assert table(cli("status", copy))["edit"][:5] == ["0", "PAUSED", "1", "1", "6"]
+    assert cli("resume", copy, "edit") == "resumed 'edit'\n"
+    assert jorb.Run.load(copy).paused == set()
+
+
+# -- mistakes ------------------------------------------------------------------------------------
+
+
+def test_mistakes_give_one_line_and_a_non_zero_exit(copy: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.json"
+    for command in (
+        ["status"],
+        ["jobs"],
+        ["show", "1"],
+        ["graph"],
+        ["redrive", "--from", "a", "--to", "b"],
+        ["add", "--ctx", "{}"],
+        ["pause", "new"],
+        ["resume", "new"],
+    ):
+        assert mistake(command[0], missing, *command[1:]) == f"{missing}: no such run file"
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"format": "jorb-run", "version": 1, "jobs": [')
+    assert mistake("status", corrupt).startswith(f"{corrupt}: not valid JSON at line 1")
+    corrupt.write_text('{"format": "jorb-run", "version": 1, "jobs": [{"id": "1", "ctx": {}}]}')
+    assert mistake("jobs", corrupt) == f'{corrupt}: jobs[0] (job 1): job has no "state"'
+    assert mistake("status", tmp_path) == f"{tmp_path}: is a directory, not a run file"
+    assert mistake("show", copy, "99") == f"no job '99' in {copy} (ids run 1 to 12)"
+    assert mistake("jobs", copy, "-s", "nope").startswith(f"no state 'nope' in {copy} (states: ")
+    assert mistake("redrive", copy, "--from", "nope", "--to", "new").startswith("no state 'nope'")
+    assert mistake("redrive", copy, "--from", "failed", "--to", "nope").startswith(
+        "no state 'nope' declared"
+    )
+    assert mistake("redrive", copy, "--from", "failed", "--to", "new", "-j", "99").startswith(
+        "no job 99"
+    )
+    assert mistake("pause", copy, "done") == "state 'done' is terminal: it starts no execs to pause"
+    assert mistake("add", copy, "-s", "nope", "--ctx", "{}").startswith("no state 'nope'")
+    assert mistake("add", copy, "--ctx", '{"n": 1', code=2).startswith("--ctx: not valid JSON")
+    assert mistake("add", copy, "--ctx", "[1]", code=2) == (
+        "--ctx: a ctx must be a JSON object {...}, not list"
+    )
+    assert mistake("add", copy, code=2).startswith("give --ctx JSON")
+    assert mistake("add", copy, "-f", tmp_path / "none.jsonl") == (
+        f"{tmp_path / 'none.jsonl'}: No such file or directory"
+    )
+    assert jorb.Run.load(copy).to_document()["changes"] == []  # nothing was applied
+
+
+def test_help_reads_well() -> None:
+    out = cli("--help")
+    for command in ("status", "jobs", "show", "graph", "redrive", "add", "pause", "resume"):
+        assert re.search(rf"^│ {command} +[A-Z]", out, re.M), command
+        help_ = cli(command, "--help")
+        assert f"Usage: jorb {command} [OPTIONS] " in help_
+        assert "RUNFILE" in help_
+    assert "--from" in cli("redrive", "--help") and "--to" in cli("redrive", "--help")
+    assert cli("--version") == f"jorb {jorb.__version__}\n"
+    assert "Usage: jorb [OPTIONS] COMMAND" in CliRunner().invoke(app, []).stdout
+
+
+# -- the real console script, on a run a process is executing -------------------------------------
+
+LIVE = """
+import sys
+import jorb
+
+def a(app, overall, ctx):
+    return ctx, "b"
+
+def b(app, overall, ctx):
+    print(f"in b {ctx['n']}", flush=True)
+    with open(overall["gate"], "rb", buffering=0) as gate:
+        gate.read(1)                    # one byte from the test lets one job through
+    return ctx, "done"
+
+states = [
+    jorb.State("a", exec=a),
+    jorb.State("b", exec=b, concurrency=2),
+    jorb.State("done", terminal=True),
+]
+run = jorb.Run.open(sys.argv[1], overall={"gate": sys.argv[2]})
+for n in (1, 2):
+    run.add_job({"n": n}, state="a")
+jorb.Processor(None, states, progress=False, poll_interval=0.05).exec(run)
+"""
+
+
+def jorb_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [JORB, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=STUCK,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR)  # also a reader, so opening never blocks and it never hits EOF
+    yield fifo, fd
+    os.close(fd)
+
+
+def test_console_script_reads_and_steers_a_run_in_progress(
+    tmp_path: Path, gate: tuple[Path, int]
+) -> None:
+    fifo, fd = gate
+    (tmp_path / "live.py").write_text(LIVE)
+    path = tmp_path / "run.json"
+    script = subprocess.Popen(
+        [sys.executable, "live.py", path.name, str(fifo)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert script.stdout is not None
+        # Both jobs are in b's execs: their a -> b transitions are on disk (in the journal).
+        assert sorted(script.stdout.readline() for _ in range(2)) == ["in b 1\n", "in b 2\n"]
+        status = jorb_cli("status", path)
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.splitlines()[0] == (
+            f"{path}: not complete: 0 of 2 jobs are in terminal states"
+            " · a process is running it now"
+        )
+        assert table(status.stdout)["b"][0] == "2"
+        assert list(table(jorb_cli("jobs", path, "-s", "b").stdout)) == ["id", "1", "2"]
+
+        # Changes are handed to the process, which applies them through its journal.
+        added = jorb_cli("add", path, "-s", "b", "--ctx", '{"n": 3}')
+        assert added.stdout == "added 1 job(s) in 'b': 3\n", added.stderr
+        assert "handing the change to it" in added.stderr
+        assert jorb_cli("pause", path, "a").returncode == 0
+        assert table(jorb_cli("status", path).stdout)["a"][:2] == ["0", "PAUSED"]
+        assert jorb_cli("resume", path, "a").returncode == 0
+        # 1 and 2 hold b's two slots, so 3 waits: it moves, the running two are left alone.
+        moved = jorb_cli("redrive", path, "--from", "b", "--to", "done")
+        assert moved.stdout == (
+            "moved 1 job(s) from 'b' to 'done'; 2 running right now were left (1, 2)\n"
+        ), moved.stderr
+
+        wrong = jorb_cli("show", path, "99")
+        assert (wrong.returncode, wrong.stdout) == (1, "")
+        assert wrong.stderr == f"jorb: error: no job '99' in {path} (ids run 1 to 3)\n"
+
+        os.write(fd, b"xx")
+        _, err = script.communicate(timeout=STUCK)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.wait()
+    assert script.returncode == 0, err
+    final = jorb_cli("status", path)
+    assert final.stdout.splitlines()[0] == f"{path}: complete: all 3 jobs are in terminal states"
+    assert table(final.stdout)["done"] == ["3", "terminal"]
+    assert "redrove 1 job(s) 'b' -> 'done'" in final.stdout
+    assert "redrive" in jorb_cli("show", path, "3").stdout
+
+
+def test_console_script_mistakes_have_no_traceback(tmp_path: Path) -> None:
+    missing = jorb_cli("status", tmp_path / "missing.json")
+    assert missing.returncode == 1
+    assert missing.stderr == f"jorb: error: {tmp_path / 'missing.json'}: no such run file\n"
+    (tmp_path / "bad.json").write_text("not json")
+    bad = jorb_cli("graph", tmp_path / "bad.json")
+    assert bad.returncode == 1 and bad.stdout == ""
+    assert bad.stderr.startswith(f"jorb: error: {tmp_path / 'bad.json'}: not valid JSON")
+    assert "Traceback" not in missing.stderr + bad.stderr
+    usage = jorb_cli("status")
+    assert usage.returncode == 2 and "Missing argument 'RUNFILE'" in usage.stderr

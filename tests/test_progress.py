@@ -1,0 +1,311 @@
+"""The progress display: rendering snapshots, throughput, the plain fallback, the listeners."""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import pytest
+from conftest import DONE, process
+from rich.console import Console
+
+import jorb
+from jorb.progress import (
+    LiveProgress,
+    Meter,
+    PlainProgress,
+    Speed,
+    make_progress,
+    plain_line,
+    render,
+)
+from jorb.status import StateStatus, Status
+
+STATUS = Status(
+    (
+        StateStatus(
+            "new", False, 380, waiting=372, running=8, done=620, errors=3, concurrency=8, rate=4.5
+        ),
+        StateStatus(
+            "edit",
+            False,
+            12,
+            delayed=10,
+            running=2,
+            done=608,
+            failed=1,
+            paused=True,
+            concurrency=2,
+        ),
+        StateStatus("upload", False, 0, concurrency=32),
+        StateStatus("done", True, 596),
+        StateStatus("failed", True, 12),
+    ),
+    jobs=1000,
+    finished=608,
+    elapsed=62.0,
+    transitions=1240,
+)
+SPEED = Speed((12.4, 9.8, 0.0, None, None), finished=9.1)
+
+
+def text(renderable: object, width: int = 100) -> str:
+    console = Console(width=width, record=True, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.export_text()
+
+
+def rows(screen: str) -> dict[str, list[str]]:
+    """Each table row's words after the state name, bar characters left out."""
+    found = {}
+    for line in screen.splitlines():
+        words = [w for w in line.split() if not set(w) <= set("━╸╺")]
+        if words:
+            found[words[0]] = words[1:]
+    return found
+
+
+# -- rendering ---------------------------------------------------------------------------------
+
+
+def test_render_shows_a_row_per_state_in_order_with_its_numbers() -> None:
+    screen = text(render(STATUS, SPEED))
+    lines = screen.splitlines()
+    assert lines[0] == ("jorb 608/1,000 jobs finished (61%) · 1,240 transitions · 0:01:02 elapsed")
+    assert lines[1].split() == [
+        "state",
+        "progress",
+        *["jobs", "waiting", "delayed", "running", "done", "errors", "done/s", "eta"],
+    ]
+    assert [line.split()[0] for line in lines[2:]] == [
+        "new",
+        "edit",
+        "upload",
+        "done",
+        "failed",
+        "total",
+    ]
+    table = rows(screen)
+    # jobs waiting delayed running done errors done/s eta (380 at 12.4/s: 31 s) and notes
+    assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "12.4/s", "0:00:31", "≤4.5/s"]
+    assert table["edit"] == ["12", "0", "10", "2/2", "608", "0", "9.8/s", "paused", "1", "failed"]
+    assert table["upload"] == ["0", "0", "0", "0/32", "0", "0", "0.00/s"]
+    assert table["done"] == ["596", "terminal"]
+    assert table["failed"] == ["12", "terminal"]
+    # totals over the non-terminal states; eta = 392 unfinished at 9.1/s
+    assert table["total"] == ["1,000", "372", "10", "10", "1,228", "3", "9.1/s", "0:00:43"]
+    assert all(len(line) <= 100 for line in lines)
+    eta_end = lines[1].index("eta") + len("eta")  # numbers are right-aligned under their header
+    assert lines[2].index("0:00:31") + len("0:00:31") == eta_end
+    assert lines[5].index("terminal") + len("terminal") == eta_end
+
+
+def test_render_shows_jobs_awaiting_their_children_once_there_are_some() -> None:
+    split = StateStatus("split", False, 3, running=1, awaiting=2, done=3, concurrency=4)
+    status = Status((split, StateStatus("done", True, 30)), 33, 30, 10.0, 33)
+    header, row, *_ = text(render(status)).splitlines()[1:]
+    columns = ["jobs", "waiting", "delayed", "awaiting", "running", "done", "errors"]
+    assert header.split()[2:9] == columns
+    assert row.split()[2:9] == ["3", "0", "0", "2", "1/4", "3", "0"]
+    assert "1 running 3 done" in plain_line(status)
+    assert "2 awaiting children" in plain_line(status)
+
+
+def test_render_bars_show_each_states_share() -> None:
+    header, *lines = text(render(STATUS, SPEED), width=100).splitlines()[1:]
+    # the bar column, then a space, then the jobs column ("1,000" wide, "jobs" right-aligned)
+    width = header.index("jobs") - len(" ,") - header.index("progress")
+    assert 10 <= width <= 40
+    bars: dict[str, int] = {}
+    for line in lines:
+        name, rest = line.split(maxsplit=1)
+        bars[name] = len(rest) - len(rest.lstrip("━╸╺"))  # no colour: the rest of a bar is blank
+    # new: 620 done of 1,000 passed through; edit: 608 of 620; upload: nothing yet
+    assert bars["new"] == pytest.approx(width * 0.62, abs=1)
+    assert bars["edit"] == pytest.approx(width * 608 / 620, abs=1)
+    assert bars["upload"] == 0
+    assert bars["done"] == pytest.approx(width * 0.596, abs=1)
+    assert bars["total"] == pytest.approx(width * 0.608, abs=1)
+
+
+def test_render_narrow_terminal_keeps_the_numbers_and_drops_the_notes() -> None:
+    screen = text(render(STATUS, SPEED), width=80)
+    assert all(len(line) <= 80 for line in screen.splitlines())
+    table = rows(screen)
+    assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "12.4/s", "0:00:31"]
+    assert table["edit"][-1] == "paused"  # the pause is never cut
+    assert "≤4.5/s" not in screen
+
+
+def test_render_before_throughput_is_known_and_when_complete() -> None:
+    table = rows(text(render(STATUS)))
+    assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "-", "≤4.5/s"]
+    assert table["total"][-1] == "-"
+    done = Status((StateStatus("new", False, 0, done=5), StateStatus("done", True, 5)), 5, 5, 1, 5)
+    screen = text(render(done, Speed((2.0, None), 2.0)))
+    assert screen.splitlines()[0].endswith(
+        "5/5 jobs finished (100%) · 5 transitions · 0:00:01 elapsed · complete"
+    )
+    assert rows(screen)["new"] == ["0", "0", "0", "0/0", "5", "0", "2.0/s"]  # nothing left: no eta
+
+
+def test_plain_line_reads_as_one_log_line() -> None:
+    assert plain_line(STATUS, SPEED) == (
+        "jorb [0:01:02] 608/1,000 finished, 9.1/s, eta 0:00:43"
+        " | new 372 waiting 8 running 620 done 3 errors 12.4/s"
+        " | edit PAUSED 0 waiting 10 delayed 2 running 608 done 9.8/s"
+        " | upload 0 waiting 0 running 0 done"
+        " | done 596 | failed 12"
+    )
+
+
+# -- throughput --------------------------------------------------------------------------------
+
+
+def snapshot(elapsed: float, done: int, finished: int) -> Status:
+    rows_ = (
+        StateStatus("new", False, 100 - done, waiting=100 - done, done=done),
+        StateStatus("done", True, finished),
+    )
+    return Status(rows_, 100, finished, elapsed, done)
+
+
+def test_meter_measures_over_a_sliding_window() -> None:
+    meter = Meter(window=10.0)
+    assert meter.add(snapshot(0.0, 0, 0)) == Speed((None, None), None)
+    assert meter.add(snapshot(0.5, 1, 1)).finished is None  # under a second: not yet
+    assert meter.add(snapshot(2.0, 8, 8)) == Speed((4.0, 0.0), 4.0)
+    # 2 per second for a long while: the fast start slides out of the window
+    speed = Speed((None, None), None)
+    for second in range(3, 30):
+        speed = meter.add(snapshot(float(second), 8 + 2 * (second - 2), 8 + 2 * (second - 2)))
+    assert speed.done == (pytest.approx(2.0), 0.0)
+    assert speed.finished == pytest.approx(2.0)
+
+
+def test_meter_starts_again_when_the_clock_goes_back() -> None:
+    meter = Meter()
+    meter.add(snapshot(0.0, 0, 0))
+    meter.add(snapshot(5.0, 50, 50))
+    assert meter.add(snapshot(0.0, 0, 0)) == Speed((None, None), None)
+
+
+# -- the listeners -------------------------------------------------------------------------------
+
+
+def test_make_progress_picks_bars_on_a_terminal_and_lines_elsewhere() -> None:
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    assert isinstance(make_progress(terminal), LiveProgress)
+    assert isinstance(make_progress(Console(file=io.StringIO())), PlainProgress)
+
+
+def test_plain_progress_writes_at_start_every_few_seconds_and_at_the_end() -> None:
+    out = io.StringIO()
+    listener = PlainProgress(out, every=5.0)
+    listener.start(snapshot(0.0, 0, 0))
+    for tenth in range(1, 120):  # 12 s of updates, five a second
+        listener.update(snapshot(tenth / 10, tenth // 2, tenth // 2))
+    listener.note("state 'new' is paused")
+    listener.stop(snapshot(12.0, 60, 60))
+    lines = out.getvalue().splitlines()
+    assert [line.split("]")[0] for line in lines] == [
+        "jorb [0:00:00",
+        "jorb [0:00:05",
+        "jorb [0:00:10",
+        "jorb: state 'new' is paused",
+        "jorb [0:00:12",
+    ]
+    assert lines[-1] == (
+        "jorb [0:00:12] 60/100 finished, 5.0/s, eta 0:00:08"
+        " | new 40 waiting 0 running 60 done 5.0/s | done 60"
+    )
+
+
+def test_live_progress_draws_frames_and_leaves_the_last_one() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system=None, width=100)
+    listener = make_progress(console, refresh_per_second=50)
+    listener.start(snapshot(0.0, 0, 0))
+    listener.update(snapshot(1.0, 10, 10))
+    listener.note("state 'new' is paused")
+    listener.stop(snapshot(2.0, 20, 20))
+    screen = out.getvalue()
+    assert "jorb: state 'new' is paused" in screen
+    last = screen[screen.rindex("jorb 20/100") :]
+    assert rows(last)["new"] == ["80", "80", "0", "0/0", "20", "0", "10.0/s", "0:00:08"]
+    assert rows(last)["total"][-2:] == ["10.0/s", "0:00:08"]
+
+
+def test_redirect_logging_points_handlers_at_the_display_and_back() -> None:
+    from jorb.progress import _redirect_logging
+
+    original, display = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(original)
+    file_handler = logging.FileHandler("/dev/null", delay=True)
+    logger = logging.getLogger("jorb-test-redirect")
+    logger.addHandler(handler)
+    logger.addHandler(file_handler)
+    try:
+        restore = _redirect_logging({original: display})
+        logger.warning("during")
+        for moved, stream in restore:
+            moved.setStream(stream)
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+        logger.removeHandler(file_handler)
+    assert display.getvalue() == "during\n"
+    assert original.getvalue() == "after\n"
+    assert [moved for moved, _ in restore] == [handler]
+
+
+def test_processor_feeds_a_progress_listener_to_the_end(tmp_path: Path) -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system=None, width=100)
+
+    def step(app: object, overall: object, ctx: dict[str, int]) -> tuple[dict[str, int], str]:
+        if ctx["n"] == 3:
+            raise ValueError("three is bad")
+        return ctx, "done"
+
+    run = jorb.Run.open(tmp_path / "run.json")
+    for n in range(5):
+        run.add_job({"n": n})
+    try:
+        states = [jorb.State("new", exec=step, concurrency=2), DONE]
+        process(states, run, listeners=[make_progress(console)])
+    finally:
+        run.close()
+    screen = out.getvalue()
+    last = rows(screen[screen.rindex("jorb 5/5") :])
+    assert last["new"][:6] == ["0", "0", "0", "0/2", "4", "1"]
+    assert last["done"] == ["4", "terminal"]
+    assert last["failed"] == ["1", "terminal"]
+    assert "complete" in screen
+
+
+def test_listeners_start_with_the_run_as_loaded(tmp_path: Path) -> None:
+    """StatusListener.start: "``status`` is the run as loaded" (the first plain line, too)."""
+    seen: list[Status] = []
+
+    class Recorder:
+        def start(self, status: Status) -> None:
+            seen.append(status)
+
+        def update(self, status: Status) -> None:
+            pass
+
+        def note(self, message: str) -> None:
+            pass
+
+        def stop(self, status: Status) -> None:
+            seen.append(status)
+
+    run = jorb.Run.open(tmp_path / "run.json")
+    for n in range(5):
+        run.add_job({"n": n})
+    states = [jorb.State("new", exec=lambda app, overall, ctx: (ctx, "done")), DONE]
+    process(states, run, listeners=[Recorder()])
+    assert [(s.jobs, s.finished) for s in seen] == [(5, 0), (5, 5)]
+    assert seen[0].states[0].waiting == 5

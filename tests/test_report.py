@@ -1,0 +1,205 @@
+"""Reports over a run: built by hand in memory, so each number is known in advance."""
+
+from __future__ import annotations
+
+import pytest
+
+from jorb import JorbError, Run, StateError, report
+from jorb.model import Job
+
+T0 = 1_800_000_000.0
+REDRIVE = T0 + 500.0
+
+
+def step(a: str, b: str, at: float, took: float) -> dict[str, object]:
+    return {"from": a, "to": b, "time": at, "duration": took}
+
+
+def error(message: str, kind: str = "ValueError", at: float = T0, attempt: int = 1) -> dict:
+    return {
+        "message": message,
+        "type": kind,
+        "traceback": f"Traceback (most recent call last):\n{kind}: {message}\n",
+        "time": at,
+        "attempt": attempt,
+        "rate_limited": False,
+    }
+
+
+@pytest.fixture
+def run() -> Run:
+    """new -> edit -> done/failed; job 2 kicked 3 and 4; job 5 was redriven failed -> new."""
+    run = Run(None)
+    run.declared = [
+        {"name": "new", "terminal": False},
+        {"name": "edit", "terminal": False},
+        {"name": "done", "terminal": True},
+        {"name": "failed", "terminal": True},
+    ]
+    run.paused = {"edit"}
+    jobs = [
+        Job(
+            "1",
+            "done",
+            {"n": 1},
+            history=[step("new", "edit", T0, 1.0), step("edit", "done", T0 + 1, 2.0)],
+        ),
+        Job(
+            "2",
+            "done",
+            {"n": 2},
+            history=[step("new", "edit", T0, 3.0), step("edit", "done", T0 + 2, 4.0)],
+        ),
+        Job("3", "edit", {"f": "a"}, parent="2"),
+        Job(
+            "4",
+            "failed",
+            {"f": "b"},
+            parent="2",
+            history=[step("edit", "failed", T0 + 3, 0.5)],
+            errors={"edit": [error("bad file b", attempt=1), error("bad file b", attempt=2)]},
+        ),
+        Job(
+            "5",
+            "new",
+            {"n": 5},
+            history=[step("new", "failed", T0 + 4, 5.0), step("failed", "new", REDRIVE, 0.0)],
+            errors={
+                "new": [
+                    error("timed out after 5s", "jorb.errors.TimedOut"),
+                    error("boom", at=T0 + 9),
+                ]
+            },
+        ),
+        Job("6", "weird", {"n": 6}),
+    ]
+    for job in jobs:
+        run.jobs[job.id] = job
+    run.next_id = 7
+    run.changes = [{"id": "c1", "what": "redrove 1 job(s) 'failed' -> 'new'", "time": REDRIVE}]
+    return run
+
+
+def test_states_in_declaration_order_with_counts_marks_errors_and_timings(run: Run) -> None:
+    rows = {row.name: row for row in report.states(run)}
+    assert list(rows) == ["new", "edit", "done", "failed", "weird"]
+    assert [(r.jobs, r.terminal, r.paused) for r in rows.values()] == [
+        (1, False, False),
+        (1, False, True),
+        (2, True, False),
+        (1, True, False),
+        (1, None, False),  # in the file, but not declared at the last exec
+    ]
+    assert (rows["new"].errors, rows["new"].failing) == (2, 1)
+    assert (rows["edit"].errors, rows["edit"].failing) == (2, 1)
+    new = rows["new"].timing
+    assert new is not None
+    assert (new.count, new.mean, new.median, new.p95, new.total) == (3, 3.0, 3.0, 5.0, 9.0)
+    edit = rows["edit"].timing
+    assert edit is not None and (edit.count, edit.median, edit.p95) == (3, 2.0, 4.0)
+    assert rows["done"].timing is None
+    # the redrive took no time and is not a "failed" exec
+    assert "failed" not in report.timings(run)
+
+
+def test_completeness(run: Run) -> None:
+    assert report.is_complete(run) is False
+    for job in run.jobs.values():
+        job.state = "done"
+    assert report.is_complete(run) is True
+    run.declared = []
+    assert report.is_complete(run) is None  # never executed: which states are terminal?
+
+
+def test_errors_per_state_most_common_first(run: Run) -> None:
+    summaries = report.errors(run, top=1)
+    assert [(s.state, s.errors, s.jobs, s.distinct) for s in summaries] == [
+        ("new", 2, 1, 2),
+        ("edit", 2, 1, 1),
+    ]
+    assert summaries[1].common == (("ValueError: bad file b", 2),)
+    assert report.errors(run)[0].common == (
+        ("TimedOut: timed out after 5s", 1),
+        ("ValueError: boom", 1),
+    )
+    assert report.last_error(run.jobs["5"]) == ("new", run.jobs["5"].errors["new"][1])
+    assert report.last_error(run.jobs["1"]) is None
+
+
+def test_graph_counts_exec_transitions_and_redrives_apart(run: Run) -> None:
+    g = report.graph(run)
+    assert [name for name, _, _ in g.nodes] == ["new", "edit", "done", "failed", "weird"]
+    assert g.nodes[2] == ("done", True, 2)
+    assert g.edges == {
+        ("new", "edit"): 2,
+        ("edit", "done"): 2,
+        ("edit", "failed"): 1,
+        ("new", "failed"): 1,
+    }
+    assert g.redrives == {("failed", "new"): 1}
+
+
+def test_graph_as_mermaid_and_dot(run: Run) -> None:
+    g = report.graph(run)
+    assert report.to_mermaid(g) == (
+        "flowchart LR\n"
+        '    s0["new (1)"]\n'
+        '    s1["edit (1)"]\n'
+        '    s2(["done (2)"])\n'
+        '    s3(["failed (1)"])\n'
+        '    s4["weird (1)"]\n'
+        "    s0 -->|2| s1\n"
+        "    s0 -->|1| s3\n"
+        "    s1 -->|2| s2\n"
+        "    s1 -->|1| s3\n"
+        '    s3 -.->|"redrive 1"| s0\n'
+    )
+    dot = report.to_dot(g)
+    assert dot.startswith("digraph jorb {\n    rankdir=LR;\n")
+    assert '    "done" [label="done (2)", shape=doublecircle];\n' in dot
+    assert '    "new" -> "edit" [label="2"];\n' in dot
+    assert '    "failed" -> "new" [label="redrive 1", style=dashed];\n' in dot
+    assert dot.endswith("}\n")
+
+
+def test_graph_labels_survive_odd_state_names() -> None:
+    run = Run(None)
+    run.declared = [{"name": 'say "hi" | bye', "terminal": False}, {"name": "ok", "terminal": True}]
+    run.jobs["1"] = Job("1", "ok", {}, history=[step('say "hi" | bye', "ok", T0, 1.0)])
+    g = report.graph(run)
+    assert '    s0["say #quot;hi#quot; #124; bye (0)"]\n' in report.to_mermaid(g)
+    assert '"say \\"hi\\" | bye" -> "ok"' in report.to_dot(g)
+
+
+def test_find_jobs_filters(run: Run) -> None:
+    assert [job.id for job in report.find_jobs(run)] == ["1", "2", "3", "4", "5", "6"]
+    assert [job.id for job in report.find_jobs(run, "done")] == ["1", "2"]
+    assert [job.id for job in report.find_jobs(run, errors=True)] == ["4", "5"]
+    assert [job.id for job in report.find_jobs(run, "failed", errors=True)] == ["4"]
+    assert report.find_jobs(run, "failed", errors=False)[0].id == "4"
+    with pytest.raises(
+        StateError, match=r"no state 'nope' .*states: new, edit, done, failed, weird"
+    ):
+        report.find_jobs(run, "nope")
+
+
+def test_job_detail_with_family_and_history(run: Run) -> None:
+    detail = report.job_detail(run, "2")
+    assert detail.parent is None
+    assert [kid.id for kid in detail.children] == ["3", "4"]
+    assert report.job_detail(run, "4").parent is run.jobs["2"]
+    steps = report.history(run, run.jobs["5"])
+    assert [(s.source, s.target, s.duration, s.redrive) for s in steps] == [
+        ("new", "failed", 5.0, False),
+        ("failed", "new", 0.0, True),
+    ]
+    with pytest.raises(JorbError, match="no job '9'"):
+        report.job_detail(run, "9")
+
+
+def test_an_empty_run() -> None:
+    run = Run(None)
+    assert report.states(run) == []
+    assert report.errors(run) == []
+    assert report.is_complete(run) is True
+    assert report.to_mermaid(report.graph(run)) == "flowchart LR\n"
