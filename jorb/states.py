@@ -26,15 +26,19 @@ class Rate:
     object to several states and they share one budget.
 
     The rate adapts (AIMD): when an exec raises :class:`~jorb.RateLimited` it is halved (cuts
-    within ``interval`` seconds of the last count as one), never below ``floor``; after each
-    ``interval`` with successes it climbs by ``step`` back toward ``n``. A ``retry_after``
-    pauses every state sharing the Rate. Time is the event loop's clock, so tests can fake it.
+    within ``interval`` seconds of the last count as one), never below ``floor`` (default
+    ``n / 32``); after each ``interval`` (default 1 s) with successes it climbs by ``step``
+    (default ``n / 10``) back toward ``n``. The burst shrinks with the rate. A ``retry_after``
+    pauses every state sharing the Rate; when the pause ends, starts resume one at a time at
+    the current rate, without a burst. Time is the event loop's clock, so tests can fake it; a
+    Rate used on a new event loop keeps its current rate but forgets pauses timed on the old one.
     """
 
     __slots__ = (
         "_last_cut",
         "_last_step",
         "_limiter",
+        "_loop",
         "current",
         "floor",
         "interval",
@@ -80,6 +84,7 @@ class Rate:
         self._last_cut = -math.inf
         self._last_step = -math.inf
         self._limiter: AsyncLimiter | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def unlimited(cls) -> Rate:
@@ -96,40 +101,76 @@ class Rate:
     async def acquire(self) -> None:
         """Wait until a start is allowed: past any pause, then within the rate."""
         loop = asyncio.get_running_loop()
-        while (wait := self.paused_until - loop.time()) > 0:
-            await asyncio.sleep(wait)
-        if self.n == math.inf:
-            return
-        limiter = self._limiter
-        if limiter is None or limiter._loop is not loop:
-            limiter = self._limiter = AsyncLimiter(self.n, self.per)
-            self._apply()
-        await limiter.acquire()
+        self._follow(loop)
+        while True:
+            while (wait := self.paused_until - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            if self._limiter is None:
+                return
+            await self._limiter.acquire()
+            if self.paused_until <= loop.time():
+                return
+            # A pause began while this start waited for the rate: it waits the pause out too.
 
     def limited(self, now: float, retry_after: float | None) -> None:
         """Record a "slow down" at loop time ``now``: cut the rate, pause for ``retry_after``."""
-        if retry_after is not None and retry_after > 0:
-            self.paused_until = max(self.paused_until, now + retry_after)
-        if self.n == math.inf or now - self._last_cut < self.interval:
-            return
-        self.current = max(self.floor, self.current / 2)
-        self._last_cut = self._last_step = now
-        self._apply()
+        self._follow(None)
+        if now - self._last_cut >= self.interval and self.n != math.inf:
+            self.current = max(self.floor, self.current / 2)
+            self._last_cut = self._last_step = now
+            self._apply()
+        if retry_after is not None and retry_after > 0 and now + retry_after > self.paused_until:
+            self.paused_until = now + retry_after
+            self._hold()
 
     def succeeded(self, now: float) -> None:
         """Record a success at loop time ``now``: climb one step if an interval has passed."""
+        self._follow(None)
         if self.current >= self.n or now - self._last_step < self.interval:
             return
         self.current = min(self.n, self.current + self.step)
         self._last_step = now
         self._apply()
 
+    def _follow(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Bind to the running loop; times kept from another loop's clock mean nothing here."""
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # called outside any loop (a unit test): keep only the numbers
+                self._loop = self._limiter = None
+                return
+        if loop is self._loop:
+            return
+        self._loop = loop
+        self.paused_until = 0.0
+        self._last_cut = self._last_step = -math.inf
+        self._limiter = None
+        if self.n != math.inf:
+            self._limiter = AsyncLimiter(self.n, self.per)
+            self._apply()
+
     def _apply(self) -> None:
-        # aiolimiter drains its bucket at _rate_per_sec; keep its burst (max_rate) at n.
+        # aiolimiter drains its bucket at _rate_per_sec and allows a burst of max_rate: both
+        # follow the current rate (a burst of at least one start). The room left in the bucket
+        # is kept, so a change of rate never opens a burst by itself.
         limiter = self._limiter
         if limiter is not None:
-            limiter.time_period = self.per * self.n / self.current
+            burst = max(1.0, self.current)
+            limiter._leak()
+            limiter._level = max(0.0, limiter._level + burst - limiter.max_rate)
+            limiter.max_rate = burst
+            limiter.time_period = self.per * burst / self.current
             limiter._rate_per_sec = self.current / self.per
+
+    def _hold(self) -> None:
+        # Fill the bucket so that it drains to "one start allowed" exactly when the pause
+        # ends: starts then resume at the current rate instead of in a burst.
+        limiter = self._limiter
+        if limiter is not None:
+            limiter._leak()
+            ahead = (self.paused_until - limiter._last_check) * limiter._rate_per_sec
+            limiter._level = max(limiter._level, limiter.max_rate - 1 + ahead)
 
 
 @dataclass(frozen=True, slots=True)
