@@ -1,0 +1,55 @@
+"""The benchmark scripts still run (tiny N): a smoke test, never a timed assertion."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_engine_bench_moves_every_job_and_prints_a_row_per_size(tmp_path: Path) -> None:
+    out = _run("engine.py", "--n", "200,300", "--runs", "1", "--dir", str(tmp_path))
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "jobs" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["200", "300"]
+    assert "jorb/floor" in out
+
+
+def test_engine_bench_json_counts_three_transitions_per_job(tmp_path: Path) -> None:
+    out = _run("engine.py", "--n", "100", "--runs", "1", "--dir", str(tmp_path), "--json")
+    (result,) = json.loads(out.splitlines()[-1])
+    assert result["transitions"] == 300
+    assert result["durable_s"] > 0 and result["floor_s"] > 0
+
+
+def test_reopen_bench_replays_a_real_crash_journal(tmp_path: Path) -> None:
+    out = _run(
+        "reopen.py",
+        "--n",
+        "1000",
+        "--journal",
+        "200",
+        "--runs",
+        "1",
+        "--dir",
+        str(tmp_path),
+        "--json",
+    )
+    result = json.loads(out.splitlines()[-1])
+    assert result["clean"]["jobs"] == result["crashed"]["jobs"] == 1000
+    assert result["journal_records"] >= 200  # the SIGKILLed process left them unfolded
+    assert result["crashed"]["seconds"] > 0
