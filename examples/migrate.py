@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import sys
 import threading
 import time
@@ -273,19 +274,26 @@ def main(argv: list[str] | None = None) -> None:
     for state in states:
         if counts.get(state.name):
             print(f"  {state.name:<13} {counts[state.name]:>5}")
-    shown = _shown(run.path)
-    print(f"inspect it:  jorb status {shown}")
+    shown, jorb_cli = _shown(run.path), _jorb_command()
+    print(f"inspect it:  {jorb_cli} status {shown}   (and: {jorb_cli} show {shown} JOB_ID)")
     if counts.get("push_failed"):
         print(f'redrive:     replace "state": "push_failed" with "state": "push" in {shown}, rerun')
     if args.dry_run:
         print("dry run:     jobs wait in push; rerun without --dry-run to push them")
 
 
+def _jorb_command() -> str:
+    """How to call the ``jorb`` command line from here: on the PATH, or beside this Python."""
+    if shutil.which("jorb"):
+        return "jorb"
+    return _shown(Path(sys.executable).parent / "jorb")
+
+
 def _shown(path: Path | None) -> str:
     """The run path relative to the current directory when it is below it."""
     assert path is not None
     try:
-        return str(path.resolve().relative_to(Path.cwd()))
+        return str(path.absolute().relative_to(Path.cwd()))
     except ValueError:
         return str(path)
 

@@ -224,3 +224,24 @@ def test_api_batch_converges_below_the_hidden_quota(tmp_path: Path) -> None:
     assert late_rate <= 100 * 1.05, f"{late_rate:.1f} req/s in the second half, quota 100"
     ok_rate = statuses.count(200) / (arrivals[-1] - arrivals[0])
     assert ok_rate >= 60, f"only {ok_rate:.1f} successful req/s against a quota of 100"
+
+
+# -- README.md ----------------------------------------------------------------------------------
+
+
+def test_the_readmes_complete_script_runs_and_resumes(tmp_path: Path) -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("```python\n# hello.py\n") + len("```python\n")
+    script = tmp_path / "hello.py"
+    script.write_text(readme[start : readme.index("```", start)])
+    for _ in range(2):  # the second run reopens runs/hello.json and finds it finished
+        result = subprocess.run(
+            [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "{'done': 7, 'lost': 1}"
+    run = jorb.Run.load(tmp_path / "runs" / "hello.json")
+    assert_complete(run)
+    (lost,) = [job for job in run.jobs.values() if job.state == "lost"]
+    assert [e["message"] for e in lost.errors["store"]] == ["disk quota exceeded"] * 3
+    assert run.jobs[lost.parent or ""].ctx["url"] == "https://b.example"
