@@ -254,14 +254,14 @@ async def _noop(app: Any, overall: Ctx, ctx: Ctx) -> Any:
 def test_a_timeout_must_be_a_positive_number(timeout: Any) -> None:
     states = [jorb.State("call", exec=_noop, timeout=timeout), DONE]
 
-    with pytest.raises(jorb.StateError, match="'call'.*timeout"):
+    with pytest.raises(jorb.StateError, match=r"'call'.*timeout"):
         jorb.Processor(None, states, progress=False)
 
 
 def test_a_terminal_state_cannot_have_a_timeout() -> None:
     states = [jorb.State("call", exec=_noop), jorb.State("done", terminal=True, timeout=5)]
 
-    with pytest.raises(jorb.StateError, match="'done'.*timeout"):
+    with pytest.raises(jorb.StateError, match=r"'done'.*timeout"):
         jorb.Processor(None, states, progress=False)
 
 
