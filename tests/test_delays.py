@@ -421,3 +421,20 @@ def test_priorities_sort_within_each_state_not_across(make_run: MakeRun) -> None
     # Each state has its own slot: b's priority 100 does not hold back state a.
     assert starts["a-high"] == starts["b-high"] == pytest.approx(0.0)
     assert starts["a-low"] == pytest.approx(1.0)
+
+
+def test_a_higher_priority_job_overtakes_jobs_waiting_for_the_rate(make_run: MakeRun) -> None:
+    # BUG (jorb/processor.py, _work): a worker pops the best job *then* waits for the Rate, so
+    # with concurrency 4 three low-priority jobs are already taken while they wait for tokens,
+    # and a high-priority job that becomes ready meanwhile starts behind all of them.
+    run = make_run([{"name": f"low{i}"} for i in range(6)])
+    run.add_job({"name": "vip"}, delay=0.5, priority=9)
+    app = App()
+    states = [jorb.State("new", exec=_record, concurrency=4, rate=jorb.Rate(1, per=1.0)), DONE]
+
+    app.exec(states, run)
+
+    # One start per second: low0 at 0; vip is due at 0.5 and must take the next token, at 1.
+    starts = {name: t for t, name in app.starts}
+    assert app.order()[:2] == ["low0", "vip"], app.starts
+    assert starts["vip"] == pytest.approx(1.0)

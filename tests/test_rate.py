@@ -447,3 +447,42 @@ def test_the_current_rate_is_in_the_statistics(make_run: MakeRun) -> None:
     assert rows["call"].rate == 2.5
     assert rows["plain"].rate is None  # no Rate, no number
     assert rows["done"].rate is None
+
+
+def test_a_job_waiting_for_the_rate_can_be_redriven_without_running(make_run: MakeRun) -> None:
+    # BUG (jorb/processor.py, _work): the worker pops j2 and then waits 10 s for the Rate; j2
+    # is then neither queued (so _detach cannot take it back) nor running (so the redrive is
+    # not refused): the redrive moves it, and the worker still runs "slow"'s exec on it.
+    ran: list[str] = []
+
+    class App:
+        processor: jorb.Processor
+
+    app = App()
+
+    async def slow(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        ran.append(ctx["name"])
+        if ctx["name"] == "j1":
+            app.processor.redrive("slow", "parked", ["2"])
+            await asyncio.sleep(1)
+        return ctx, "done"
+
+    async def long(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(30)  # keeps the run going past j2's token at t=10
+        return ctx, "done"
+
+    states = [
+        jorb.State("slow", exec=slow, concurrency=2, rate=jorb.Rate(1, per=10.0)),
+        jorb.State("long", exec=long),
+        jorb.State("parked", terminal=True),
+        DONE,
+    ]
+    app.processor = jorb.Processor(app, states, progress=False)
+    run = make_run([{"name": "j1"}, {"name": "j2"}], state="slow")
+    run.add_job({"name": "keeps-going"}, state="long")
+
+    jorb.testing.run(app.processor.aexec(run))
+
+    history = [(h["from"], h["to"]) for h in run.jobs["2"].history]
+    assert ran == ["j1"], f"execs ran for {ran}; j2's history: {history}"
+    assert run.jobs["2"].state == "parked"
