@@ -36,12 +36,13 @@ class LocalExecutor:
     A timed-out ``def`` exec cannot be killed: its thread runs on and its result is ignored.
     """
 
-    __slots__ = ("_async", "_pool")
+    __slots__ = ("_async", "_pool", "_pools")
 
     def __init__(self, states: Iterable[State]) -> None:
         states = [s for s in states if s.exec is not None]
         self._async = {s.name for s in states if s.is_async}
         threads = sum(s.concurrency for s in states if s.name not in self._async)
+        self._pools = 1
         self._pool = ThreadPoolExecutor(threads, "jorb-exec") if threads else None
 
     def __repr__(self) -> str:
@@ -69,7 +70,19 @@ class LocalExecutor:
         except TimeoutError:
             if not future.cancelled():
                 raise  # the exec's own TimeoutError, not ours
+            self._abandon()
             raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
+
+    def _abandon(self) -> None:
+        """A thread is stuck in an abandoned exec: give new calls a fresh pool of threads.
+
+        The old pool's threads finish what they run (their results are ignored) and exit.
+        """
+        old = self._pool
+        assert old is not None
+        self._pools += 1
+        self._pool = ThreadPoolExecutor(old._max_workers, f"jorb-exec-{self._pools}")
+        old.shutdown(wait=False)
 
     def close(self) -> None:
         if self._pool is not None:

@@ -48,6 +48,7 @@ class _Lane:
 
     __slots__ = (
         "awaiting",
+        "claims",
         "delayed",
         "done",
         "errors",
@@ -69,6 +70,7 @@ class _Lane:
         self.ready: list[tuple[int, int, Job]] = []  # (-priority, order, job): a heap
         self.idle: list[asyncio.Future[None]] = []  # parked workers
         self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
+        self.claims = 0  # workers waiting for the Rate, each about to take a ready job
         self.done = self.errors = self.failed = 0
 
     def __repr__(self) -> str:
@@ -443,22 +445,23 @@ class Processor:
         rate = lane.rate
         try:
             while not self._stopping:
-                if not lane.ready or lane.paused:
+                # Park unless a ready job is left that no worker waiting for the Rate will take.
+                if len(lane.ready) <= lane.claims or lane.paused:
                     parked: asyncio.Future[None] = loop.create_future()
                     lane.idle.append(parked)
                     await parked
                     continue
-                entry = heapq.heappop(lane.ready)
                 if rate.paused_until or rate.n != math.inf:
+                    # Wait for the Rate *before* taking a job, so the job taken is the best one
+                    # when the start is allowed, and a queued job can still be redriven.
+                    lane.claims += 1
                     try:
                         await rate.acquire()
-                    except asyncio.CancelledError:
-                        heapq.heappush(lane.ready, entry)
-                        raise
-                    if self._stopping or lane.paused:
-                        heapq.heappush(lane.ready, entry)
-                        continue
-                await self._attempt(lane, entry[2], task)
+                    finally:
+                        lane.claims -= 1
+                    if self._stopping or lane.paused or not lane.ready:
+                        continue  # the start allowed goes unused: rare, and never exceeds the Rate
+                await self._attempt(lane, heapq.heappop(lane.ready)[2], task)
         finally:
             lane.workers -= 1
 
