@@ -424,9 +424,8 @@ def test_priorities_sort_within_each_state_not_across(make_run: MakeRun) -> None
 
 
 def test_a_higher_priority_job_overtakes_jobs_waiting_for_the_rate(make_run: MakeRun) -> None:
-    # BUG (jorb/processor.py, _work): a worker pops the best job *then* waits for the Rate, so
-    # with concurrency 4 three low-priority jobs are already taken while they wait for tokens,
-    # and a high-priority job that becomes ready meanwhile starts behind all of them.
+    # Four workers wait for one token per second. (Once a bug: each took its low-priority job
+    # before waiting, so a high-priority job ready meanwhile started behind all of them.)
     run = make_run([{"name": f"low{i}"} for i in range(6)])
     run.add_job({"name": "vip"}, delay=0.5, priority=9)
     app = App()

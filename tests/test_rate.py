@@ -450,9 +450,9 @@ def test_the_current_rate_is_in_the_statistics(make_run: MakeRun) -> None:
 
 
 def test_a_job_waiting_for_the_rate_can_be_redriven_without_running(make_run: MakeRun) -> None:
-    # BUG (jorb/processor.py, _work): the worker pops j2 and then waits 10 s for the Rate; j2
-    # is then neither queued (so _detach cannot take it back) nor running (so the redrive is
-    # not refused): the redrive moves it, and the worker still runs "slow"'s exec on it.
+    # j2 waits 10 s for the Rate while j1 redrives it. (Once a bug: a worker took j2 before
+    # waiting for the Rate, so the redrive moved it and the worker then ran "slow"'s exec on
+    # it anyway, taking it out of the terminal state it had been redriven to.)
     ran: list[str] = []
 
     class App:

@@ -216,9 +216,8 @@ def test_a_sync_exec_is_abandoned_and_its_late_result_ignored(make_run: MakeRun)
 
 def test_a_hung_sync_exec_does_not_starve_its_state(make_run: MakeRun) -> None:
     # concurrency=1: the retry of a hung (abandoned) attempt must still get a thread to run on.
-    # BUG (jorb/executor.py): the thread pool has exactly `concurrency` threads and the
-    # abandoned one still holds its thread, so the retry waits in the pool's queue behind it,
-    # "times out" there without ever running, and the job ends in `failed`.
+    # (Once a bug: with a pool of exactly `concurrency` threads, the retry queued behind the
+    # abandoned thread, "timed out" there without ever running, and the job ended in failed.)
     gate = threading.Event()
     calls: list[int] = []
 
