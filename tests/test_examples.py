@@ -245,3 +245,24 @@ def test_the_readmes_complete_script_runs_and_resumes(tmp_path: Path) -> None:
     (lost,) = [job for job in run.jobs.values() if job.state == "lost"]
     assert [e["message"] for e in lost.errors["store"]] == ["disk quota exceeded"] * 3
     assert run.jobs[lost.parent or ""].ctx["url"] == "https://b.example"
+
+
+def test_a_failed_attempt_leaves_the_jobs_ctx_as_it_was(tmp_path: Path) -> None:
+    # jorb bug (processor: the exec gets `dict(job.ctx)`, a shallow copy): a nested value changed
+    # in place by an attempt that then fails leaks into the next attempt, in this process only;
+    # after a restart the attempt sees the ctx on disk. Memory and disk disagree.
+    seen: list[list[str]] = []
+
+    def step(app: object, overall: dict[str, object], ctx: dict[str, list[str]]) -> object:
+        seen.append(list(ctx["tags"]))
+        ctx["tags"].append("x")
+        if len(seen) < 3:
+            raise RuntimeError("flaky")
+        return ctx, "done"
+
+    run = jorb.Run.open(tmp_path / "s.json")
+    run.add_job({"tags": []})
+    states = [jorb.State("new", exec=step, retries=3, backoff=0), jorb.State("done", terminal=True)]
+    jorb.Processor(None, states, progress=False).exec(run)
+    assert seen == [[], [], []]
+    assert jorb.Run.load(tmp_path / "s.json").jobs["1"].ctx == {"tags": ["x"]}
