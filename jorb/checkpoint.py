@@ -11,11 +11,21 @@ On disk a run is three files side by side:
   snapshot edited after a crash is detected instead of silently losing either side. When the
   journal outgrows the snapshot it is compacted into a new snapshot; on a clean exit it is folded
   in and removed. A torn last line (a crash mid-write) is ignored on load.
-- ``x.json.lock``: held with ``flock`` by the process that has the run open; the OS releases it
-  when that process dies, so a crash never leaves a stale lock.
+- ``x.json.lock``: held with ``flock`` by the process that has the run open (its pid is written
+  inside, for the error another process shows); the OS releases it when that process dies, so a
+  crash never leaves a stale lock.
 
-The cost of a checkpoint is one short append per transition, whatever the run's size; the
-snapshot rewrite is amortized over at least as many bytes of journal as the snapshot holds.
+Why a journal and not a rewrite per transition: rewriting the run costs O(jobs) per transition,
+O(jobs²) over a run. Here a transition costs one short append whatever the run's size, and a
+snapshot is rewritten only after at least as many journal bytes as it holds, so its cost per
+transition is bounded by the journal's (about twice the bytes of the records, amortized).
+
+Order of writes, which is what makes every crash point safe: a compaction writes the new
+snapshot (rename) before it resets the journal, and records in a journal only ever have a seq
+at or below that of any snapshot written after them. So the journal is read *before* the run
+file: the file read second is the snapshot that journal continues, or a newer one holding all
+its records (``seq`` tells which records to skip). A crash between the rename and the reset
+leaves a new snapshot and an old journal whose records it already holds: not a conflict.
 """
 
 from __future__ import annotations
@@ -25,6 +35,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
+import threading
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,12 +54,29 @@ from .errors import (
 )
 from .model import Run, apply_record
 
-__all__ = ["Store", "encode_run", "open_run", "read_run", "save_run"]
+__all__ = [
+    "Store",
+    "atomic_write",
+    "decode_run",
+    "encode_run",
+    "is_locked",
+    "journal_path",
+    "lock_path",
+    "open_run",
+    "read_journal",
+    "read_run",
+    "save_run",
+]
 
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
-#: Compact when the journal holds more than this many bytes *and* more than the snapshot.
+JOURNAL_VERSION = 1
+#: Compact when the journal holds more than this many bytes *and* more than
+#: ``COMPACT_RATIO`` times the snapshot's size.
 MIN_COMPACT_BYTES = 4 << 20
+COMPACT_RATIO = 1.0
+#: How long to keep retrying the lock while only a momentary ``is_locked`` probe blocks it.
+LOCK_PATIENCE = 0.05
 
 
 def journal_path(path: Path) -> Path:
@@ -72,10 +102,26 @@ def decode_run(data: bytes, path: Path) -> Run:
     try:
         doc = orjson.loads(data)
     except orjson.JSONDecodeError as e:
-        raise CorruptRunError(
-            f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+        raise CorruptRunError(f"{path}: {_json_problem(data, e)}") from None
     return Run.from_document(doc, path)
+
+
+def _json_problem(data: bytes, error: orjson.JSONDecodeError) -> str:
+    """Where and what, for bytes orjson refused (it places UTF-8 errors at 1:1, so look)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = _position(data, e.start)
+        return f"not UTF-8 text at line {line}, column {column} (byte offset {e.start})"
+    where = f"not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+    if error.pos >= len(data.rstrip()):
+        return f"{where} (the file ends early: truncated?)"
+    return where
+
+
+def _position(data: bytes, offset: int) -> tuple[int, int]:
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return data.count(b"\n", 0, offset) + 1, offset - line_start + 1
 
 
 # -- atomic writes -----------------------------------------------------------------------------
@@ -90,6 +136,7 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 def fsync_dir(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` survive a power loss."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,12 +144,16 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
     """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
 
-    On any error the temp file is removed and ``path`` is untouched.
+    On any error before the rename the temp file is removed and ``path`` is untouched.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
@@ -124,100 +175,150 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
 
 
 def _journal_header(snapshot: bytes, seq: int) -> bytes:
-    header = {"journal": 1, "seq": seq, "length": len(snapshot), "crc": zlib.crc32(snapshot)}
+    header = {
+        "journal": JOURNAL_VERSION,
+        "seq": seq,
+        "length": len(snapshot),
+        "crc": zlib.crc32(snapshot),
+    }
     return orjson.dumps(header) + b"\n"
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
-    """Header, whole records and the byte length they span; a torn last line is dropped."""
+    """Header, whole records and the byte length they span (no journal: ``None, [], 0``).
+
+    Only the end of a journal can be torn (a crash mid-append): an unterminated last line, or
+    a last line that does not parse, is dropped. Anything wrong before that is corruption.
+    """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None, [], 0
+    except OSError as e:
+        raise RunFileError(f"{path}: cannot read the journal ({e.strerror})") from None
+    return parse_journal(data, path)
+
+
+def parse_journal(
+    data: bytes, path: Path
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
+    """:func:`read_journal` on bytes already read."""
     lines = data.split(b"\n")
-    # A complete record ends with "\n", so the last element is b"" unless the tail is torn.
-    good = len(data) - len(lines[-1])
-    lines.pop()
-    records: list[dict[str, Any]] = []
+    tail = lines.pop()  # b"" when the journal ends with a whole record
+    good = len(data) - len(tail)
     header: dict[str, Any] | None = None
+    records: list[dict[str, Any]] = []
     for number, line in enumerate(lines, 1):
         try:
             value = orjson.loads(line)
         except orjson.JSONDecodeError:
-            if number == len(lines):  # the last record was cut mid-write: ignore it
+            if number == len(lines) and not tail:  # the last write was cut: not written
                 good -= len(line) + 1
                 break
-            raise CorruptRunError(f"{path}: line {number} is not a valid journal record") from None
+            raise CorruptRunError(
+                f"{path}: line {number} is not valid JSON, and more follows it, so this is not "
+                f"a torn last write. {_MOVE_ASIDE}"
+            ) from None
         if header is None:
-            if not isinstance(value, dict) or value.get("journal") != 1:
-                raise CorruptRunError(f"{path}: line 1 is not a jorb journal header")
-            header = value
-        else:
-            records.append(value)
+            header = _check_header(value, path)
+            continue
+        seq = value.get("seq") if isinstance(value, dict) else None
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            raise CorruptRunError(
+                f'{path}: line {number} is not a journal record (no "seq"). {_MOVE_ASIDE}'
+            )
+        if records and seq <= records[-1]["seq"]:
+            raise CorruptRunError(
+                f"{path}: line {number} has seq {seq}, not after {records[-1]['seq']}. "
+                f"{_MOVE_ASIDE}"
+            )
+        records.append(value)
     return header, records, good
 
 
-def _replay(run: Run, path: Path, snapshot: bytes) -> None:
+_MOVE_ASIDE = (
+    "To load the run file as of its last compaction, move the journal aside (the transitions "
+    "only it holds will run again)."
+)
+
+
+def _check_header(value: Any, path: Path) -> dict[str, Any]:
+    if not isinstance(value, dict) or "journal" not in value:
+        raise CorruptRunError(f"{path}: line 1 is not a jorb journal header. {_MOVE_ASIDE}")
+    if value["journal"] != JOURNAL_VERSION:
+        raise CorruptRunError(
+            f"{path}: journal version {value['journal']!r}; this jorb reads version "
+            f"{JOURNAL_VERSION} (was the run executed by a newer jorb?)"
+        )
+    for key in ("seq", "length", "crc"):
+        if not isinstance(value.get(key), int):
+            raise CorruptRunError(
+                f'{path}: the journal header has no integer "{key}". {_MOVE_ASIDE}'
+            )
+    return value
+
+
+def _replay(
+    run: Run,
+    path: Path,
+    snapshot: bytes,
+    header: dict[str, Any] | None,
+    records: list[dict[str, Any]],
+) -> None:
+    """Apply the journal's records that the snapshot does not hold yet."""
     jpath = journal_path(path)
-    header, records, _ = read_journal(jpath)
-    pending = [r for r in records if r.get("seq", 0) > run.seq]
+    pending = [r for r in records if r["seq"] > run.seq]
     if header is None or not pending:
         return  # no journal, or one whose every record is already folded into the snapshot
     if (
-        header.get("seq") != run.seq
-        or header.get("length") != len(snapshot)
-        or header.get("crc") != zlib.crc32(snapshot)
+        header["seq"] != run.seq
+        or header["length"] != len(snapshot)
+        or header["crc"] != zlib.crc32(snapshot)
     ):
         raise JournalConflictError(
             f"{path} was changed after its last process stopped uncleanly, but {jpath} still "
             f"holds {len(pending)} transition(s) not saved in it; jorb will not guess which side "
-            f"to keep. To keep the journal's work: restore {path} as it was, run once (that "
-            f"folds the journal in), then make your edit again. To keep your edit and let the "
-            f"journal's jobs run again: delete {jpath}."
+            f"to keep, and has changed neither file. To keep the journal's work: restore {path} "
+            f"as it was, run once (that folds the journal in), then make your edit again. To "
+            f"keep your edit and let the journal's jobs run again: delete {jpath}."
         )
-    for record in pending:
+    for expected, record in enumerate(pending, run.seq + 1):
+        if record["seq"] != expected:
+            raise CorruptRunError(
+                f"{jpath}: record seq {record['seq']} follows seq {expected - 1}: records are "
+                f"missing. {_MOVE_ASIDE}"
+            )
         try:
             apply_record(run, record)
-        except (KeyError, TypeError, AttributeError) as e:
+        except (KeyError, TypeError, AttributeError, ValueError, RunFileError) as e:
             raise CorruptRunError(
-                f"{jpath}: record seq {record.get('seq')} does not fit the run file ({e!r})"
+                f"{jpath}: record seq {record['seq']} does not fit the run file ({e}). "
+                f"{_MOVE_ASIDE}"
             ) from None
 
 
-def read_run(path: Path) -> Run:
-    """Load ``path`` and replay its journal; raises a RunFileError saying what is wrong."""
-    for attempt in range(3):
-        try:
-            snapshot = path.read_bytes()
-        except FileNotFoundError:
-            raise RunFileError(f"{path}: no such run file") from None
-        except IsADirectoryError:
-            raise RunFileError(f"{path}: is a directory, not a run file") from None
-        run = decode_run(snapshot, path)
-        try:
-            _replay(run, path, snapshot)
-        except JournalConflictError:
-            # A live process may have compacted between our two reads: look again.
-            if attempt < 2 and is_locked(path):
-                continue
-            raise
-        return run
-    raise AssertionError("unreachable")
-
-
-def is_locked(path: Path) -> bool:
-    """Whether some process holds the run's lock right now."""
+def _read_snapshot(path: Path) -> bytes:
     try:
-        fd = os.open(lock_path(path), os.O_RDONLY)
+        return path.read_bytes()
     except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+        raise RunFileError(f"{path}: no such run file") from None
+    except IsADirectoryError:
+        raise RunFileError(f"{path}: is a directory, not a run file") from None
+    except OSError as e:
+        raise RunFileError(f"{path}: cannot read the run file ({e.strerror})") from None
+
+
+def read_run(path: Path) -> Run:
+    """Load ``path`` and replay its journal; raises a RunFileError saying what is wrong.
+
+    Safe while another process executes the run: the journal is read first (see the module
+    docstring), so a compaction racing with this read is never mistaken for a conflict.
+    """
+    header, records, _ = read_journal(journal_path(path))
+    snapshot = _read_snapshot(path)
+    run = decode_run(snapshot, path)
+    _replay(run, path, snapshot, header, records)
+    return run
 
 
 def open_run(path: Path, overall: dict[str, Any] | None) -> Run:
@@ -254,16 +355,98 @@ def save_run(run: Run) -> None:
     store.compact(run, finish=True)
 
 
+# -- the lock ----------------------------------------------------------------------------------
+
+
+def is_locked(path: Path) -> bool:
+    """Whether some process holds the run's lock right now."""
+    try:
+        fd = os.open(lock_path(path), os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def _take_lock(path: Path) -> int:
+    """Open the lock file and hold it exclusively; the descriptor is the lock."""
+    lpath = lock_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lpath, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise RunFileError(f"{path}: cannot create its lock file {lpath} ({e.strerror})") from None
+    deadline = time.monotonic() + LOCK_PATIENCE
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            # An ``is_locked`` probe (a command checking for a live process) holds the lock
+            # shared for a moment: it is free if we can share it too. Only a real holder,
+            # with its exclusive lock, makes us give up at once.
+            if _shareable(fd) and time.monotonic() < deadline:
+                time.sleep(0.001)
+                continue
+            holder = _holder(fd)
+            os.close(fd)
+            raise RunLockedError(_locked_message(path, lpath, holder)) from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _shareable(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _locked_message(path: Path, lpath: Path, holder: int | None) -> str:
+    if holder == os.getpid():
+        return (
+            f"{path} is already open in this process (another Run.open of it has not been "
+            f"closed); use that Run, or call its close() first"
+        )
+    who = f"process {holder}" if holder else "another process"
+    return (
+        f"{path} is in use by {who} (it holds {lpath}); wait for it to finish or stop it. "
+        f"The lock is released the moment that process exits, even if it is killed."
+    )
+
+
 # -- the writer --------------------------------------------------------------------------------
 
 
 class Store:
     """A run's files, held open by one process: the lock, the journal and compaction.
 
-    ``begin(run)`` folds the run into a fresh snapshot and opens the journal; ``append(record)``
-    returns a future that resolves once the record is on disk (group commit); ``finish()``
-    folds the journal in and removes it. Any write failure leaves the last good checkpoint
-    intact and fails the pending futures with :class:`CheckpointError`.
+    ``store = Store(path)`` takes the lock (``RunLockedError`` if another holder has it);
+    ``begin(run)`` folds the run into a fresh snapshot and opens the journal;
+    ``await store.append(record)`` returns once the record is on disk (group commit);
+    ``finish()`` folds the journal in and removes it; ``close()`` releases the lock.
+
+    The caller applies a record to the run *before* appending it (so a snapshot taken later
+    holds it). Any write failure leaves the last good checkpoint intact, fails the pending
+    appends and every later one with :class:`CheckpointError`, and writes nothing more until
+    the next ``begin``.
     """
 
     def __init__(self, path: Path, *, durable: bool = True) -> None:
@@ -275,27 +458,38 @@ class Store:
         self.executing = False
         #: The first write failure, after which every append fails.
         self.failure: CheckpointError | None = None
-        #: Totals, for benchmarks and status: bytes written, fsyncs, snapshots.
-        self.stats = {"journal_bytes": 0, "fsyncs": 0, "snapshots": 0, "records": 0}
+        #: Totals, for benchmarks and status: bytes written, fsyncs, snapshots, records.
+        self.stats = {
+            "journal_bytes": 0,
+            "snapshot_bytes": 0,
+            "fsyncs": 0,
+            "snapshots": 0,
+            "records": 0,
+            "batches": 0,
+        }
         self._run: Run | None = None
-        self._fd = -1
+        self._fd = -1  # the journal, open for appending
         self._size = 0  # bytes in the journal file
         self._snapshot_len = 0
+        self._snapshot_seq = -1  # seq of the newest snapshot on disk
+        self._requested = 0  # snapshots encoded so far (each is numbered in encode order)
+        self._written = 0  # number of the newest snapshot on disk
+        self._upto = 0  # the run's seq at the last append
         self._pending: list[bytes] = []
         self._batch: asyncio.Future[None] | None = None
         self._flushing = False
-        self._io: ThreadPoolExecutor | None = None
         self._flusher: asyncio.Task[None] | None = None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            raise RunLockedError(
-                f"{path} is held by another process (lock {lock_path(path)}); wait for it to "
-                f"finish or stop it — the lock is released the moment it exits"
-            ) from None
+        self._io: ThreadPoolExecutor | None = None
+        # Journal and snapshot writes happen on the writer thread, or on the caller's thread
+        # for begin/finish/compact; this keeps them from interleaving.
+        self._files = threading.Lock()
+        self._lock_fd = _take_lock(path)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Store {self.path} journal={self._size}B snapshot={self._snapshot_len}B "
+            f"pending={len(self._pending)} executing={self.executing} failure={self.failure}>"
+        )
 
     def __enter__(self) -> Store:
         return self
@@ -304,66 +498,114 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Close the journal and release the lock."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Close the journal and release the lock (after any write in progress)."""
         if self._io is not None:
             self._io.shutdown(wait=True)
             self._io = None
+        with self._files:
+            self._close_journal()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = -1
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def compact(self, run: Run, *, finish: bool = False) -> None:
-        """Fold everything in memory into a new snapshot; start a fresh journal (or none)."""
-        self._write_snapshot(encode_run(run), run.seq, finish)
-
-    def _write_snapshot(self, snapshot: bytes, seq: int, finish: bool) -> None:
-        atomic_write(self.path, snapshot, durable=self.durable)
-        self.stats["snapshots"] += 1
-        self._snapshot_len = len(snapshot)
-        # The old journal's records are all <= seq now, so a crash from here on is harmless.
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if finish:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.journal)
-                if self.durable:
-                    fsync_dir(self.path.parent)
-            return
-        header = _journal_header(snapshot, seq)
-        atomic_write(self.journal, header, durable=self.durable)
-        self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
-        self._size = len(header)
-
     def begin(self, run: Run) -> None:
         """Start executing ``run``: a fresh snapshot (with any added jobs) and journal."""
         self._run = run
-        self.executing = True
         self.failure = None
+        self._pending, self._batch = [], None
         self._io = self._io or ThreadPoolExecutor(1, thread_name_prefix="jorb-journal")
+        self._remove_stale_temps()
         self.compact(run)
+        self.executing = True
 
     def finish(self) -> None:
-        """Stop executing: fold the journal into the snapshot and remove it."""
+        """Stop executing: fold the journal into the snapshot and remove it.
+
+        After a write failure nothing more is written: the snapshot and journal on disk are the
+        last good checkpoint, which the next open replays.
+        """
         self.executing = False
-        if self._run is not None and self.failure is None:
-            self.compact(self._run, finish=True)
+        run, self._run = self._run, None
+        if run is not None and self.failure is None:
+            self.compact(run, finish=True)
+        else:
+            with self._files:
+                self._close_journal()
+
+    def compact(self, run: Run, *, finish: bool = False) -> None:
+        """Fold ``run`` into a new snapshot; start a fresh journal (or, with ``finish``, none)."""
+        self._requested += 1
+        number = self._requested
+        try:
+            snapshot = self._encode(run)
+            self._write_snapshot(snapshot, run.seq, number, finish)
+        except (OSError, CheckpointError) as e:
+            raise self._fail(e)  # noqa: B904 (the cause is set on the CheckpointError)
+
+    def _encode(self, run: Run) -> bytes:
+        try:
+            return encode_run(run)
+        except TypeError as e:  # orjson: something in overall or a ctx is not JSON
+            raise CheckpointError(
+                f"{self.path}: the run cannot be written as JSON ({e}); overall and every "
+                f"job's ctx must hold only JSON values"
+            ) from None
+
+    def _write_snapshot(self, snapshot: bytes, seq: int, number: int, finish: bool) -> None:
+        with self._files:
+            if number < self._written:
+                return  # a snapshot encoded later is already on disk
+            atomic_write(self.path, snapshot, durable=self.durable)
+            self._written, self._snapshot_seq = number, seq
+            self._snapshot_len = len(snapshot)
+            self.stats["snapshots"] += 1
+            self.stats["snapshot_bytes"] += len(snapshot)
+            # Every record in the old journal is <= seq now: a crash from here on is harmless.
+            self._close_journal()
+            if finish:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.journal)
+                    if self.durable:
+                        fsync_dir(self.path.parent)
+                return
+            header = _journal_header(snapshot, seq)
+            atomic_write(self.journal, header, durable=self.durable)
+            self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
+            self._size = len(header)
+            self.stats["journal_bytes"] += len(header)
+
+    def _close_journal(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files a crash left mid-write (we hold the lock, so none is live)."""
+        pattern = re.compile(
+            rf"\.{re.escape(self.path.name)}(?:{re.escape(JOURNAL_SUFFIX)})?\.\d+\.tmp"
+        )
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.path.parent):
+                if pattern.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
 
     # -- group commit ----------------------------------------------------------------------
 
     def append(self, record: bytes) -> asyncio.Future[None]:
         """Queue one record; the future resolves when it (and its batch) is on disk."""
         loop = asyncio.get_running_loop()
-        if self.failure is not None:
+        run = self._run
+        if self.failure is None and run is None:
+            self.failure = CheckpointError(f"{self.path}: append before begin() or after finish()")
+        if self.failure is not None or run is None:
             failed: asyncio.Future[None] = loop.create_future()
-            failed.set_exception(self.failure)
+            failed.set_exception(self.failure or CheckpointError("not begun"))
             return failed
         self._pending.append(record)
+        self._upto = run.seq  # the caller applied the record first: a later snapshot holds it
         batch = self._batch
         if batch is None:
             batch = self._batch = loop.create_future()
@@ -374,63 +616,93 @@ class Store:
 
     async def drain(self) -> None:
         """Wait until every appended record is on disk (or the writer failed)."""
-        while self._flushing and self._batch is not None:
-            with contextlib.suppress(CheckpointError):
-                await asyncio.shield(self._batch)
-        while self._flushing:
-            await asyncio.sleep(0)
+        while (flusher := self._flusher) is not None and not flusher.done():
+            await asyncio.wait({flusher})
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             while self._pending:
-                records, batch = self._pending, self._batch
+                records, batch, upto = self._pending, self._batch, self._upto
                 self._pending, self._batch = [], None
-                assert batch is not None and self._run is not None
+                run = self._run  # None once finish() folded everything in
+                assert batch is not None
                 try:
-                    if self._size > max(MIN_COMPACT_BYTES, self._snapshot_len):
-                        # Every record in this batch is already applied to the run in memory,
-                        # so the snapshot holds them: no need to write them to the journal.
-                        snapshot = encode_run(self._run)
+                    big = self._size > max(MIN_COMPACT_BYTES, COMPACT_RATIO * self._snapshot_len)
+                    if run is not None and big:
+                        # Every record in this batch is applied to the run in memory already,
+                        # so a snapshot of it holds them: no need to write them to the journal.
+                        self._requested += 1
+                        snapshot = self._encode(run)
                         await loop.run_in_executor(
-                            self._io, self._write_snapshot, snapshot, self._run.seq, False
+                            self._io,
+                            self._write_snapshot,
+                            snapshot,
+                            run.seq,
+                            self._requested,
+                            False,
                         )
                     else:
-                        await loop.run_in_executor(self._io, self._write, b"".join(records))
-                        self.stats["records"] += len(records)
-                except OSError as e:
+                        await loop.run_in_executor(self._io, self._write, records, upto)
+                except Exception as e:  # a write error, a bad encode, a closed writer thread
                     self._fail(e, batch)
                     return
+                except asyncio.CancelledError:
+                    # The loop is going down mid-write: whether this batch reached the disk is
+                    # unknown, so nothing more is written (finish() keeps the journal as is).
+                    self._fail(
+                        CheckpointError(f"{self.path}: the journal writer was cancelled"), batch
+                    )
+                    raise
+                self.stats["records"] += len(records)
+                self.stats["batches"] += 1
                 if not batch.done():
                     batch.set_result(None)
         finally:
             self._flushing = False
 
-    def _write(self, data: bytes) -> None:
-        start = self._size
-        try:
-            write_all(self._fd, data)
-            if self.durable:
-                os.fsync(self._fd)
-                self.stats["fsyncs"] += 1
-        except OSError:
-            # Cut the journal back to its last whole record so later loads see no garbage.
-            with contextlib.suppress(OSError):
-                os.ftruncate(self._fd, start)
-            raise
-        self._size += len(data)
-        self.stats["journal_bytes"] += len(data)
+    def _write(self, records: list[bytes], upto: int) -> None:
+        """Append one batch and fsync it (on the writer thread)."""
+        with self._files:
+            if self._snapshot_seq >= upto:
+                return  # a snapshot taken since holds every record of this batch
+            if self._fd < 0:
+                raise OSError(errno.EBADF, "the journal is not open")
+            data = b"".join(records)
+            start = self._size
+            try:
+                write_all(self._fd, data)
+                if self.durable:
+                    os.fsync(self._fd)
+                    self.stats["fsyncs"] += 1
+            except OSError:
+                # Cut the journal back to its last whole record so later loads see no garbage.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, start)
+                raise
+            self._size += len(data)
+            self.stats["journal_bytes"] += len(data)
 
-    def _fail(self, error: OSError, batch: asyncio.Future[None]) -> None:
-        reason = os.strerror(error.errno) if error.errno else str(error)
-        if error.errno == errno.ENOSPC:
-            reason = "the disk is full"
-        self.failure = CheckpointError(
-            f"{self.path}: could not write a checkpoint ({reason}); the last good checkpoint is "
-            f"intact and a rerun resumes from it"
-        )
-        self.failure.__cause__ = error
+    def _fail(
+        self, error: BaseException, batch: asyncio.Future[None] | None = None
+    ) -> CheckpointError:
+        """Record the first failure and fail every waiting append with it."""
+        if isinstance(error, CheckpointError):
+            failure = error
+        else:
+            reason = str(error)
+            if isinstance(error, OSError):
+                reason = os.strerror(error.errno) if error.errno else str(error)
+                if error.errno == errno.ENOSPC:
+                    reason = "the disk is full"
+            failure = CheckpointError(
+                f"{self.path}: could not write a checkpoint ({reason}); the last good checkpoint "
+                f"is intact and a rerun resumes from it"
+            )
+            failure.__cause__ = error
+        self.failure = self.failure or failure
         for future in (batch, self._batch):
             if future is not None and not future.done():
                 future.set_exception(self.failure)
         self._pending, self._batch = [], None
+        return self.failure
