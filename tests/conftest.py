@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict
@@ -20,6 +21,9 @@ DONE = jorb.State("done", terminal=True)
 #: How long a barrier may wait before the test is declared stuck (real seconds). A guard against
 #: hanging forever when the engine is broken, never a way to wait for something to happen.
 STUCK = 5.0
+
+#: Real seconds after which :func:`process` interrupts an exec that should long have finished.
+RUN_LIMIT = 60.0
 
 MakeRun = Callable[..., jorb.Run]
 
@@ -53,8 +57,36 @@ def make_run(tmp_path: Path) -> Iterator[MakeRun]:
 def process(
     states: Sequence[jorb.State], run: jorb.Run, app: Any = None, **options: Any
 ) -> jorb.Run:
-    """``Processor(app, states, progress=False, **options).exec(run)`` on a real event loop."""
-    return jorb.Processor(app, states, progress=False, **options).exec(run)
+    """``Processor(app, states, progress=False, **options).exec(run)`` on a real event loop.
+
+    A watchdog presses Ctrl-C if exec is still going after ``RUN_LIMIT`` real seconds, so an
+    engine that never finishes fails the test instead of hanging the suite.
+    """
+    processor = jorb.Processor(app, states, progress=False, **options)
+    if threading.current_thread() is not threading.main_thread():
+        return processor.exec(run)
+    lock = threading.Lock()
+    running, fired = [True], threading.Event()
+
+    def interrupt() -> None:
+        with lock:
+            if running[0]:
+                fired.set()
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    watchdog = threading.Timer(RUN_LIMIT, interrupt)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return processor.exec(run)
+    except SystemExit:
+        if fired.is_set():
+            raise AssertionError(f"exec was still running after {RUN_LIMIT:g}s") from None
+        raise
+    finally:
+        with lock:
+            running[0] = False
+        watchdog.cancel()
 
 
 def process_fake_clock(
@@ -78,12 +110,21 @@ def process_fake_clock(
         except asyncio.CancelledError:
             raise AssertionError(
                 f"the run on the virtual clock was still going after {STUCK:g} real seconds "
-                f"(virtual time {loop.time():g}s): the clock stopped moving"
+                f"(virtual time {loop.time():g}s): it never finished, or its clock stopped"
             ) from None
         finally:
             watchdog.cancel()
 
     return jorb.testing.run(guarded())
+
+
+def errors_of(run: jorb.Run) -> dict[str, list[str]]:
+    """Every recorded error message by job id: the explanation when a count comes out wrong."""
+    return {
+        job.id: [e["message"] for records in job.errors.values() for e in records]
+        for job in run.jobs.values()
+        if job.errors
+    }
 
 
 def job_dict(job: jorb.Job) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import DONE, InFlight, MakeRun, process, process_fake_clock
+from conftest import DONE, InFlight, MakeRun, errors_of, process, process_fake_clock
 
 import jorb
 
@@ -111,7 +111,7 @@ def test_async_concurrency_is_reached_and_never_exceeded(make_run: MakeRun) -> N
 
     process(states, run)
 
-    assert run.counts() == {"done": 12}
+    assert run.counts() == {"done": 12}, errors_of(run)
     assert counter.entered == 12
     assert counter.max == 3
 
@@ -130,7 +130,7 @@ def test_sync_concurrency_is_reached_and_never_exceeded(make_run: MakeRun) -> No
 
     process(states, run)
 
-    assert run.counts() == {"done": 15}
+    assert run.counts() == {"done": 15}, errors_of(run)
     assert counter.entered == 15
     assert counter.max == 4
 
@@ -160,7 +160,7 @@ def test_each_sync_state_holds_its_own_bound_at_the_same_time(make_run: MakeRun)
 
     process(states, run)
 
-    assert run.counts() == {"done": 16}
+    assert run.counts() == {"done": 16}, errors_of(run)
     assert (per_state["a"].max, per_state["b"].max, both.max) == (2, 3, 5)
 
 
@@ -199,7 +199,7 @@ def test_rate_bounds_exec_starts(make_run: MakeRun) -> None:
 
     process_fake_clock(states, run)
 
-    assert run.counts() == {"done": 20}
+    assert run.counts() == {"done": 20}, errors_of(run)
     assert len(starts) == 20
     starts.sort()
     assert starts[:4] == [starts[0]] * 4  # the burst
@@ -227,7 +227,7 @@ def test_a_rate_shared_by_two_states_is_one_budget(
 
     process_fake_clock(states, run)
 
-    assert run.counts() == {"done": 20}
+    assert run.counts() == {"done": 20}, errors_of(run)
     starts.sort()
     if shared:
         _check_leaky_bucket(starts, 4, 2.0)  # 20 starts through one bucket of 4 per 2 s
@@ -244,7 +244,7 @@ def test_a_rate_whose_interval_is_not_a_binary_fraction(make_run: MakeRun) -> No
 
     process_fake_clock(states, run)
 
-    assert run.counts() == {"done": 30}
+    assert run.counts() == {"done": 30}, errors_of(run)
     _check_leaky_bucket(starts, 3, 1.0)
     assert max(starts) - min(starts) == pytest.approx(9.0, abs=1e-3)
 
