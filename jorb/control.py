@@ -92,6 +92,7 @@ def plan(
     JorbError with a one-line reason for a request that cannot apply.
     """
     op, args = req.get("op"), req.get("args") or {}
+    now = time.time()
     declared = {s["name"]: bool(s.get("terminal")) for s in run.declared}
     record: dict[str, Any]
     if op == "add":
@@ -130,7 +131,7 @@ def plan(
             candidates = [job.id for job in run.jobs.values() if job.state == source]
         moved = [i for i in candidates if not busy(i)]
         skipped = [i for i in candidates if busy(i)]
-        record = {"op": "redrive", "to": target, "jobs": moved, "time": req["time"]}
+        record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         result = {"moved": len(moved), "skipped": skipped}
         what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"
     else:
@@ -139,6 +140,7 @@ def plan(
         "id": req["id"],
         "what": what,
         "time": req["time"],
+        "applied": now,
         "who": req.get("who"),
         "result": result,
     }
@@ -239,7 +241,7 @@ def request(
     ``timeout`` passed first (the request then stays queued and is applied later).
     """
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and not is_locked(path):
         raise JorbError(f"{path}: no such run file")
     req = new_request(op, args)
     inbox = inbox_path(path)

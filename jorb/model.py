@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CorruptRunError, JorbError
+from .errors import CorruptRunError, JorbError, RunFileError
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run"]
 
@@ -95,6 +95,7 @@ class Run:
 
     __slots__ = (
         "_holder",
+        "_stamp",
         "changes",
         "declared",
         "jobs",
@@ -123,6 +124,7 @@ class Run:
         #: Sequence number of the last journal record folded into this snapshot.
         self.seq = 0
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
+        self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -134,20 +136,44 @@ class Run:
         """
         from .checkpoint import open_run
 
-        return open_run(Path(path), overall)
+        run = open_run(Path(path), overall)
+        run.remember_file()
+        return run
 
     @classmethod
     def load(cls, path: str | Path) -> Run:
         """Read an existing run file (and replay its journal) without taking its lock."""
         from .checkpoint import read_run
 
-        return read_run(Path(path))
+        run = read_run(Path(path))
+        run.remember_file()
+        return run
 
     def save(self) -> None:
         """Write the whole run to its file atomically (taking the run's lock if not held)."""
         from .checkpoint import save_run
 
+        if self._holder is None:
+            self.check_file()
         save_run(self)
+        self.remember_file()
+
+    def remember_file(self) -> None:
+        """Note the file as this process last read or wrote it (see :meth:`check_file`)."""
+        self._stamp = _file_stamp(self.path)
+
+    def check_file(self) -> None:
+        """Refuse to overwrite a run file changed since this process last read or wrote it.
+
+        Between two execs (or after one) the lock is free, so a command may have edited the
+        file; writing this in-memory run over it would silently undo that.
+        """
+        if self.path is not None and _file_stamp(self.path) != self._stamp:
+            raise RunFileError(
+                f"{self.path} changed since this process last read or wrote it (a `jorb` "
+                f"command or an edit); writing this run over it would undo that. Reopen it "
+                f"with jorb.Run.open({str(self.path)!r}) to work on the current file"
+            )
 
     def close(self) -> None:
         """Release the run's lock. The run stays usable in memory."""
@@ -282,6 +308,17 @@ def job_from_dict(raw: Any, where: str) -> Job:
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
     return job
+
+
+def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """Identity of a file's current content: inode, size, mtime (None if it does not exist)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _not_before(delay: float | None, not_before: float | None) -> float | None:

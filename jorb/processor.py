@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import time
@@ -163,7 +164,7 @@ class Processor:
         if self._interrupted:
             print(
                 f"jorb: interrupted; progress is saved in {run.path}. "
-                f"Resume by running the same command again: {_command_line()}",
+                f"Run the script again to resume: {_command_line()}",
                 file=sys.stderr,
             )
             raise SystemExit(130)
@@ -201,6 +202,7 @@ class Processor:
             for listener in listeners:
                 listener.stop(self.statistics())
             self._loop = None
+            run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
         return run
 
@@ -255,6 +257,12 @@ class Processor:
         self._submit("add", {"ctxs": ctxs, "state": state})
 
     def _submit(self, op: str, args: dict[str, Any]) -> None:
+        for key in ("name", "to", "state"):
+            name = args.get(key)
+            if key in args and name not in self.states:
+                raise StateError(f"{op}: no state {name!r} declared (states: {list(self.states)})")
+        if op in ("pause", "resume") and self.states[args["name"]].terminal:
+            raise StateError(f"{op}: state {args['name']!r} is terminal: it starts no execs")
         req = control.new_request(op, args)
         loop = self._loop
         if loop is None:
@@ -278,7 +286,13 @@ class Processor:
             raise RunFileError("the run has no path; create it with jorb.Run.open(path)")
         store = run._holder
         if store is None:
-            store = run._holder = Store(run.path, durable=self.durable)
+            store = Store(run.path, durable=self.durable)
+            try:
+                run.check_file()
+            except JorbError:
+                store.close()
+                raise
+            run._holder = store
         store.durable = self.durable
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
         answers = control.apply_inbox(run)
@@ -468,7 +482,9 @@ class Processor:
     async def _attempt(self, lane: _Lane, job: Job, task: asyncio.Task[None]) -> None:
         run, store, executor = self._run, self._store, self._executor
         assert run is not None and store is not None and executor is not None
-        args: tuple[Any, ...] = (self.app, run.overall, dict(job.ctx))
+        # The exec gets its own copy, exactly as it is on disk: a failed attempt that changed
+        # it in place leaves nothing behind, before a restart or after.
+        args: tuple[Any, ...] = (self.app, run.overall, orjson.loads(orjson.dumps(job.ctx)))
         if lane.state.join:
             args += (self._children(job.id),)
         lane.running += 1
@@ -520,7 +536,7 @@ class Processor:
         run = self._run
         assert run is not None
         kids = (run.jobs.get(i) for i in self._kids.get(parent, ()))
-        return [Child(k.id, k.state, dict(k.ctx)) for k in kids if k is not None]
+        return [Child(k.id, k.state, orjson.loads(orjson.dumps(k.ctx))) for k in kids if k]
 
     def _check_finished(self) -> None:
         if self._active == 0 and self._finished is not None and not self._finished.done():
@@ -743,5 +759,4 @@ class Processor:
 
 
 def _command_line() -> str:
-    args = [os.path.basename(sys.executable), *sys.argv] if sys.argv and sys.argv[0] else ["python"]
-    return " ".join(args)
+    return shlex.join(sys.orig_argv) if sys.orig_argv else "your script"

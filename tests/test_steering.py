@@ -191,8 +191,8 @@ def test_redrive_moves_waiting_jobs_and_skips_running_ones(live: Live) -> None:
     # History keeps every step, the redrives included, stamped with the change's time.
     steps = [(h["from"], h["to"]) for h in run.jobs["3"].history]
     assert steps == [("new", "parked"), ("parked", "new"), ("new", "done")]
-    assert run.jobs["3"].history[0]["time"] == away["time"]
-    assert run.jobs["3"].history[1]["time"] == back["time"]
+    assert run.jobs["3"].history[0]["time"] == away["applied"]  # applied, not asked
+    assert run.jobs["3"].history[1]["time"] == back["applied"]
     assert [(h["from"], h["to"]) for h in run.jobs["4"].history] == [("new", "parked")]
     for running in ("1", "2"):  # skipped: running jobs are not moved under their exec
         assert [(h["from"], h["to"]) for h in run.jobs[running].history] == [("new", "done")]
@@ -348,9 +348,10 @@ def test_a_pause_applied_live_survives_kill_9(live: Live) -> None:
     assert jorb.Run.load(live.path).counts() == {"done": 4, "parked": 1}
 
 
-def test_a_change_made_after_exec_returned_is_kept_by_the_next_exec(live: Live) -> None:
+def test_a_change_made_after_exec_returned_is_never_overwritten(live: Live) -> None:
     # exec returned and released the lock, but the script still holds the Run in memory and
-    # calls exec on it again (or run.save()). A command in between edits the file directly.
+    # calls exec on it again. A command in between edits the file directly: the stale Run must
+    # not be written over it (that would silently undo the change): jorb refuses, saying why.
     script = live.start("--again")
     script.saw("exec returned")
 
@@ -358,10 +359,13 @@ def test_a_change_made_after_exec_returned_is_kept_by_the_next_exec(live: Live) 
     live.open_gate("again")
     lines = script.finish()
 
+    refusals = [line for line in lines if line.startswith("refused: ")]
+    assert len(refusals) == 1 and "changed since this process last read or wrote it" in refusals[0]
     run = jorb.Run.load(live.path)
     assert [c["what"] for c in run.changes] == ["added 1 job(s) in 'probe'"]
     assert [job.ctx for job in run.jobs.values()] == [{"n": 7}]
-    assert "probe 7" in lines
+    # Reopened, the change is there and runs.
+    assert "probe 7" not in lines
 
 
 # -- the same operations from Python ---------------------------------------------------------------

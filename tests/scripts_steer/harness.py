@@ -91,7 +91,8 @@ class Script:
             self._stderr.close()
 
     def _fail(self, why: str) -> None:
-        self._stderr.flush()
+        if not self._stderr.closed:
+            self._stderr.flush()
         stderr = self.stderr_path.read_text()
         raise AssertionError(
             f"{why}; stdout so far:\n" + "\n".join(self.lines[-40:]) + f"\nstderr:\n{stderr}"

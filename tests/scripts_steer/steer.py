@@ -9,7 +9,8 @@ and the terminal ``parked``, ``done``, ``failed``. ``N`` is the job's ``ctx["n"]
 ``note ...``. With ``--wait-inbox`` the script opens the run, logs ``opened``, and only calls exec
 once a request is waiting in the run's inbox (a change made between ``Run.open`` and ``exec``).
 With ``--again``, after exec returns it logs ``exec returned``, waits for the gate file
-``GATES/again`` and calls exec on the same Run a second time.
+``GATES/again`` and calls exec on the same Run a second time (logging ``refused: ...`` if
+jorb refuses to overwrite a file changed meanwhile).
 The last line is ``finished`` and the run's counts.
 """
 
@@ -70,7 +71,10 @@ def main() -> None:
         effects.log("exec returned")
         while not (args.gates / "again").exists():
             time.sleep(0.005)
-        jorb.Processor(None, states, progress=False, listeners=[Notes(effects)]).exec(run)
+        try:
+            jorb.Processor(None, states, progress=False, listeners=[Notes(effects)]).exec(run)
+        except jorb.RunFileError as e:  # the file changed under the stale Run: refused
+            effects.log(f"refused: {e}")
     effects.log(f"finished {sorted(run.counts().items())}")
 
 
