@@ -264,6 +264,8 @@ class Run:
         run.declared = _expect(doc, "states", list, where, [])
         run.paused = set(_expect(doc, "paused", list, where, []))
         run.changes = _expect(doc, "changes", list, where, [])
+        if "jobs" not in doc:
+            raise CorruptRunError(f"{where}: no \"jobs\" list (a run file lists its jobs)")
         jobs = _expect(doc, "jobs", list, where, [])
         highest = 0
         for index, raw in enumerate(jobs):

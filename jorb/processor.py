@@ -180,6 +180,7 @@ class Processor:
         try:
             for file, answer in answers:
                 control.reply(file, answer)
+            self._start_lanes()  # queues the jobs; nothing runs before the first await
             for listener in listeners:
                 listener.start(self.statistics())
             for name in sorted(run.paused):
@@ -187,7 +188,6 @@ class Processor:
             helpers.append(loop.create_task(self._watch_inbox()))
             if listeners:
                 helpers.append(loop.create_task(self._tick()))
-            self._start_lanes()
             self._check_finished()
             assert self._finished is not None
             await self._finished

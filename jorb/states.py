@@ -226,19 +226,21 @@ def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
 
     Raises :class:`StateError` naming every culprit.
     """
+    declared = list(states)
     by_name: dict[str, State] = {}
     problems: list[str] = []
-    for state in states:
+    for state in declared:
         if not isinstance(state, State):
             raise StateError(f"expected jorb.State, got {type(state).__name__}: {state!r}")
         if state.name in by_name:
             problems.append(f"state {state.name!r} is declared twice")
-        by_name[state.name] = state
+        by_name.setdefault(state.name, state)
     if error_state not in by_name:
         by_name[error_state] = State(error_state, terminal=True)
+        declared.append(by_name[error_state])
     elif not by_name[error_state].terminal:
         problems.append(f"error state {error_state!r} must be terminal")
-    for state in by_name.values():
+    for state in declared:
         problems.extend(_check(state, by_name))
     if problems:
         raise StateError("invalid states: " + "; ".join(problems))
