@@ -63,6 +63,7 @@ __all__ = [
     "journal_path",
     "lock_path",
     "open_run",
+    "parse_journal",
     "read_journal",
     "read_run",
     "save_run",

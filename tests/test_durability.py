@@ -261,6 +261,27 @@ def test_a_second_interrupt_stops_at_once_and_the_run_still_resumes(
     fanout.check_complete(kills=1)
 
 
+def test_execs_still_running_after_the_grace_period_are_cancelled_and_run_again(
+    tmp_path: Path, reaper: list[Proc]
+) -> None:
+    fanout = Fanout(tmp_path, 20, 4)
+    proc = fanout.start("--stall", "child", "--grace", "0.3")
+    reaper.append(proc)
+    proc.wait_for(" child")
+    proc.signal(signal.SIGINT)
+    assert proc.wait() == 130
+    assert "Traceback" not in proc.stderr()
+    assert len(_resume_line(proc.stderr())) == 1
+    assert not journal_path(fanout.path).exists()
+    stalled = {key for key, state in fanout.effects_seen() if state == "child"}
+    run = jorb.Run.load(fanout.path)
+    assert {job.ctx["key"] for job in run.jobs.values() if job.state == "child"} >= stalled
+    proc = fanout.start()
+    reaper.append(proc)
+    proc.finish()
+    fanout.check_complete(kills=1)
+
+
 # -- the lock ----------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """A fan-out workflow for the durability tests: roots kick children, every exec logs its effect.
 
     python fanout.py RUN EFFECTS [--roots 40] [--kids 8] [--durable 1] [--compact-always]
-                     [--stall STATE]
+                     [--stall STATE] [--grace SECONDS]
 
 Each exec appends ``"key state"`` to EFFECTS (opened O_APPEND, so a line is never torn) and
 writes the same line to stdout: the test reads stdout as its progress signal. It records its
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--durable", type=int, default=1)
     parser.add_argument("--compact-always", action="store_true")
     parser.add_argument("--stall", default=None)
+    parser.add_argument("--grace", type=float, default=30.0)
     args = parser.parse_args()
     if args.compact_always:
         jorb.checkpoint.MIN_COMPACT_BYTES = 0
@@ -90,7 +91,10 @@ def main() -> None:
     if not run.jobs:
         for i in range(args.roots):
             run.add_job({"key": f"r{i}"})
-    jorb.Processor(None, states, progress=False, durable=bool(args.durable)).exec(run)
+    processor = jorb.Processor(
+        None, states, progress=False, durable=bool(args.durable), grace=args.grace
+    )
+    processor.exec(run)
 
 
 if __name__ == "__main__":
