@@ -102,60 +102,68 @@ def _options(
 def status(runfile: RunFile) -> None:
     """Per-state counts, errors and timings, and whether the run is complete."""
     run = Run.load(runfile)
-    console.print(_headline(run, runfile), soft_wrap=True)
     rows = report.states(run)
+    console.print(_headline(run, rows, runfile), soft_wrap=True)
+    console.print()
+    console.print(_state_table(rows))
+    summaries = report.errors(run)
+    if summaries:
+        console.print()
+        console.print(Text("errors (most common first)", style="bold"))
+        for summary in summaries:
+            _print_errors(summary)
+    if run.changes:
+        console.print()
+        console.print(Text("recent changes", style="bold"))
+        for change in run.changes[-5:]:
+            who = f"  ({change['who']})" if change.get("who") else ""
+            text = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
+            console.print(text, markup=False, soft_wrap=True)
+
+
+def _state_table(rows: list[report.StateReport]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("state", "jobs", "", "errors", "in jobs"):
+    for name in ("state", "jobs", "", "errors", "in jobs", "execs", "mean", "median", "p95"):
         table.add_column(name, justify="left" if name in ("state", "") else "right")
-    for name in ("execs", "mean", "median", "p95"):
-        table.add_column(name, justify="right")
     for row in rows:
         timing = row.timing
+        times = ("", "", "", "")
+        if timing is not None:
+            times = (
+                f"{timing.count:,}",
+                _seconds(timing.mean),
+                _seconds(timing.median),
+                _seconds(timing.p95),
+            )
         table.add_row(
             Text(row.name, style="bold"),
             f"{row.jobs:,}",
             _mark(row),
             Text(f"{row.errors:,}", style="red") if row.errors else "",
             f"{row.failing:,}" if row.errors else "",
-            *(
-                (
-                    f"{timing.count:,}",
-                    _seconds(timing.mean),
-                    _seconds(timing.median),
-                    _seconds(timing.p95),
-                )
-                if timing
-                else ("", "", "", "")
-            ),
+            *times,
         )
-    console.print()
-    console.print(table)
-    summaries = report.errors(run)
-    if summaries:
-        console.print()
-        console.print(Text("errors (most common first)", style="bold"))
-        for summary in summaries:
+    return table
+
+
+def _print_errors(summary: report.ErrorSummary) -> None:
+    head = f"  {summary.state}: {summary.errors:,} error(s) in {summary.jobs:,} job(s)"
+    console.print(head, markup=False)
+    for group in summary.common:
+        line = Text(f"    {group.count:>6,}× {group.line}")
+        console.print(line, no_wrap=True, overflow="ellipsis")
+        if group.variants > 1:
             console.print(
-                f"  {summary.state}: {summary.errors:,} error(s) in {summary.jobs:,} job(s)",
-                markup=False,
+                f"{'':12}({group.variants:,} messages differing only in numbers)", style="dim"
             )
-            for line, count in summary.common:
-                console.print(Text(f"    {count:>6,}× {line}", overflow="ellipsis", no_wrap=True))
-            others = summary.distinct - len(summary.common)
-            if others:
-                console.print(f"    ... and {others:,} other message(s)", style="dim")
-    if run.changes:
-        console.print()
-        console.print(Text("recent changes", style="bold"))
-        for change in run.changes[-5:]:
-            who = f"  ({change['who']})" if change.get("who") else ""
-            line = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
-            console.print(line, markup=False, soft_wrap=True)
+    others = summary.groups - len(summary.common)
+    if others:
+        console.print(f"    ... and {others:,} other kind(s) of error", style="dim")
 
 
-def _headline(run: Run, path: Path) -> Text:
+def _headline(run: Run, rows: list[report.StateReport], path: Path) -> Text:
     total = len(run.jobs)
-    finished = sum(row.jobs for row in report.states(run) if row.terminal)
+    finished = sum(row.jobs for row in rows if row.terminal)
     complete = report.is_complete(run)
     text = Text(f"{path}: ", style="bold")
     if complete is None:

@@ -15,8 +15,9 @@ second (here 80 columns wide)::
 A state's bar is its ``done`` against ``done + jobs`` (what passed through it in this process
 against what is still in it); a terminal state's bar is its share of all jobs. ``done/s`` is
 measured over the last 30 seconds and ``eta`` is the jobs in the state at that pace; the total
-row's are jobs reaching terminal states. A wider terminal also shows each state's current rate
-limit and how many jobs it gave up on.
+row's rate is jobs reaching terminal states, and its eta the later of what that rate and the
+slowest state predict (none while a paused state holds jobs). A wider terminal also shows
+each state's current rate limit and how many jobs it gave up on.
 
 Whatever the user's execs print (or log through a handler on stdout/stderr) appears above the
 table without tearing it. When stdout is not a terminal (CI, ``nohup``, a pipe) it prints a
@@ -31,6 +32,7 @@ is the only module of the core that imports rich.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ from typing import IO, Any
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
-from rich.text import Text
+from rich.text import Span, Text
 
 from .status import StateStatus, Status, StatusListener
 
@@ -131,7 +133,7 @@ class Meter:
 
 _HEADERS = ("jobs", "waiting", "delayed", "awaiting", "running", "done", "errors", "done/s", "eta")
 _AWAITING = _HEADERS.index("awaiting")
-BAR_MIN, BAR_MAX = 10, 40
+BAR_MIN, BAR_FAIR, BAR_MAX = 10, 20, 40
 NAME_MAX = 24
 
 Cell = tuple[str, str]
@@ -151,14 +153,16 @@ class _Row:
     bar: _Bar
     numbers: tuple[Cell, ...]
     """One per header in ``_HEADERS``."""
-    note: Text
+    note: tuple[Cell, ...]
+    """Notes after the numbers (current rate, jobs given up on)."""
 
 
 def render(status: Status, speed: Speed | None = None) -> RenderableType:
     """The display for one snapshot: a summary line, a row per state, then the total.
 
     The bars take the width the numbers leave (10 to 40 columns); notes (a state's current
-    rate limit, jobs it gave up on) come last and are cut first when the terminal is narrow.
+    rate limit, jobs it gave up on) come last and are cut short, then left out, when the
+    terminal is narrow.
     """
     return _Board(status, speed or Speed.unknown(status))
 
@@ -178,7 +182,8 @@ class _Board:
         self._cache: tuple[int, bool, Text] | None = None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        width, colour = options.max_width, console.color_system is not None
+        width = options.max_width
+        colour = console.color_system is not None and not console.no_color
         cache = self._cache
         if cache is None or cache[:2] != (width, colour):
             cache = self._cache = (width, colour, self._layout(width, colour))
@@ -194,78 +199,115 @@ class _Board:
         # Fan-in: the column for jobs awaiting their children appears once some do.
         joins = any(row.awaiting for row in status.states)
         shown = [i for i in range(len(_HEADERS)) if i != _AWAITING or joins]
-        name_width = min(NAME_MAX, max(cell_len(row.name[0]) for row in [*rows, _HEAD]))
-        widths = {i: max(cell_len(row.numbers[i][0]) for row in [*rows, _HEAD]) for i in shown}
+        name_width = min(NAME_MAX, max(_width(row.name[0]) for row in [*rows, _HEAD]))
+        widths = {i: max(len(row.numbers[i][0]) for row in [*rows, _HEAD]) for i in shown}
         room = width - name_width - sum(widths.values()) - len(shown) - 1  # bar + gap + notes
-        need = max(row.note.cell_len for row in rows)
-        bar = max(BAR_MIN, min(BAR_MAX, room - (need + 1 if need else 0)))
+        need = max(sum(_width(value) for value, _ in row.note) for row in rows)
+        # Bars first (at least BAR_FAIR wide), then notes, cut short, if 6 columns are left.
+        bar = max(BAR_FAIR, min(BAR_MAX, room - (need + 1 if need else 0)))
         notes = room - bar - 1 if need and room - bar - 1 >= 6 else 0
-        text = _summary(status)
+        if not notes:
+            bar = max(BAR_MIN, min(BAR_MAX, room))
+        out = _Lines()
+        for value, style in _summary(status):
+            out.add(value, style)
         for row in [_HEAD, *rows]:
-            text.append("\n")
-            _cell(text, row.name, name_width, left=True)
-            text.append(" ")
-            _draw_bar(text, row.bar, bar, colour)
+            out.add("\n")
+            out.cell(row.name, name_width, left=True)
+            out.add(" ")
+            out.bar(row.bar, bar, colour)
             for i in shown:
-                text.append(" ")
-                _cell(text, row.numbers[i], widths[i], left=False)
+                out.add(" ")
+                out.cell(row.numbers[i], widths[i], left=False)
             if notes and row.note:
-                text.append(" ")
-                note = row.note.copy()
-                note.truncate(notes, overflow="ellipsis")
-                text.append_text(note)
-        text.no_wrap, text.overflow = True, "ellipsis"  # a too-narrow terminal cuts, never wraps
-        return text
+                out.add(" ")
+                out.cut(row.note, notes)
+        return out.text()
 
 
 _HEAD = _Row(
     ("state", "bold"),
     _Bar(0, 0, "progress"),
     tuple((header, "bold") for header in _HEADERS),
-    Text(),
+    (),
 )
 
 
-def _cell(text: Text, cell: Cell, width: int, *, left: bool) -> None:
-    value, style = cell
-    size = cell_len(value)
-    if size > width:
-        value, size = set_cell_size(value, width - 1) + "…", width
-    pad = " " * (width - size)
-    text.append(pad if not left else "")
-    text.append(value, style)
-    text.append(pad if left else "")
+class _Lines:
+    """Builds one Text from pieces: plain strings and style spans, no per-piece rich work."""
+
+    __slots__ = ("parts", "size", "spans")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.spans: list[Span] = []
+        self.size = 0
+
+    def add(self, value: str, style: str = "") -> None:
+        if style:
+            self.spans.append(Span(self.size, self.size + len(value), style))
+        self.parts.append(value)
+        self.size += len(value)
+
+    def cell(self, cell: Cell, width: int, *, left: bool) -> None:
+        value, style = cell
+        size = _width(value)
+        if size > width:
+            value, size = set_cell_size(value, width - 1) + "…", width
+        pad = " " * (width - size)
+        self.add(pad if not left else "")
+        self.add(value, style)
+        self.add(pad if left else "")
+
+    def cut(self, cells: tuple[Cell, ...], width: int) -> None:
+        """Add ``cells`` within ``width`` columns, the last one cut with an ellipsis."""
+        for value, style in cells:
+            size = _width(value)
+            if size > width:
+                self.add(set_cell_size(value, width - 1) + "…", style)
+                return
+            self.add(value, style)
+            width -= size
+
+    def bar(self, bar: _Bar, width: int, colour: bool) -> None:
+        """Like rich's ProgressBar: half-cell steps; the unfilled part is drawn only in colour
+        (without colour, as with ``NO_COLOR``, it is left blank so the bar still reads)."""
+        if bar.style == "progress":  # the header
+            self.add("progress".ljust(width), "bold")
+            return
+        if bar.total <= 0:
+            self.add(" " * width)
+            return
+        halves = int(width * 2 * min(bar.completed, bar.total) / bar.total)
+        full, half = divmod(halves, 2)
+        style = "bar.finished" if bar.completed >= bar.total else bar.style
+        self.add("━" * full + ("╸" if half else ""), style)
+        rest = width - full - half
+        if rest and colour:
+            self.add(("╺" if full and not half else "━") + "━" * (rest - 1), "bar.back")
+        elif rest:
+            self.add(" " * rest)
+
+    def text(self) -> Text:
+        # A terminal too narrow for a line cuts it short; it never wraps.
+        return Text("".join(self.parts), spans=self.spans, no_wrap=True, overflow="ellipsis")
 
 
-def _draw_bar(text: Text, bar: _Bar, width: int, colour: bool) -> None:
-    """Like rich's ProgressBar: half-cell steps, the unfilled part drawn only in colour."""
-    if bar.style == "progress":  # the header
-        text.append("progress".ljust(width), "bold")
-        return
-    if bar.total <= 0:
-        text.append(" " * width)
-        return
-    halves = int(width * 2 * min(bar.completed, bar.total) / bar.total)
-    full, half = divmod(halves, 2)
-    style = "bar.finished" if bar.completed >= bar.total else bar.style
-    text.append("━" * full + ("╸" if half else ""), style)
-    rest = width - full - half
-    if rest and colour:
-        text.append(("╺" if full and not half else "━") + "━" * (rest - 1), "bar.back")
-    elif rest:
-        text.append(" " * rest)
+def _width(value: str) -> int:
+    """Terminal columns ``value`` takes (ASCII, the usual case, without rich's tables)."""
+    return len(value) if value.isascii() else cell_len(value)
 
 
-def _summary(status: Status) -> Text:
+def _summary(status: Status) -> list[Cell]:
     share = status.finished / status.jobs if status.jobs else 1.0
-    text = Text.assemble(
+    cells = [
         ("jorb ", "bold"),
-        f"{status.finished:,}/{status.jobs:,} jobs finished ({share:.0%})",
-        f" · {status.transitions:,} transitions · {_clock(status.elapsed)} elapsed",
-    )
+        (f"{status.finished:,}/{status.jobs:,} jobs finished ({share:.0%})", ""),
+        (f" · {status.transitions:,} transitions · {_clock(status.elapsed)} elapsed", ""),
+    ]
     if status.complete:
-        text.append(" · complete", style="bold green")
-    return text
+        cells.append((" · complete", "bold green"))
+    return cells
 
 
 def _lane_row(row: StateStatus, rate: float | None) -> _Row:
@@ -291,13 +333,13 @@ def _lane_row(row: StateStatus, rate: float | None) -> _Row:
 def _terminal_row(row: StateStatus, total: int) -> _Row:
     blank = ("", "")
     numbers = ((f"{row.jobs:,}", ""), *[blank] * 7, ("terminal", "dim"))
-    return _Row((row.name, "bold"), _Bar(row.jobs, total, "bar.finished"), numbers, Text())
+    return _Row((row.name, "bold"), _Bar(row.jobs, total, "bar.finished"), numbers, ())
 
 
 def _total_row(status: Status, speed: Speed) -> _Row:
     lanes = [row for row in status.states if not row.terminal]
     unfinished = status.jobs - status.finished
-    eta = speed.finished and unfinished / speed.finished
+    eta = _run_eta(status, speed)
     errors = sum(row.errors for row in lanes)
     return _Row(
         ("total", "bold"),
@@ -313,28 +355,27 @@ def _total_row(status: Status, speed: Speed) -> _Row:
             (_per_second(speed.finished), ""),
             (_eta(eta, unfinished), ""),
         ),
-        Text(),
+        (),
     )
 
 
-def _notes(row: StateStatus) -> Text:
-    note = Text()
+def _notes(row: StateStatus) -> tuple[Cell, ...]:
+    notes = []
     if row.rate is not None:
-        note.append(f"≤{_per_second(row.rate)}", "cyan")
+        notes.append((f"≤{_per_second(row.rate)}", "cyan"))
     if row.failed:
-        note.append(" " if note else "")
-        note.append(f"{row.failed:,} failed", "red")
-    return note
+        notes.append((f"{' ' if notes else ''}{row.failed:,} failed", "red"))
+    return tuple(notes)
 
 
 def plain_line(status: Status, speed: Speed | None = None) -> str:
     """One status line for logs: totals, then each state's numbers."""
     speed = speed or Speed.unknown(status)
     unfinished = status.jobs - status.finished
-    eta = speed.finished and unfinished / speed.finished
+    eta = _run_eta(status, speed)
     head = f"jorb [{_clock(status.elapsed)}] {status.finished:,}/{status.jobs:,} finished"
-    if unfinished:
-        head += f", {_per_second(speed.finished) or '-'}, eta {_eta(eta, unfinished)}"
+    if unfinished and speed.finished is not None:
+        head += f", {_per_second(speed.finished)}, eta {_eta(eta, unfinished)}"
     parts = [head]
     for row, rate in zip(status.states, speed.done, strict=True):
         if row.terminal:
@@ -368,12 +409,29 @@ def _per_second(rate: float | None) -> str:
     return f"{rate:.2f}/s"
 
 
+def _run_eta(status: Status, speed: Speed) -> float | None:
+    """Seconds until every job is terminal, at the pace jobs finish, but never sooner than the
+    slowest state can work off what it holds; None if unknown, or if a paused state holds jobs."""
+    unfinished = status.jobs - status.finished
+    if not unfinished or not speed.finished:
+        return None
+    eta = unfinished / speed.finished
+    for row, rate in zip(status.states, speed.done, strict=True):
+        if row.terminal or not row.jobs:
+            continue
+        if row.paused:
+            return None
+        if rate:
+            eta = max(eta, row.jobs / rate)
+    return eta
+
+
 def _eta(seconds: float | None, remaining: int) -> str:
     if remaining == 0:
         return ""
     if not seconds or seconds > 99 * 3600:
         return "-"
-    return _clock(seconds)
+    return _clock(math.ceil(seconds))
 
 
 def _clock(seconds: float) -> str:
@@ -396,6 +454,7 @@ class LiveProgress:
         self.refresh_per_second = refresh_per_second
         self._meter = Meter()
         self._view: tuple[Status, Speed] | None = None
+        self._board: tuple[tuple[Status, Speed], RenderableType] | None = None
         self._live: Live | None = None
         self._restore: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
 
@@ -432,10 +491,12 @@ class LiveProgress:
             self._live = None
 
     def _renderable(self) -> RenderableType:
-        view = self._view
+        view, board = self._view, self._board
         if view is None:
             return Text("")
-        return render(*view)
+        if board is None or board[0] is not view:  # unchanged: redraw the laid-out frame
+            board = self._board = (view, render(*view))
+        return board[1]
 
 
 class PlainProgress:

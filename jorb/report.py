@@ -16,6 +16,7 @@ command line is a transition too, but it took no time and is counted apart.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from .errors import JorbError, StateError
 from .model import Job, Run
 
 __all__ = [
+    "ErrorGroup",
     "ErrorSummary",
     "Graph",
     "JobDetail",
@@ -84,8 +86,20 @@ class StateReport:
 
 
 @dataclass(frozen=True, slots=True)
+class ErrorGroup:
+    """Errors whose messages differ only in numbers (ids, counts, hashes)."""
+
+    line: str
+    """``"Type: first line of the message"`` of the first error of the group."""
+    count: int
+    """How many errors."""
+    variants: int
+    """How many different messages the group holds."""
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorSummary:
-    """The errors recorded in one state, most common messages first."""
+    """The errors recorded in one state, most common first."""
 
     state: str
     """The state they happened in."""
@@ -93,10 +107,10 @@ class ErrorSummary:
     """How many error records."""
     jobs: int
     """How many jobs they belong to."""
-    common: tuple[tuple[str, int], ...]
-    """``("Type: first line of the message", count)``, most common first."""
-    distinct: int
-    """How many different messages there are in all."""
+    common: tuple[ErrorGroup, ...]
+    """The most common groups, largest first."""
+    groups: int
+    """How many groups there are in all."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,28 +209,36 @@ def _timing(values: list[float]) -> Timing:
 
 
 def errors(run: Run, top: int = 3) -> list[ErrorSummary]:
-    """Per state with errors (report order), how many and the ``top`` most common messages."""
-    by_state: dict[str, Counter[str]] = {}
+    """Per state with errors (report order): how many, in how many jobs, the ``top`` groups.
+
+    Messages that differ only in their numbers ("repo-012 not found", "repo-047 not found")
+    make one group, shown by its first message.
+    """
+    by_state: dict[str, dict[str, list[Any]]] = {}  # state -> key -> [first line, count, lines]
     jobs: Counter[str] = Counter()
     for job in run.jobs.values():
         for state, records in job.errors.items():
             if not records:
                 continue
             jobs[state] += 1
-            messages = by_state.setdefault(state, Counter())
+            groups = by_state.setdefault(state, {})
             for record in records:
-                messages[error_line(record)] += 1
+                line = error_line(record)
+                group = groups.setdefault(_NUMBERS.sub("#", line), [line, 0, set()])
+                group[1] += 1
+                group[2].add(line)
     order = {name: index for index, name in enumerate(state_names(run))}
-    return [
-        ErrorSummary(
-            state,
-            sum(messages.values()),
-            jobs[state],
-            tuple(messages.most_common(top)),
-            len(messages),
-        )
-        for state, messages in sorted(by_state.items(), key=lambda kv: order.get(kv[0], 1 << 30))
-    ]
+    summaries = []
+    for state, groups in sorted(by_state.items(), key=lambda kv: order.get(kv[0], 1 << 30)):
+        ranked = sorted(groups.values(), key=lambda g: -g[1])  # stable: first seen first
+        common = tuple(ErrorGroup(line, count, len(lines)) for line, count, lines in ranked[:top])
+        total = sum(g[1] for g in ranked)
+        summaries.append(ErrorSummary(state, total, jobs[state], common, len(ranked)))
+    return summaries
+
+
+#: Numbers, and hex strings of 8+ characters (hashes, uuids), in an error message.
+_NUMBERS = re.compile(r"\b(?=[0-9a-f-]*\d)[0-9a-f-]{8,}\b|\d+(?:\.\d+)?")
 
 
 def error_line(record: dict[str, Any]) -> str:
@@ -374,13 +396,13 @@ def _dot_id(text: str) -> str:
 
 
 def _redrive_times(run: Run) -> set[float]:
-    """When redrives were applied (their history entries carry the change's time)."""
+    """When redrives were applied: their history entries carry that time (and take none)."""
     return {
-        float(change["time"])
+        float(change[key])
         for change in run.changes
-        if isinstance(change, dict)
-        and str(change.get("what", "")).startswith("redrove")
-        and isinstance(change.get("time"), int | float)
+        if isinstance(change, dict) and str(change.get("what", "")).startswith("redrove")
+        for key in ("applied", "time")
+        if isinstance(change.get(key), int | float)
     }
 
 

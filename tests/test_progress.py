@@ -93,8 +93,8 @@ def test_render_shows_a_row_per_state_in_order_with_its_numbers() -> None:
     assert table["upload"] == ["0", "0", "0", "0/32", "0", "0", "0.00/s"]
     assert table["done"] == ["596", "terminal"]
     assert table["failed"] == ["12", "terminal"]
-    # totals over the non-terminal states; eta = 392 unfinished at 9.1/s
-    assert table["total"] == ["1,000", "372", "10", "10", "1,228", "3", "9.1/s", "0:00:43"]
+    # totals over the non-terminal states; no eta while paused edit holds jobs
+    assert table["total"] == ["1,000", "372", "10", "10", "1,228", "3", "9.1/s", "-"]
     assert all(len(line) <= 100 for line in lines)
     eta_end = lines[1].index("eta") + len("eta")  # numbers are right-aligned under their header
     assert lines[2].index("0:00:31") + len("0:00:31") == eta_end
@@ -136,6 +136,10 @@ def test_render_narrow_terminal_keeps_the_numbers_and_drops_the_notes() -> None:
     assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "12.4/s", "0:00:31"]
     assert table["edit"][-1] == "paused"  # the pause is never cut
     assert "≤4.5/s" not in screen
+    # a little wider: the notes come back, cut short
+    table = rows(text(render(STATUS, SPEED), width=93))
+    assert table["new"][-2:] == ["0:00:31", "≤4.5/s"]
+    assert table["edit"][-3:] == ["paused", "1", "fai…"]
 
 
 def test_render_before_throughput_is_known_and_when_complete() -> None:
@@ -150,9 +154,25 @@ def test_render_before_throughput_is_known_and_when_complete() -> None:
     assert rows(screen)["new"] == ["0", "0", "0", "0/0", "5", "0", "2.0/s"]  # nothing left: no eta
 
 
+def test_the_runs_eta_waits_for_the_slowest_state() -> None:
+    def eta(status: Status, speed: Speed) -> str:
+        return rows(text(render(status, speed)))["total"][-1]
+
+    new = StateStatus("new", False, 100, waiting=100, done=50, concurrency=4)
+    slow = StateStatus("slow", False, 300, waiting=300, done=10, concurrency=1)
+    status = Status((new, slow, StateStatus("done", True, 600)), 1000, 600, 60.0, 660)
+    # 400 unfinished at 10 finished/s: 40 s; but slow holds 300 at 1/s: 300 s
+    assert eta(status, Speed((10.0, 1.0, None), 10.0)) == "0:05:00"
+    assert eta(status, Speed((10.0, 5.0, None), 10.0)) == "0:01:00"
+    assert eta(status, Speed((10.0, 20.0, None), 10.0)) == "0:00:40"
+    assert eta(status, Speed((10.0, 0.0, None), 10.0)) == "0:00:40"  # slow not measured yet
+    assert eta(status, Speed((10.0, 0.0, None), 0.0)) == "-"
+    assert "eta 0:05:00 |" in plain_line(status, Speed((10.0, 1.0, None), 10.0))
+
+
 def test_plain_line_reads_as_one_log_line() -> None:
     assert plain_line(STATUS, SPEED) == (
-        "jorb [0:01:02] 608/1,000 finished, 9.1/s, eta 0:00:43"
+        "jorb [0:01:02] 608/1,000 finished, 9.1/s, eta -"
         " | new 372 waiting 8 running 620 done 3 errors 12.4/s"
         " | edit PAUSED 0 waiting 10 delayed 2 running 608 done 9.8/s"
         " | upload 0 waiting 0 running 0 done"

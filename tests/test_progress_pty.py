@@ -254,7 +254,10 @@ def test_piped_stdout_gets_plain_status_lines(tmp_path: Path, gate: tuple[Path, 
         if process.poll() is None:
             process.kill()
     assert process.returncode == 0, err
-    assert re.match(r"jorb \[0:00:00\] \d+/\d+ finished \| fetch .* \| done 0 \| failed 0$", first)
+    assert first == (
+        "jorb [0:00:00] 0/12 finished | fetch 12 waiting 0 running 0 done"
+        " | work 0 waiting 0 running 0 done | done 0 | failed 0\n"
+    )
     last = err.splitlines()[-1]
     assert re.fullmatch(
         r"jorb \[\d+:\d\d:\d\d\] 12/12 finished \| fetch 0 waiting 0 running 12 done"

@@ -76,7 +76,14 @@ def run() -> Run:
     for job in jobs:
         run.jobs[job.id] = job
     run.next_id = 7
-    run.changes = [{"id": "c1", "what": "redrove 1 job(s) 'failed' -> 'new'", "time": REDRIVE}]
+    run.changes = [
+        {
+            "id": "c1",
+            "what": "redrove 1 job(s) 'failed' -> 'new'",
+            "time": T0 + 499,
+            "applied": REDRIVE,
+        }
+    ]
     return run
 
 
@@ -113,17 +120,40 @@ def test_completeness(run: Run) -> None:
 
 def test_errors_per_state_most_common_first(run: Run) -> None:
     summaries = report.errors(run, top=1)
-    assert [(s.state, s.errors, s.jobs, s.distinct) for s in summaries] == [
+    assert [(s.state, s.errors, s.jobs, s.groups) for s in summaries] == [
         ("new", 2, 1, 2),
         ("edit", 2, 1, 1),
     ]
-    assert summaries[1].common == (("ValueError: bad file b", 2),)
+    assert summaries[1].common == (report.ErrorGroup("ValueError: bad file b", 2, 1),)
     assert report.errors(run)[0].common == (
-        ("TimedOut: timed out after 5s", 1),
-        ("ValueError: boom", 1),
+        report.ErrorGroup("TimedOut: timed out after 5s", 1, 1),
+        report.ErrorGroup("ValueError: boom", 1, 1),
     )
     assert report.last_error(run.jobs["5"]) == ("new", run.jobs["5"].errors["new"][1])
     assert report.last_error(run.jobs["1"]) is None
+
+
+def test_errors_that_differ_only_in_numbers_group_together() -> None:
+    run = Run(None)
+    messages = [
+        "repo-012 not found",
+        "repo-047 not found",
+        "repo-012 not found",
+        "took 3.5s, limit 2s",
+        "commit 3f2a9c1d0b not found",
+        "commit 77ab00ee12 not found",
+        "repo-x not found",
+    ]
+    for n, message in enumerate(messages, 1):
+        run.jobs[str(n)] = Job(str(n), "failed", {}, errors={"a": [error(message, at=T0 + n)]})
+    (summary,) = report.errors(run, top=5)
+    assert (summary.errors, summary.jobs, summary.groups) == (7, 7, 4)
+    assert summary.common == (
+        report.ErrorGroup("ValueError: repo-012 not found", 3, 2),
+        report.ErrorGroup("ValueError: commit 3f2a9c1d0b not found", 2, 2),
+        report.ErrorGroup("ValueError: took 3.5s, limit 2s", 1, 1),
+        report.ErrorGroup("ValueError: repo-x not found", 1, 1),
+    )
 
 
 def test_graph_counts_exec_transitions_and_redrives_apart(run: Run) -> None:
