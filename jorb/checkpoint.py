@@ -378,7 +378,9 @@ def _take_lock(path: Path) -> int:
     """Open the lock file and hold it exclusively; the descriptor is the lock."""
     lpath = lock_path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():  # a new runs/ folder: make its entry durable too
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fsync_dir(path.parent.parent)
         fd = os.open(lpath, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
         raise RunFileError(f"{path}: cannot create its lock file {lpath} ({e.strerror})") from None
@@ -599,11 +601,12 @@ class Store:
         """Queue one record; the future resolves when it (and its batch) is on disk."""
         loop = asyncio.get_running_loop()
         run = self._run
-        if self.failure is None and run is None:
-            self.failure = CheckpointError(f"{self.path}: append before begin() or after finish()")
         if self.failure is not None or run is None:
             failed: asyncio.Future[None] = loop.create_future()
-            failed.set_exception(self.failure or CheckpointError("not begun"))
+            failed.set_exception(
+                self.failure
+                or CheckpointError(f"{self.path}: append before begin() or after finish()")
+            )
             return failed
         self._pending.append(record)
         self._upto = run.seq  # the caller applied the record first: a later snapshot holds it
@@ -687,7 +690,8 @@ class Store:
     def _fail(
         self, error: BaseException, batch: asyncio.Future[None] | None = None
     ) -> CheckpointError:
-        """Record the first failure and fail every waiting append with it."""
+        """Turn ``error`` into a CheckpointError, keep the first as ``failure``, and fail every
+        waiting append with it."""
         if isinstance(error, CheckpointError):
             failure = error
         else:
@@ -704,6 +708,6 @@ class Store:
         self.failure = self.failure or failure
         for future in (batch, self._batch):
             if future is not None and not future.done():
-                future.set_exception(self.failure)
+                future.set_exception(failure)
         self._pending, self._batch = [], None
-        return self.failure
+        return failure

@@ -927,3 +927,19 @@ def test_an_open_is_not_refused_because_a_command_is_checking_the_lock(
         jorb.Run.open(path)
     assert len(pauses) == 1
     run.close()
+
+
+def test_a_new_runs_folder_is_made_durable_with_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fsync)
+    run = jorb.Run.open(tmp_path / "runs" / "run.json")
+    assert synced == [str(tmp_path)], "the folder's entry in its parent"
+    run.close()
