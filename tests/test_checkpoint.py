@@ -153,6 +153,11 @@ CORRUPT: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "history not a list": (_job("history", "x"), '"history" has the wrong type (str)'),
     "an unknown job key": (_job("colour", "red"), "unknown job keys ['colour']"),
     "overall not an object": (_doc(lambda d: d.update(overall=3)), '"overall" has the wrong'),
+    # Wrong types one level down: these loaded, then every `jorb` command died on them with a
+    # Python traceback (model.py's checks stop at the job's own keys).
+    "a history entry not an object": (_job("history", [1]), '(job 2): "history"'),
+    "errors not lists": (_job("errors", {"a": 5}), '(job 2): "errors"'),
+    "a paused state not a name": (_doc(lambda d: d.update(paused=[3])), '"paused"'),
     "duplicate ids": (
         _doc(lambda d: d["jobs"].append(dict(d["jobs"][0]))),
         "job id '1' appears twice",
