@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import orjson
 import typer
@@ -25,7 +25,7 @@ from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, report
+from . import __version__, control, report
 from .checkpoint import is_locked
 from .errors import JorbError, StateError
 from .model import Run
@@ -78,7 +78,7 @@ def _friendly(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"jorb: error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -125,6 +125,7 @@ def _state_table(rows: list[report.StateReport]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for name in ("state", "jobs", "", "errors", "in jobs", "execs", "mean", "median", "p95"):
         table.add_column(name, justify="left" if name in ("state", "") else "right")
+    executed = any(row.terminal is not None for row in rows)  # else no states are recorded
     for row in rows:
         timing = row.timing
         times = ("", "", "", "")
@@ -138,7 +139,7 @@ def _state_table(rows: list[report.StateReport]) -> Table:
         table.add_row(
             Text(row.name, style="bold"),
             f"{row.jobs:,}",
-            _mark(row),
+            _mark(row) if executed else "",
             Text(f"{row.errors:,}", style="red") if row.errors else "",
             f"{row.failing:,}" if row.errors else "",
             *times,
@@ -360,10 +361,7 @@ def redrive(
     if source not in report.state_names(run):
         names = ", ".join(report.state_names(run)) or "none"
         raise StateError(f"no state {source!r} in {runfile} (states: {names})")
-    from . import control
-
-    _handing_over(runfile)
-    result = control.redrive(runfile, source, target, job_ids or None)
+    result = _change(control.redrive, runfile, source, target, job_ids or None)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
     skipped = result.get("skipped") or []
@@ -405,10 +403,7 @@ def add(
     ctxs = [_json_object(place, value) for place, value in sources]
     if not ctxs:
         _fail(f"{file}: no jobs in it", 2)
-    from . import control
-
-    _handing_over(runfile)
-    ids = [str(i) for i in control.add(runfile, ctxs, state).get("ids", [])]
+    ids = [str(i) for i in _change(control.add, runfile, ctxs, state).get("ids", [])]
     shown = ", ".join(ids) if len(ids) <= 10 else f"{ids[0]} to {ids[-1]}"
     typer.echo(f"added {len(ids):,} job(s) in {state!r}: {shown}")
 
@@ -422,10 +417,7 @@ def pause(
     ],
 ) -> None:
     """Stop new exec starts in a state (running ones finish); kept across restarts."""
-    from . import control
-
-    _handing_over(runfile)
-    control.pause(runfile, state)
+    _change(control.pause, runfile, state)
     typer.echo(f"paused {state!r}: no new execs start in it until `jorb resume {runfile} {state}`")
 
 
@@ -438,16 +430,22 @@ def resume(
     ],
 ) -> None:
     """Let a paused state start execs again."""
-    from . import control
-
-    _handing_over(runfile)
-    control.resume(runfile, state)
+    _change(control.resume, runfile, state)
     typer.echo(f"resumed {state!r}")
 
 
-def _handing_over(path: Path) -> None:
+def _change(apply: Callable[..., dict[str, Any]], path: Path, *args: Any) -> dict[str, Any]:
+    """Apply a change through :mod:`jorb.control`, saying so when a process will apply it."""
     if path.exists() and is_locked(path):
         typer.echo("jorb: a process is running this run; handing the change to it...", err=True)
+    try:
+        return apply(path, *args)
+    except KeyboardInterrupt:
+        _fail(
+            f"interrupted while waiting; the change stays queued in {control.inbox_path(path)} "
+            f"and is applied when the process running the run next looks there",
+            130,
+        )
 
 
 def _json_object(place: str, text: str) -> dict[str, Any]:
@@ -457,7 +455,7 @@ def _json_object(place: str, text: str) -> dict[str, Any]:
         _fail(f"{place}: not valid JSON ({e.msg} at column {e.colno}): {text[:60]}", 2)
     if not isinstance(value, dict):
         _fail(f"{place}: a ctx must be a JSON object {{...}}, not {type(value).__name__}", 2)
-    return value  # type: ignore[no-any-return]
+    return value
 
 
 # -- formatting --------------------------------------------------------------------------------

@@ -111,14 +111,27 @@ def test_status_counts_errors_timings_and_completeness(finished: Path) -> None:
     assert re.search(r"^ +1× ValueError: cannot parse \[setup.py\]$", out, re.M)
 
 
-def test_status_of_a_run_never_executed_and_with_undeclared_states(tmp_path: Path) -> None:
+def test_status_of_a_run_never_executed_and_of_one_with_undeclared_states(tmp_path: Path) -> None:
     run = jorb.Run.open(tmp_path / "new.json")
     run.add_job({"n": 1})
     run.save()
     run.close()
     out = cli("status", tmp_path / "new.json")
     assert "1 jobs, never executed (no states recorded yet)" in out.splitlines()[0]
-    assert table(out)["new"] == ["1", "undeclared"]
+    assert table(out)["new"] == ["1"]
+    # a state no longer declared (the file was edited) is marked
+    path = tmp_path / "edited.json"
+    path.write_text(
+        json.dumps(
+            {
+                "format": "jorb-run",
+                "version": 1,
+                "states": [{"name": "new", "terminal": False}, {"name": "done", "terminal": True}],
+                "jobs": [{"id": "1", "state": "old", "ctx": {}}],
+            }
+        )
+    )
+    assert table(cli("status", path))["old"] == ["1", "undeclared"]
 
 
 def test_jobs_lists_and_filters(finished: Path) -> None:
@@ -131,6 +144,7 @@ def test_jobs_lists_and_filters(finished: Path) -> None:
     assert list(errored) == ["id", "4", "5", "8"]
     assert errored["5"][:4] == ["failed", "1", "edit:", "ValueError:"]
     assert cli("jobs", finished, "-s", "upload") == "no jobs match\n"
+    assert cli("jobs", finished, "-s", "upload", "--json") == ""
     short = cli("jobs", finished, "-n", "2")
     assert list(table(short)) == ["id", "1", "2", "showing"]
     assert "showing 2 of 12 jobs; --limit 0 shows all" in short
@@ -397,3 +411,17 @@ def test_console_script_mistakes_have_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in missing.stderr + bad.stderr
     usage = jorb_cli("status")
     assert usage.returncode == 2 and "Missing argument 'RUNFILE'" in usage.stderr
+
+
+def test_ctrl_c_while_waiting_for_a_process_says_where_the_change_waits(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(path: Path, state: str) -> dict[str, object]:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(jorb.control, "pause", interrupted)
+    message = mistake("pause", copy, "edit", code=130)
+    assert message == (
+        f"interrupted while waiting; the change stays queued in {copy}.inbox and is applied "
+        "when the process running the run next looks there"
+    )
