@@ -116,6 +116,8 @@ def plan(
     elif op == "redrive":
         source, target, wanted = args.get("from"), args.get("to"), args.get("jobs")
         _known(run, declared, target)
+        if source not in declared and not any(j.state == source for j in run.jobs.values()):
+            raise StateError(f"no state {source!r} in {run.path} (states: {_names(run)})")
         if wanted:
             missing = [i for i in wanted if i not in run.jobs]
             if missing:

@@ -262,10 +262,13 @@ class Run:
         run = cls(path, _expect(doc, "overall", dict, where, {}))
         run.seq = _expect(doc, "seq", int, where, 0)
         run.declared = _expect(doc, "states", list, where, [])
-        run.paused = set(_expect(doc, "paused", list, where, []))
+        paused = _expect(doc, "paused", list, where, [])
+        if not all(isinstance(name, str) for name in paused):
+            raise CorruptRunError(f'{where}: "paused" must list state names (strings)')
+        run.paused = set(paused)
         run.changes = _expect(doc, "changes", list, where, [])
         if "jobs" not in doc:
-            raise CorruptRunError(f"{where}: no \"jobs\" list (a run file lists its jobs)")
+            raise CorruptRunError(f'{where}: no "jobs" list (a run file lists its jobs)')
         jobs = _expect(doc, "jobs", list, where, [])
         highest = 0
         for index, raw in enumerate(jobs):
@@ -309,6 +312,12 @@ def job_from_dict(raw: Any, where: str) -> Job:
     )
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
+    for index, step in enumerate(job.history):
+        if not isinstance(step, dict) or not {"from", "to"} <= step.keys():
+            raise CorruptRunError(f'{where}: "history" entry {index} is not a {{from, to}} object')
+    for state, records in job.errors.items():
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise CorruptRunError(f'{where}: "errors" of {state!r} is not a list of objects')
     return job
 
 
@@ -376,7 +385,13 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         for ident in record["jobs"]:
             job = run.jobs[ident]
             job.history.append(
-                {"from": job.state, "to": record["to"], "time": record["time"], "duration": 0.0}
+                {
+                    "from": job.state,
+                    "to": record["to"],
+                    "time": record["time"],
+                    "duration": 0.0,
+                    "redrive": record["change"]["id"],
+                }
             )
             job.state = record["to"]
             job.attempts = job.throttled = 0

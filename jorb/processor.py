@@ -713,15 +713,21 @@ class Processor:
     def _on_signal(self) -> None:
         if self._interrupted:
             # Second signal: stop at once. The run file and journal are always loadable.
-            os.write(2, b"\njorb: stopped at once; running execs will run again on resume\n")
+            show_cursor = b"\x1b[?25h" if os.isatty(1) else b""  # a live display hid it
+            os.write(
+                2, show_cursor + b"\njorb: stopped at once; running execs run again on resume\n"
+            )
             os._exit(130)
         self._interrupted = True
         running = sum(lane.running for lane in self._lanes.values())
-        os.write(
-            2,
-            f"\njorb: stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
-            f"Ctrl-C again to stop at once\n".encode(),
+        message = (
+            f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
+            f"Ctrl-C again to stop at once"
         )
+        if self._listeners:
+            self._note(message)  # a live display prints it above its bars
+        else:
+            os.write(2, f"\njorb: {message}\n".encode())
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
 
