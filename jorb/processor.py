@@ -500,8 +500,9 @@ class Processor:
             finally:
                 self._in_exec.discard(task)
             record, kids = self._settle(lane, job, result, error, started)
-            # Shielded: a cancelled worker must not cancel the batch other workers wait on.
-            await asyncio.shield(store.append(record))
+            # Not shielded (a second future per transition): a worker cancelled here can only
+            # be one being shut down, and the store writes its batch regardless.
+            await store.append(record)
         finally:
             lane.running -= 1
             self._running.discard(job.id)
