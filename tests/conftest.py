@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -180,3 +181,13 @@ class InFlight:
             raise AssertionError(
                 f"never {self.target} in flight at once (max {self.max})"
             ) from None
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    """A FIFO the script's execs read a byte from; the test holds it open to write bytes."""
+    fifo = tmp_path / "gate"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDWR)  # also a reader, so opening never blocks and it never hits EOF
+    yield fifo, fd
+    os.close(fd)

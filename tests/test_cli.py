@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -338,15 +337,6 @@ def jorb_cli(*args: object) -> subprocess.CompletedProcess[str]:
         timeout=STUCK,
         env={**os.environ, "COLUMNS": "120"},
     )
-
-
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    fifo = tmp_path / "gate"
-    os.mkfifo(fifo)
-    fd = os.open(fifo, os.O_RDWR)  # also a reader, so opening never blocks and it never hits EOF
-    yield fifo, fd
-    os.close(fd)
 
 
 def test_console_script_reads_and_steers_a_run_in_progress(

@@ -19,10 +19,8 @@ import subprocess
 import sys
 import termios
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-
-import pytest
 
 #: Real seconds before a wait is declared stuck (a guard, never a way to wait for something).
 STUCK = 30.0
@@ -180,16 +178,6 @@ class Terminal:
             self.process.kill()
             self.process.wait()
         os.close(self.master)
-
-
-@pytest.fixture
-def gate(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    """A FIFO the script's execs read a byte from; the test holds it open to write bytes."""
-    fifo = tmp_path / "gate"
-    os.mkfifo(fifo)
-    fd = os.open(fifo, os.O_RDWR)  # also a reader, so opening never blocks and it never hits EOF
-    yield fifo, fd
-    os.close(fd)
 
 
 def test_bars_in_a_terminal_show_a_row_per_state_with_moving_counts(
