@@ -9,8 +9,13 @@ if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
-    .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e '.[dev]'
+    echo "dev.sh: installing jorb and its dev tools into .venv (log: .venv/install.log)" >&2
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install -e '.[dev]'; } >.venv/install.log 2>&1; then
+        cat .venv/install.log >&2
+        echo "dev.sh: installation failed (log above)" >&2
+        exit 1
+    fi
     touch .venv/.installed
 fi
 case "${1:-}" in
