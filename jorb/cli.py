@@ -135,7 +135,19 @@ def status(runfile: RunFile) -> None:
 
 def _state_table(rows: list[report.StateReport]) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for name in ("state", "jobs", "", "errors", "in jobs", "execs", "mean", "median", "p95"):
+    columns = (
+        "state",
+        "jobs",
+        "delayed",
+        "",
+        "errors",
+        "in jobs",
+        "execs",
+        "mean",
+        "median",
+        "p95",
+    )
+    for name in columns:
         table.add_column(name, justify="left" if name in ("state", "") else "right")
     executed = any(row.terminal is not None for row in rows)  # else no states are recorded
     for row in rows:
@@ -151,6 +163,7 @@ def _state_table(rows: list[report.StateReport]) -> Table:
         table.add_row(
             Text(row.name, style="bold"),
             f"{row.jobs:,}",
+            f"{row.delayed:,}" if row.delayed else "",
             _mark(row) if executed else "",
             Text(f"{row.errors:,}", style="red") if row.errors else "",
             f"{row.failing:,}" if row.errors else "",

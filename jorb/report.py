@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import statistics
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,8 @@ class StateReport:
     """Jobs with at least one error recorded in the state."""
     timing: Timing | None
     """Durations of the state's execs, None if none moved a job on yet."""
+    delayed: int = 0
+    """Jobs held back until a later time (a delay, or a retry's backoff) as of ``now``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,10 +154,19 @@ def state_names(run: Run) -> list[str]:
     return names
 
 
-def states(run: Run) -> list[StateReport]:
-    """A report row per state: jobs now, terminal or not, paused, errors, timing."""
+def states(run: Run, now: float | None = None) -> list[StateReport]:
+    """A report row per state: jobs now, terminal or not, paused, errors, timing, delayed.
+
+    ``now`` (Unix time, default the current time) decides which jobs are still delayed.
+    """
+    now = time.time() if now is None else now
     terminal = {str(s.get("name")): bool(s.get("terminal")) for s in run.declared}
     counts = Counter(job.state for job in run.jobs.values())
+    delayed = Counter(
+        job.state
+        for job in run.jobs.values()
+        if job.not_before is not None and job.not_before > now
+    )
     times = timings(run)
     errors_in: Counter[str] = Counter()
     failing: Counter[str] = Counter()
@@ -171,6 +183,7 @@ def states(run: Run) -> list[StateReport]:
             errors_in[name],
             failing[name],
             times.get(name),
+            delayed[name],
         )
         for name in state_names(run)
     ]

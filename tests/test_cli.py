@@ -99,7 +99,10 @@ def test_status_counts_errors_timings_and_completeness(finished: Path) -> None:
     out = cli("status", finished)
     assert out.splitlines()[0] == f"{finished}: complete: all 12 jobs are in terminal states"
     rows = table(out)
-    assert rows["state"] == ["jobs", "errors", "in", "jobs", "execs", "mean", "median", "p95"]
+    assert rows["state"] == [
+        *("jobs", "delayed", "errors", "in", "jobs"),
+        *("execs", "mean", "median", "p95"),
+    ]
     assert rows["new"][:4] == ["0", "4", "2", "8"]  # 4 timeouts in 2 jobs; 6 on to edit, 2 gave up
     assert rows["edit"][:4] == ["0", "1", "1", "6"]
     assert rows["upload"][:2] == ["0", "4"]
@@ -421,3 +424,16 @@ def test_ctrl_c_while_waiting_for_a_process_says_where_the_change_waits(
         f"interrupted while waiting; the change stays queued in {copy}.inbox and is applied "
         "when the process running the run next looks there"
     )
+
+
+def test_status_shows_delayed_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    run = jorb.Run.open(path)
+    run.add_job({}, delay=3600)  # an hour from now
+    run.add_job({})
+    run.save()
+    run.close()
+    out = cli("status", path)
+    header, row = out.splitlines()[2:4]
+    assert header.split()[:3] == ["state", "jobs", "delayed"]
+    assert row.split()[:3] == ["new", "2", "1"]

@@ -233,3 +233,18 @@ def test_an_empty_run() -> None:
     assert report.errors(run) == []
     assert report.is_complete(run) is True
     assert report.to_mermaid(report.graph(run)) == "flowchart LR\n"
+
+
+def test_delayed_jobs_are_counted_per_state_as_of_now() -> None:
+    run = Run(None)
+    run.jobs = {
+        "1": Job("1", "new", {}, not_before=T0 + 60),  # still delayed at T0
+        "2": Job("2", "new", {}, not_before=T0 - 1),  # was delayed, due now
+        "3": Job("3", "new", {}),
+        "4": Job("4", "edit", {}, not_before=T0 + 5),  # a retry's backoff
+    }
+    rows = {row.name: row for row in report.states(run, now=T0)}
+    assert (rows["new"].jobs, rows["new"].delayed) == (3, 1)
+    assert (rows["edit"].jobs, rows["edit"].delayed) == (1, 1)
+    later = {row.name: row.delayed for row in report.states(run, now=T0 + 61)}
+    assert later == {"new": 0, "edit": 0}
