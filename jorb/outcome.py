@@ -104,6 +104,10 @@ def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
 
 
 def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
+    if type(result) is tuple and len(result) == 2:  # the usual answer, checked cheaply
+        ctx, next_state = result
+        if type(ctx) is dict and type(next_state) is str:
+            return ctx, next_state, ()
     if not isinstance(result, tuple | list) or len(result) not in (2, 3):
         raise ExecResultError(
             f"an exec must return (ctx, next_state) or (ctx, next_state, kicks), "

@@ -567,7 +567,8 @@ class Processor:
                 kids = []
         if error is None:
             lane.done += 1
-            lane.rate.succeeded(self._loop.time())
+            if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
+                lane.rate.succeeded(self._loop.time())
         else:
             record, gave_up = outcome.failure(
                 lane.state,
