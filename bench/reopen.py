@@ -108,9 +108,9 @@ def build_crashed(path: Path, n: int, records: int) -> int:
 def _load_child(path: str) -> None:
     gc.collect()
     before = _rss()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run = jorb.Run.load(path)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = _peak()
     gc.collect()
     after = _rss()
@@ -118,6 +118,7 @@ def _load_child(path: str) -> None:
         json.dumps(
             {
                 "seconds": seconds,
+                "cpu": cpu,
                 "jobs": len(run.jobs),
                 "before": before,
                 "peak": peak,
@@ -140,6 +141,7 @@ def measure(path: Path, runs: int) -> dict[str, Any]:
     samples = [run_child([str(HERE), "--child", "load", str(path)]) for _ in range(runs)]
     return {
         "seconds": median([s["seconds"] for s in samples]),
+        "cpu": median([s["cpu"] for s in samples]),
         "all": [round(s["seconds"], 3) for s in samples],
         "peak": median([s["peak"] - s["before"] for s in samples]),
         "steady": median([s["after"] - s["before"] for s in samples]),
@@ -154,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", type=int, default=3, help="loads per file (median reported)")
     parser.add_argument("--dir", type=Path, help="where run files go (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the files already built in --dir (same N)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -167,18 +172,22 @@ def main(argv: list[str] | None = None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         clean, crashed = workdir / "clean.json", workdir / "crashed.json"
-        for p in workdir.glob("*.json*"):
-            p.unlink()
+        journal = crashed.with_name(crashed.name + ".journal")
         start = time.perf_counter()
-        build_clean(clean, n)
-        replayed = build_crashed(crashed, n, records)
+        if args.reuse and clean.exists() and journal.exists():
+            replayed = sum(1 for _ in journal.open("rb")) - 1
+        else:
+            for p in workdir.glob("*.json*"):
+                p.unlink()
+            build_clean(clean, n)
+            replayed = build_crashed(crashed, n, records)
         built = time.perf_counter() - start
         ctx_bytes = run_child([str(HERE), "--child", "ctx", str(n)])["bytes"]
         results = {
             "n": n,
             "file_bytes": clean.stat().st_size,
             "journal_records": replayed,
-            "journal_bytes": crashed.with_name(crashed.name + ".journal").stat().st_size,
+            "journal_bytes": journal.stat().st_size,
             "ctx_bytes": ctx_bytes,
             "build_s": built,
             "clean": measure(clean, args.runs),
@@ -217,6 +226,7 @@ def render(r: dict[str, Any]) -> str:
                 extra,
                 r["runs"],
                 f"{m['seconds']:.2f}",
+                f"{m['cpu']:.2f}",
                 f"{(m['peak'] - r['ctx_bytes']) / n:.0f}",
                 f"{(m['steady'] - r['ctx_bytes']) / n:.0f}",
                 f"{r['ctx_bytes'] / n:.0f}",
@@ -229,6 +239,7 @@ def render(r: dict[str, Any]) -> str:
         "journal",
         "runs",
         "Run.load s",
+        "CPU s",
         "peak B/job",
         "after B/job",
         "ctx B/job",

@@ -26,7 +26,7 @@ def test_engine_bench_moves_every_job_and_prints_a_row_per_size(tmp_path: Path) 
     out = _run("engine.py", "--n", "200,300", "--runs", "1", "--dir", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| ") and "jobs" not in line]
     assert [row.split("|")[1].strip() for row in rows] == ["200", "300"]
-    assert "jorb/floor" in out
+    assert "durable/floor" in out and "no-fsync/floor" in out
 
 
 def test_engine_bench_json_counts_three_transitions_per_job(tmp_path: Path) -> None:
