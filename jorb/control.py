@@ -118,7 +118,12 @@ def plan(
         _known(run, declared, target)
         if source not in declared and not any(j.state == source for j in run.jobs.values()):
             raise StateError(f"no state {source!r} in {run.path} (states: {_names(run)})")
+        if wanted is not None and (
+            not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted)
+        ):
+            raise JorbError(f"job ids must be a list of strings, not {wanted!r}")
         if wanted:
+            wanted = list(dict.fromkeys(wanted))  # each job moves once
             missing = [i for i in wanted if i not in run.jobs]
             if missing:
                 raise JorbError(f"no job {', '.join(missing[:5])} in {run.path}")
@@ -153,6 +158,10 @@ def run_job(run: Run, ctx: Any, state: str, offset: int) -> Job:
     """A job for an ``add`` request, with the id it will get (not yet registered)."""
     if not isinstance(ctx, dict):
         raise JorbError(f"each ctx must be a JSON object, not {type(ctx).__name__}")
+    try:
+        orjson.dumps(ctx)
+    except TypeError as e:
+        raise JorbError(f"a ctx to add is not JSON: {e}") from None
     return Job(str(run.next_id + offset), state, ctx)
 
 
@@ -185,11 +194,21 @@ def pending(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     for name in names:
         file = inbox / name
         try:
-            yield file, orjson.loads(file.read_bytes())
+            req = orjson.loads(file.read_bytes())
         except FileNotFoundError:
             continue
         except orjson.JSONDecodeError:
             reply(file, {"error": f"unreadable request {name}"})
+            continue
+        if (
+            not isinstance(req, dict)
+            or not isinstance(req.get("id"), str)
+            or not isinstance(req.get("op"), str)
+            or not isinstance(req.get("args", {}), dict)
+        ):
+            reply(file, {"error": f"malformed request {name} (needs a str id and op, dict args)"})
+            continue
+        yield file, req
 
 
 def reply(file: Path, answer: dict[str, Any]) -> None:

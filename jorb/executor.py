@@ -8,8 +8,10 @@ implement the same one method; the processor never calls an exec any other way.
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
 from typing import Any, Protocol
 
 from .errors import TimedOut
@@ -30,10 +32,44 @@ class Executor(Protocol):
         ...
 
 
+class _DaemonThreads(futures.Executor):
+    """A fixed set of daemon threads running submitted calls.
+
+    Unlike ThreadPoolExecutor's threads, these are not joined when Python exits, so a ``def``
+    exec stuck past its timeout (or past Ctrl-C's grace period) cannot keep the process alive.
+    """
+
+    def __init__(self, threads: int, name: str) -> None:
+        self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.threads = threads
+        for n in range(threads):
+            threading.Thread(target=self._serve, name=f"{name}_{n}", daemon=True).start()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        future: futures.Future[Any] = futures.Future()
+        self._calls.put((future, fn, args, kwargs))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        for _ in range(self.threads):
+            self._calls.put(None)
+
+    def _serve(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args, kwargs = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args, **kwargs))
+            except BaseException as e:
+                future.set_exception(e)
+
+
 class LocalExecutor:
     """Async execs on the loop, sync execs in threads; timeouts cancel or abandon the attempt.
 
-    A timed-out ``def`` exec cannot be killed: its thread runs on and its result is ignored.
+    A timed-out ``def`` exec cannot be killed: its thread runs on and its result is ignored;
+    its thread is a daemon, so it never keeps the process from exiting.
     """
 
     __slots__ = ("_async", "_pool", "_pools")
@@ -43,7 +79,7 @@ class LocalExecutor:
         self._async = {s.name for s in states if s.is_async}
         threads = sum(s.concurrency for s in states if s.name not in self._async)
         self._pools = 1
-        self._pool = ThreadPoolExecutor(threads, "jorb-exec") if threads else None
+        self._pool = _DaemonThreads(threads, "jorb-exec") if threads else None
 
     def __repr__(self) -> str:
         return f"<LocalExecutor async={sorted(self._async)} pool={self._pool}>"
@@ -81,9 +117,9 @@ class LocalExecutor:
         old = self._pool
         assert old is not None
         self._pools += 1
-        self._pool = ThreadPoolExecutor(old._max_workers, f"jorb-exec-{self._pools}")
+        self._pool = _DaemonThreads(old.threads, f"jorb-exec-{self._pools}")
         old.shutdown(wait=False)
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False)

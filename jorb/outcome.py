@@ -34,6 +34,11 @@ def success(
             raise ExecResultError(f"kicked a job into undeclared state {kick.state!r}")
         if not isinstance(kick.ctx, dict):
             raise ExecResultError(f"a kick's ctx must be a dict, not {type(kick.ctx).__name__}")
+        if type(kick.priority) is not int:
+            raise ExecResultError(f"a kick's priority must be an int, not {kick.priority!r}")
+        delay = kick.delay
+        if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
+            raise ExecResultError(f"a kick's delay must be seconds >= 0, not {delay!r}")
         not_before = now + kick.delay if kick.delay else None
         kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
         next_id += 1

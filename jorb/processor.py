@@ -24,6 +24,7 @@ import random
 import shlex
 import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -124,7 +125,10 @@ class Processor:
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
         self._queued: list[dict[str, Any]] = []  # changes asked for before exec
+        self._submit_lock = threading.Lock()  # steering may be called from any thread
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: The loop steering calls are sent to: set once exec runs, cleared when it stops.
+        self._steering: asyncio.AbstractEventLoop | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -173,8 +177,11 @@ class Processor:
     async def aexec(self, run: Run) -> Run:
         """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises."""
         self._reset()
-        loop = self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         answers = self._prepare(run, loop)
+        self._loop = loop
+        with self._submit_lock:
+            self._steering = loop  # from now on, steering calls go to this loop
         self._listeners = listeners = self._all_listeners()
         helpers = []
         try:
@@ -185,7 +192,7 @@ class Processor:
                 listener.start(self.statistics())
             for name in sorted(run.paused):
                 self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
-            helpers.append(loop.create_task(self._watch_inbox()))
+            self._spawn(self._watch_inbox())  # reaped: if it dies, the exec says so
             if listeners:
                 helpers.append(loop.create_task(self._tick()))
             self._check_finished()
@@ -201,7 +208,6 @@ class Processor:
                 helper.cancel()
             for listener in listeners:
                 listener.stop(self.statistics())
-            self._loop = None
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
         return run
@@ -263,15 +269,34 @@ class Processor:
                 raise StateError(f"{op}: no state {name!r} declared (states: {list(self.states)})")
         if op in ("pause", "resume") and self.states[args["name"]].terminal:
             raise StateError(f"{op}: state {args['name']!r} is terminal: it starts no execs")
+        if op == "add":
+            for ctx in args["ctxs"]:
+                try:
+                    orjson.dumps(ctx)
+                except TypeError as e:
+                    raise JorbError(f"add_jobs: a ctx is not JSON: {e}") from None
         req = control.new_request(op, args)
-        loop = self._loop
-        if loop is None:
-            self._queued.append(req)
-            return
-        loop.call_soon_threadsafe(lambda: self._spawn(self._steer(req)))
+        with self._submit_lock:
+            loop = self._steering
+            if loop is None:
+                self._queued.append(req)  # applied when the next exec starts
+                return
+            loop.call_soon_threadsafe(self._steer_soon, req)
+
+    def _steer_soon(self, req: dict[str, Any]) -> None:
+        with self._submit_lock:
+            if self._steering is None:  # the exec began stopping meanwhile: keep it for the next
+                self._queued.append(req)
+                return
+            self._spawn(self._steer(req))
 
     async def _steer(self, req: dict[str, Any]) -> None:
-        answer = await self._change(req)
+        try:
+            answer = await self._change(req)
+        except (JorbError, TypeError, KeyError, ValueError) as e:
+            answer = {"error": str(e)}
+            if self._store is not None and self._store.failure is not None:
+                raise  # the run cannot checkpoint: stop the exec
         if "error" in answer:
             self._note(f"change refused: {answer['error']}")
 
@@ -297,9 +322,10 @@ class Processor:
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
         answers = control.apply_inbox(run)
         done = control.applied_ids(run)
-        for req in self._queued:
+        with self._submit_lock:
+            queued, self._queued = self._queued, []
+        for req in queued:
             control.apply_one(run, req, done)
-        self._queued.clear()
         self._check_states(run)
         self._run, self._store = run, store
         self._applied = control.applied_ids(run)
@@ -427,10 +453,17 @@ class Processor:
     def _reap(self, task: asyncio.Task[None]) -> None:
         """A task ended: a failure (a checkpoint error, a bug) stops the whole exec."""
         self._tasks.discard(task)
-        if task.cancelled() or task.exception() is None:
-            return
+        if task.cancelled():
+            if self._stopping:
+                return
+            failure: BaseException = JorbError(f"a jorb task was cancelled unexpectedly: {task}")
+        else:
+            exception = task.exception()
+            if exception is None:
+                return
+            failure = exception
         if self._finished is not None and not self._finished.done():
-            self._finished.set_exception(task.exception())  # type: ignore[arg-type]
+            self._finished.set_exception(failure)
 
     def _arm_timer(self, now: float) -> None:
         if self._timer is not None:
@@ -497,6 +530,12 @@ class Processor:
                 error: Exception | None = None
             except Exception as e:
                 result, error = None, e
+            except asyncio.CancelledError as e:
+                if self._stopping or task.cancelling():
+                    raise  # we are cancelling it: the job runs again on resume
+                # The exec's own code let a CancelledError out (a cancelled future it awaited):
+                # that is its failure, not ours to stop on.
+                result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
             finally:
                 self._in_exec.discard(task)
             record, kids = self._settle(lane, job, result, error, started)
@@ -509,8 +548,10 @@ class Processor:
         # The transition is on disk: the job's next step and its children may start.
         now = self._now()
         self._place(job, now)
-        for kid in kids:
-            self._place(kid, now)
+        for kid in kids:  # a kid born terminal was never counted open: nothing to place
+            kid_lane = self._lanes.get(kid.state)
+            if kid_lane is not None:
+                self._enqueue(kid_lane, kid, now)
         self._check_finished()
 
     def _place(self, job: Job, now: float) -> None:
@@ -618,8 +659,13 @@ class Processor:
         while True:
             await asyncio.sleep(self.poll_interval)
             for file, req in control.pending(run.path):
-                answer = await self._change(req)
+                try:
+                    answer = await self._change(req)
+                except (JorbError, TypeError, KeyError, ValueError) as e:
+                    answer = {"error": f"could not apply the change: {e}"}
                 control.reply(file, answer)
+                if self._store is not None and self._store.failure is not None:
+                    raise self._store.failure  # the run cannot checkpoint: stop the exec
 
     async def _change(self, req: dict[str, Any]) -> dict[str, Any]:
         """Apply one change through the journal and the lanes; returns the command's answer."""
@@ -736,6 +782,8 @@ class Processor:
     async def _shutdown(self, grace: float) -> None:
         """Stop starting execs, let running ones finish (up to ``grace``), fold the journal in."""
         self._stopping = True
+        with self._submit_lock:
+            self._steering = None  # steering calls from now on wait for the next exec
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
