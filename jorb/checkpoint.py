@@ -99,7 +99,7 @@ def encode_run(run: Run) -> bytes:
 
 def decode_run(data: bytes, path: Path) -> Run:
     """Parse run-file bytes; every failure is a CorruptRunError naming the file and place."""
-    if not data.strip():
+    if not data or data.isspace():  # (not data.strip(): that copies the whole file)
         raise CorruptRunError(f"{path}: the run file is empty")
     try:
         doc = orjson.loads(data)
