@@ -1,14 +1,19 @@
 """Engine overhead: N no-op jobs through 3 states, against a bare-asyncio floor.
 
     .venv/bin/python bench/engine.py                  # N = 10k, 100k; 3 runs each
-    .venv/bin/python bench/engine.py --n 1M --runs 1  # the 1M point (a few minutes, ~2 GB)
+    .venv/bin/python bench/engine.py --n 1M --runs 1  # the 1M point (a few minutes, ~3 GB)
+    .venv/bin/python bench/engine.py --n 100k --dir /dev/shm/jorb-bench  # fsync ~free (tmpfs)
 
 The workload: every job goes new -> a -> b -> done, each exec an ``async def`` that returns at
 once, each state ``concurrency=64``, progress off. jorb is measured durable (fsync per group
 commit) and with ``durable=False``; the time is ``processor.exec(run)`` on the wall clock, so it
 includes the first snapshot and the final compaction a user also waits for. The floor, measured
 in the same process, is what asyncio alone costs: 3 stages, each 64 workers over an
-``asyncio.Queue``, the same no-op coroutine per step, no durability.
+``asyncio.Queue``, the same no-op coroutine per step, no durability. Runs are interleaved
+(floor, durable, no-fsync, floor, ...) and medians reported, with the ratio to the floor; the
+"CPU µs/tr" columns give process CPU time per transition, steadier than the wall clock on a
+machine shared with other work. Use ``PYTHONPATH=/path/to/other/checkout`` to measure another
+version of jorb with the same script.
 """
 
 from __future__ import annotations
