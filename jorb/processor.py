@@ -183,7 +183,7 @@ class Processor:
         with self._submit_lock:
             self._steering = loop  # from now on, steering calls go to this loop
         self._listeners = listeners = self._all_listeners()
-        helpers = []
+        ticker = loop.create_task(self._tick()) if listeners else None
         try:
             for file, answer in answers:
                 control.reply(file, answer)
@@ -193,8 +193,6 @@ class Processor:
             for name in sorted(run.paused):
                 self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
             self._spawn(self._watch_inbox())  # reaped: if it dies, the exec says so
-            if listeners:
-                helpers.append(loop.create_task(self._tick()))
             self._check_finished()
             assert self._finished is not None
             await self._finished
@@ -204,8 +202,8 @@ class Processor:
         else:
             await self._shutdown(grace=self.grace)
         finally:
-            for helper in helpers:
-                helper.cancel()
+            if ticker is not None:
+                ticker.cancel()
             for listener in listeners:
                 listener.stop(self.statistics())
             run.remember_file()
