@@ -74,7 +74,8 @@ def test_a_kick_with_a_bad_priority_or_delay_is_the_jobs_error_and_the_run_reloa
     run = process([jorb.State("new", exec=split), DONE], make_run([{}]))
 
     assert run.counts() == {"failed": 1}
-    assert "kick's" in errors_of(run)["1"][0]
+    field = next(iter(kick))
+    assert f"a kick's {field} must be" in errors_of(run)["1"][0]
     assert jorb.Run.load(run.path).counts() == {"failed": 1}  # type: ignore[arg-type]
 
 
