@@ -140,3 +140,14 @@ def run_child(args: Sequence[str], *, timeout: float = 600) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
+
+
+def report(title: str, results: Any, markdown: str, as_json: bool) -> None:
+    """Print a benchmark's results: JSON, or a header (machine, command) and a markdown table."""
+    if as_json:
+        print(json.dumps(results))
+        return
+    print(f"{title}: {machine_line()}")
+    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
+    print()
+    print(markdown)

@@ -21,15 +21,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import human, machine_line, median, parse_counts, rate, table
+from common import human, median, parse_counts, rate, report, table
 
 import jorb
 
@@ -215,13 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results))
-        return
-    print(f"engine overhead: {machine_line()}")
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print()
-    print(render(results))
+    report("engine overhead", results, render(results), args.json)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import human, machine_line, median, parse_counts, run_child, table
+from common import human, median, parse_counts, report, run_child, table
 
 import jorb
 
@@ -197,13 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    if args.json:
-        print(json.dumps(results))
-        return
-    print(f"reopen: {machine_line()}")
-    print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print()
-    print(render(results))
+    report("reopen", results, render(results), args.json)
 
 
 def render(r: dict[str, Any]) -> str:
