@@ -61,6 +61,9 @@ RunFile = Annotated[
 
 def main() -> None:
     """Entry point of the ``jorb`` console script."""
+    if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
+        # Piped into grep or a file, rich would cut every line at 80 columns; COLUMNS still wins.
+        console.width = 200
     app()
 
 

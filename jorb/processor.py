@@ -761,7 +761,10 @@ class Processor:
             # Second signal: stop at once. The run file and journal are always loadable.
             show_cursor = b"\x1b[?25h" if os.isatty(1) else b""  # a live display hid it
             os.write(
-                2, show_cursor + b"\njorb: stopped at once; running execs run again on resume\n"
+                2,
+                show_cursor
+                + f"\njorb: stopped at once; running execs run again when you "
+                f"resume: {_command_line()}\n".encode(),
             )
             os._exit(130)
         self._interrupted = True
@@ -813,4 +816,15 @@ class Processor:
 
 
 def _command_line() -> str:
-    return shlex.join(sys.orig_argv) if sys.orig_argv else "your script"
+    """The command that ran this script: the interpreter as invoked, then ``sys.argv``.
+
+    ``sys.argv`` as the script left it, so a script that consumed a one-off flag (``--fresh``)
+    by removing it is not told to start over.
+    """
+    if not sys.orig_argv or not sys.argv or not sys.argv[0]:
+        return "your script"
+    script = sys.argv[0]
+    if script != "-c" and script in sys.orig_argv[1:]:
+        interpreter = sys.orig_argv[: sys.orig_argv.index(script, 1)]
+        return shlex.join([*interpreter, *sys.argv])
+    return shlex.join(sys.orig_argv)  # python -c / -m: as invoked

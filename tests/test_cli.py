@@ -437,3 +437,27 @@ def test_status_shows_delayed_jobs(tmp_path: Path) -> None:
     header, row = out.splitlines()[2:4]
     assert header.split()[:3] == ["state", "jobs", "delayed"]
     assert row.split()[:3] == ["new", "2", "1"]
+
+
+def test_piped_output_is_not_cut_at_80_columns(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    run = jorb.Run.open(path)
+    long_name = "a_state_with_a_rather_long_name_" * 2
+    job = run.add_job({}, state=long_name)
+    job.errors[long_name] = [
+        {
+            "message": "x" * 70 + " the end",
+            "type": "ValueError",
+            "traceback": "",
+            "time": 0.0,
+            "attempt": 1,
+            "rate_limited": False,
+        }
+    ]
+    run.save()
+    run.close()
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    done = subprocess.run([JORB, "status", str(path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "…" not in done.stdout
+    assert long_name in done.stdout and "the end" in done.stdout

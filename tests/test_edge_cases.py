@@ -146,3 +146,22 @@ def test_a_def_exec_stuck_past_its_timeout_does_not_keep_the_process_alive(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "{'failed': 1}"
+
+
+def test_the_resume_hint_is_the_command_as_the_script_left_its_argv(tmp_path: Path) -> None:
+    # A script that consumed a one-off flag (examples/migrate.py's --fresh) by removing it from
+    # sys.argv must not be told, after Ctrl-C, to run it again with that flag.
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "sys.argv.remove('--fresh')\n"
+        "from jorb.processor import _command_line\n"
+        "print(_command_line())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", str(script), "--fresh", "--repos", "5"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.stdout.split() == [sys.executable, "-X", "dev", str(script), "--repos", "5"]
