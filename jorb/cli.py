@@ -29,7 +29,7 @@ from rich.text import Text
 
 from . import __version__, control, report
 from .checkpoint import is_locked
-from .errors import JorbError, StateError
+from .errors import JorbError
 from .model import Run
 
 __all__ = ["app", "main"]
@@ -386,10 +386,6 @@ def redrive(
     Typical: `jorb redrive run.json --from failed --to new` after fixing a bug, then rerun
     the script (or let the running one pick them up).
     """
-    run = Run.load(runfile)
-    if source not in report.state_names(run):
-        names = ", ".join(report.state_names(run)) or "none"
-        raise StateError(f"no state {source!r} in {runfile} (states: {names})")
     result = _change(control.redrive, runfile, source, target, job_ids or None)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"

@@ -218,13 +218,15 @@ def reply(file: Path, answer: dict[str, Any]) -> None:
         file.unlink()
 
 
-def apply_inbox(run: Run) -> list[tuple[Path, dict[str, Any]]]:
+def apply_inbox(run: Run, done: set[str] | None = None) -> list[tuple[Path, dict[str, Any]]]:
     """Apply every waiting request to ``run`` in memory (no process is executing it).
 
-    Returns the (request file, answer) pairs to send with :func:`reply` once the run is saved.
+    ``done`` holds the ids of changes already applied (default: those in ``run.changes``);
+    each one applied here is added to it. Returns the (request file, answer) pairs to send
+    with :func:`reply` once the run is saved.
     """
     assert run.path is not None
-    done = applied_ids(run)
+    done = applied_ids(run) if done is None else done
     answers = []
     for file, req in pending(run.path):
         answers.append((file, apply_one(run, req, done)))

@@ -259,17 +259,17 @@ class Run:
             raise CorruptRunError(
                 f"{where}: run file version {version!r}; this jorb reads version {FORMAT_VERSION}"
             )
-        run = cls(path, _expect(doc, "overall", dict, where, {}))
-        run.seq = _expect(doc, "seq", int, where, 0)
-        run.declared = _expect(doc, "states", list, where, [])
-        paused = _expect(doc, "paused", list, where, [])
+        run = cls(path, _check(doc, "overall", dict, where, {}))
+        run.seq = _check(doc, "seq", int, where, 0)
+        run.declared = _check(doc, "states", list, where, [])
+        paused = _check(doc, "paused", list, where, [])
         if not all(isinstance(name, str) for name in paused):
             raise CorruptRunError(f'{where}: "paused" must list state names (strings)')
         run.paused = set(paused)
-        run.changes = _expect(doc, "changes", list, where, [])
+        run.changes = _check(doc, "changes", list, where, [])
         if "jobs" not in doc:
             raise CorruptRunError(f'{where}: no "jobs" list (a run file lists its jobs)')
-        jobs = _expect(doc, "jobs", list, where, [])
+        jobs = _check(doc, "jobs", list, where, [])
         highest = 0
         for index, raw in enumerate(jobs):
             job = job_from_dict(raw, f"{where}: jobs[{index}]")
@@ -278,7 +278,7 @@ class Run:
             run.jobs[job.id] = job
             if job.id.isdigit():
                 highest = max(highest, int(job.id))
-        run.next_id = max(_expect(doc, "next_id", int, where, 1), highest + 1)
+        run.next_id = max(_check(doc, "next_id", int, where, 1), highest + 1)
         return run
 
 
@@ -402,8 +402,6 @@ def _check(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any
     return value
 
 
-def _expect(doc: Mapping[str, Any], key: str, kind: type, where: str, default: Any) -> Any:
-    return _check(doc, key, kind, where, default)
 
 
 # -- journal records: the one way a run changes while a processor drives it -----------------

@@ -318,15 +318,14 @@ class Processor:
             run._holder = store
         store.durable = self.durable
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
-        answers = control.apply_inbox(run)
-        done = control.applied_ids(run)
+        self._applied = control.applied_ids(run)  # grows as changes are applied
+        answers = control.apply_inbox(run, self._applied)
         with self._submit_lock:
             queued, self._queued = self._queued, []
         for req in queued:
-            control.apply_one(run, req, done)
+            control.apply_one(run, req, self._applied)
         self._check_states(run)
         self._run, self._store = run, store
-        self._applied = control.applied_ids(run)
         store.begin(run)  # every added job, change and the declarations reach disk here
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
