@@ -166,8 +166,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_duplicates_nothing(
         proc = fanout.start()
         reaper.append(proc)
         if rng.random() < 0.2:
-            # Before any progress: during start-up, replay, or the first compaction.
-            threading.Event().wait(rng.uniform(0.05, 0.5))
+            # Before any progress: during start-up, replay, or the first compaction (and at
+            # the latest at the first exec, so a quick start cannot finish the run).
+            proc.wait_before_output(rng.uniform(0.05, 0.5))
         else:
             progressed = proc.wait_lines(len(proc.lines) + rng.randint(1, 30))
             assert progressed, f"the run finished after {kills} kills; make it bigger"

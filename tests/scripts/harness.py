@@ -15,6 +15,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -59,21 +60,36 @@ class Proc:
         self._queue.put((into, None))
 
     def _next(self, timeout: float) -> None:
+        if not self._take(timeout):
+            self.popen.kill()
+            raise AssertionError(f"no output for {timeout}s\n{self.stderr()}")
+
+    def _take(self, timeout: float) -> bool:
+        """Collect the next line (or end of a pipe); False if none came within ``timeout``."""
         try:
             into, line = self._queue.get(timeout=timeout)
         except queue.Empty:
-            self.popen.kill()
-            raise AssertionError(f"no output for {timeout}s\n{self.stderr()}") from None
+            return False
         if line is None:
             self._open -= 1
         else:
             into.append(line)
+        return True
 
     def wait_lines(self, count: int, timeout: float = STUCK) -> bool:
         """Block until ``count`` stdout lines were seen; False if the script exited first."""
         while len(self.lines) < count and not self.eof:
             self._next(timeout)
         return len(self.lines) >= count
+
+    def wait_before_output(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the script prints a stdout line (or exits) first."""
+        deadline = time.monotonic() + seconds
+        seen = len(self.lines)
+        while len(self.lines) == seen and not self.eof:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._take(left):
+                return
 
     def wait_for(self, text: str, *, stderr: bool = False, timeout: float = STUCK) -> None:
         """Block until a stdout (or stderr) line contains ``text``."""
