@@ -94,7 +94,8 @@ def lock_path(path: Path) -> Path:
 
 def encode_run(run: Run) -> bytes:
     """The run file's bytes: 2-space-indented JSON, one key per line."""
-    return orjson.dumps(run.to_document(), option=orjson.OPT_INDENT_2) + b"\n"
+    # (The newline by option: adding it after would copy the whole file once more.)
+    return orjson.dumps(run.to_document(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
 
 
 def decode_run(data: bytes, path: Path) -> Run:

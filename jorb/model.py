@@ -459,9 +459,10 @@ def _apply_attempt(run: Run, record: dict[str, Any]) -> None:
     if step is not None:
         job.history.append(step)
     job.state = record["to"]
-    job.attempts = record["attempts"]
-    job.throttled = record["throttled"]
-    job.not_before = record["not_before"]
+    # A success's record leaves these out: it resets them.
+    job.attempts = record.get("attempts", 0)
+    job.throttled = record.get("throttled", 0)
+    job.not_before = record.get("not_before")
     kids = record.get("kids")
     if kids:
         for raw in kids:

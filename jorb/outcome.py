@@ -21,11 +21,25 @@ def success(
 ) -> tuple[dict[str, Any], list[Job]]:
     """The record of an exec that returned; raises ExecResultError if the value is unusable.
 
-    Children get ids from ``next_id`` on; they are created but not registered in the run.
+    Children get ids from ``next_id`` on; they are created but not registered in the run. A
+    success leaves no attempts, throttles or backoff behind, so its record names none of them.
     """
-    ctx, next_state, kicks = _unpack(result)
+    kicks: Sequence[Kick]
+    usual = type(result) is tuple and len(result) == 2  # (ctx, next_state), checked cheaply
+    if usual and type(result[0]) is dict and type(result[1]) is str:
+        (ctx, next_state), kicks = result, ()
+    else:
+        ctx, next_state, kicks = _unpack(result)
     if next_state not in states:
         raise ExecResultError(f"returned undeclared state {next_state!r}")
+    record: dict[str, Any] = {
+        "job": job.id,
+        "to": next_state,
+        "ctx": ctx,
+        "history": step(job.state, next_state, now, started),
+    }
+    if not kicks:
+        return record, []
     kids: list[Job] = []
     for kick in kicks:
         if not isinstance(kick, Kick):
@@ -42,18 +56,8 @@ def success(
         not_before = now + kick.delay if kick.delay else None
         kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
         next_id += 1
-    record: dict[str, Any] = {
-        "job": job.id,
-        "to": next_state,
-        "ctx": ctx,
-        "attempts": 0,
-        "throttled": 0,
-        "not_before": None,
-        "history": step(job.state, next_state, now, started),
-    }
-    if kids:
-        record["kids"] = kids
-        record["next_id"] = next_id
+    record["kids"] = kids
+    record["next_id"] = next_id
     return record, kids
 
 
@@ -109,10 +113,6 @@ def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
 
 
 def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
-    if type(result) is tuple and len(result) == 2:  # the usual answer, checked cheaply
-        ctx, next_state = result
-        if type(ctx) is dict and type(next_state) is str:
-            return ctx, next_state, ()
     if not isinstance(result, tuple | list) or len(result) not in (2, 3):
         raise ExecResultError(
             f"an exec must return (ctx, next_state) or (ctx, next_state, kicks), "

@@ -1,20 +1,24 @@
 """The Processor: one coordinator drives every job of a run through its states.
 
-Shape of the machine. Each non-terminal state is a *lane*: a priority/FIFO heap of ready jobs
-and at most ``concurrency`` worker tasks, created on demand and parked when the lane is empty.
-A worker takes a job, waits for the state's Rate, runs the exec through the executor seam, and
-hands the outcome to ``_settle``, which turns it into one journal record (new state, ctx,
-history, error, kicked children: see ``outcome``) and applies it to the run. The worker then
-waits for the record to be on disk (group commit) before it releases its slot and the job's
-next step and children become ready. Changes from the command line (``control``) go through
-the same path. Everything runs on one event loop, so nothing is locked: the run is only ever
-touched from the loop, and workers only hand results to the coordinator.
+Shape of the machine. Each non-terminal state is a *lane*: a priority/FIFO heap of ready jobs,
+``concurrency`` slots and at most that many worker tasks, created on demand and parked when
+there is nothing to take. A worker waits for the state's Rate, takes a job (and a slot), runs
+the exec through the executor seam, and hands the outcome to ``_settle``, which turns it into
+one journal record (new state, ctx, history, error, kicked children: see ``outcome``), applies
+it to the run and queues it for the next group commit. The worker does not wait for the disk:
+it goes on to the next job while it has a free slot. When a batch is on disk, ``_committed``
+releases its slots and makes each job's next step and its children ready. So a slot is held
+from the start of an exec until its record is durable: at most ``concurrency`` execs of a state
+can be lost to a crash, and a lane of execs that never wait settles a whole batch per wake-up.
+Changes from the command line (``control``) go through the same journal. Everything runs on
+one event loop, so nothing is locked: the run is only ever touched from the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -55,6 +59,7 @@ class _Lane:
         "done",
         "errors",
         "failed",
+        "held",
         "idle",
         "jobs",
         "paused",
@@ -62,6 +67,7 @@ class _Lane:
         "ready",
         "running",
         "state",
+        "waking",
         "workers",
     )
 
@@ -72,13 +78,15 @@ class _Lane:
         self.ready: list[tuple[int, int, Job]] = []  # (-priority, order, job): a heap
         self.idle: list[asyncio.Future[None]] = []  # parked workers
         self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
+        self.held = 0  # slots taken: jobs in an exec, or settled and waiting for the disk
         self.claims = 0  # workers waiting for the Rate, each about to take a ready job
+        self.waking = 0  # workers woken (or spawned) that have not run yet
         self.done = self.errors = self.failed = 0
 
     def __repr__(self) -> str:
         return (
             f"<Lane {self.state.name} ready={len(self.ready)} running={self.running} "
-            f"workers={self.workers}/{self.state.concurrency}>"
+            f"held={self.held}/{self.state.concurrency} workers={self.workers}>"
         )
 
 
@@ -142,6 +150,8 @@ class Processor:
         self._active = 0  # non-terminal jobs
         self._transitions = 0
         self._running: set[str] = set()  # ids of jobs in an attempt (exec or commit)
+        self._batch: asyncio.Future[None] | None = None  # the group commit being filled
+        self._batch_jobs: list[tuple[_Lane, Job, list[Job]]] = []  # settled into it
         self._kids: dict[str, list[str]] = {}  # fan-in: parent id -> child ids
         self._open_kids: dict[str, int] = {}  # fan-in: parent id -> non-terminal children
         self._joining: dict[str, Job] = {}  # fan-in: jobs waiting for their children
@@ -329,8 +339,11 @@ class Processor:
         store.begin(run)  # every added job, change and the declarations reach disk here
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
-        self._clock = loop.time
-        self._offset = time.time() - loop.time()
+        # The loop's clock, so a fake loop clock fakes history times too (read directly when
+        # it is the usual one: it is read twice per transition).
+        base_time = type(loop).time is asyncio.BaseEventLoop.time
+        self._clock = time.monotonic if base_time else loop.time
+        self._offset = time.time() - self._clock()
         self._started = time.monotonic()
         unlimited: dict[str, Rate] = {}
         for name, state in self.states.items():
@@ -431,14 +444,24 @@ class Processor:
         self._wake(lane)
 
     def _wake(self, lane: _Lane) -> None:
-        if lane.paused or self._stopping:
+        """Get a worker moving on the lane's ready jobs, unless one is already on its way.
+
+        One at a time: a worker that takes a job wakes the next if jobs are left (it may wait
+        in its exec), so execs that never wait are run by one worker, not one per job.
+        """
+        if lane.paused or self._stopping or lane.waking:
             return
-        if lane.idle:
-            idle = lane.idle.pop()
-            if not idle.done():
-                idle.set_result(None)
-        elif lane.workers < lane.state.concurrency:
+        if lane.held + lane.claims >= lane.state.concurrency:
+            return  # every slot is taken: a commit frees them and wakes the lane
+        while lane.idle:
+            parked = lane.idle.pop()
+            if not parked.done():  # (a worker cancelled while parked left a cancelled one)
+                lane.waking += 1
+                parked.set_result(None)
+                return
+        if lane.workers < lane.state.concurrency:
             lane.workers += 1
+            lane.waking += 1
             self._spawn(self._work(lane))
 
     def _spawn(self, coro: Any) -> None:
@@ -482,18 +505,23 @@ class Processor:
             self._arm_timer(now)
 
     async def _work(self, lane: _Lane) -> None:
-        """One worker of a lane: take, throttle, run, settle, wait for disk; repeat."""
+        """One worker of a lane: throttle, take a job and a slot, run, settle; repeat."""
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        rate = lane.rate
+        rate, limit = lane.rate, lane.state.concurrency
+        lane.waking -= 1
         try:
             while not self._stopping:
-                # Park unless a ready job is left that no worker waiting for the Rate will take.
-                if len(lane.ready) <= lane.claims or lane.paused:
+                # Park unless a ready job is left that no worker waiting for the Rate will
+                # take, and a slot is free for it.
+                if len(lane.ready) <= lane.claims or lane.held + lane.claims >= limit or (
+                    lane.paused
+                ):
                     parked: asyncio.Future[None] = loop.create_future()
                     lane.idle.append(parked)
                     await parked
+                    lane.waking -= 1
                     continue
                 if rate.paused_until or rate.n != math.inf:
                     # Wait for the Rate *before* taking a job, so the job taken is the best one
@@ -503,13 +531,18 @@ class Processor:
                         await rate.acquire()
                     finally:
                         lane.claims -= 1
-                    if self._stopping or lane.paused or not lane.ready:
+                    if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
-                await self._attempt(lane, heapq.heappop(lane.ready)[2], task)
+                job = heapq.heappop(lane.ready)[2]
+                lane.held += 1
+                if lane.ready:
+                    self._wake(lane)  # another worker for the rest, in case this exec waits
+                await self._attempt(lane, job, task)
         finally:
             lane.workers -= 1
 
     async def _attempt(self, lane: _Lane, job: Job, task: asyncio.Task[None]) -> None:
+        """Run one exec of ``job`` (its slot is taken), settle it and queue its record."""
         run, store, executor = self._run, self._store, self._executor
         assert run is not None and store is not None and executor is not None
         # The exec gets its own copy, exactly as it is on disk: a failed attempt that changed
@@ -522,33 +555,48 @@ class Processor:
         self._in_exec.add(task)
         started = self._now()
         try:
-            try:
-                result = await executor.call(lane.state, args)
-                error: Exception | None = None
-            except Exception as e:
-                result, error = None, e
-            except asyncio.CancelledError as e:
-                if self._stopping or task.cancelling():
-                    raise  # we are cancelling it: the job runs again on resume
-                # The exec's own code let a CancelledError out (a cancelled future it awaited):
-                # that is its failure, not ours to stop on.
-                result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
-            finally:
-                self._in_exec.discard(task)
-            record, kids = self._settle(lane, job, result, error, started)
-            # Not shielded (a second future per transition): a worker cancelled here can only
-            # be one being shut down, and the store writes its batch regardless.
-            await store.append(record)
+            result = await executor.call(lane.state, args)
+            error: Exception | None = None
+        except Exception as e:
+            result, error = None, e
+        except asyncio.CancelledError as e:
+            if self._stopping or task.cancelling():
+                lane.held -= 1  # we are cancelling it: the job runs again on resume
+                self._running.discard(job.id)
+                raise
+            # The exec's own code let a CancelledError out (a cancelled future it awaited):
+            # that is its failure, not ours to stop on.
+            result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
         finally:
             lane.running -= 1
-            self._running.discard(job.id)
-        # The transition is on disk: the job's next step and its children may start.
+            self._in_exec.discard(task)
+        data, kids = self._settle(lane, job, result, error, started)
+        batch = store.append(data)
+        if batch is not self._batch:  # the first record of a new group commit
+            self._batch, self._batch_jobs = batch, []
+            batch.add_done_callback(functools.partial(self._committed, self._batch_jobs))
+        self._batch_jobs.append((lane, job, kids))
+
+    def _committed(
+        self, settled: list[tuple[_Lane, Job, list[Job]]], batch: asyncio.Future[None]
+    ) -> None:
+        """A group commit is on disk: free its slots; its jobs' next steps and kids may start."""
+        if batch.cancelled() or batch.exception() is not None:
+            if self._finished is not None and not self._finished.done():
+                self._finished.set_exception(batch.exception() or JorbError("commit cancelled"))
+            return  # the run cannot checkpoint: the exec stops (nothing more may start)
         now = self._now()
-        self._place(job, now)
-        for kid in kids:  # a kid born terminal was never counted open: nothing to place
-            kid_lane = self._lanes.get(kid.state)
-            if kid_lane is not None:
-                self._enqueue(kid_lane, kid, now)
+        for lane, job, kids in settled:
+            lane.held -= 1
+            self._running.discard(job.id)
+            self._place(job, now)
+            for kid in kids:  # a kid born terminal was never counted open: nothing to place
+                kid_lane = self._lanes.get(kid.state)
+                if kid_lane is not None:
+                    self._enqueue(kid_lane, kid, now)
+        for lane in self._lanes.values():
+            if lane.ready:
+                self._wake(lane)  # slots were freed
         self._check_finished()
 
     def _place(self, job: Job, now: float) -> None:
@@ -625,7 +673,8 @@ class Processor:
         apply_record(run, record)
         self._transitions += 1
         if job.state != old:
-            self._count_out(old)
+            lane.jobs -= 1
+            self._active -= 1
             self._count_in(job.state)
         for kid in kids:
             self._count_in(kid.state)
