@@ -110,6 +110,9 @@ def plan(
             raise StateError(f"no state {name!r} declared in {run.path} (states: {_names(run)})")
         if declared[name]:
             raise StateError(f"state {name!r} is terminal: it starts no execs to {op}")
+        if (name in run.paused) == (op == "pause"):
+            already = "already paused" if op == "pause" else "not paused"
+            raise JorbError(f"state {name!r} is {already} (paused: {_listed(run.paused)})")
         record = {"op": op, "name": name}
         result = {"paused": sorted(run.paused | {name} if op == "pause" else run.paused - {name})}
         what = f"{op}d {name!r}"
@@ -170,6 +173,10 @@ def _known(run: Run, declared: dict[str, bool], state: Any) -> None:
         raise StateError(f"a state must be a non-empty string, not {state!r}")
     if declared and state not in declared:
         raise StateError(f"no state {state!r} declared in {run.path} (states: {_names(run)})")
+
+
+def _listed(names: set[str]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 def _names(run: Run) -> str:

@@ -21,7 +21,7 @@ from conftest import DONE, MakeRun
 from scripts_steer.harness import ROOT, STUCK, Script
 
 import jorb
-from jorb import control
+from jorb import JorbError, control
 from jorb.checkpoint import atomic_write, is_locked, journal_path
 
 Ctx = dict[str, Any]
@@ -288,7 +288,11 @@ def test_with_no_process_commands_edit_the_file_and_a_pause_persists(live: Live)
     # A stale, already applied request (its answer was lost) is not applied twice offline either.
     first = jorb.Run.load(live.path).changes[0]
     _replay_request(live.path, first, "add", {"ctxs": [{"n": 0}, {"n": 1}, {"n": 2}]})
-    assert control.pause(live.path, "new") == {"paused": ["new"]}
+    # Pausing a paused state (or resuming a running one) is refused, and records nothing.
+    with pytest.raises(JorbError, match=r"state 'new' is already paused \(paused: new\)"):
+        control.pause(live.path, "new")
+    with pytest.raises(JorbError, match=r"state 'probe' is not paused \(paused: new\)"):
+        control.resume(live.path, "probe")
 
     run = jorb.Run.load(live.path)
     assert ids == ["1", "2", "3"]
@@ -302,7 +306,6 @@ def test_with_no_process_commands_edit_the_file_and_a_pause_persists(live: Live)
         "added 3 job(s) in 'new'",
         "paused 'new'",
         "redrove 1 job(s) 'new' -> 'parked'",
-        "paused 'new'",
     ]
     assert all(_me() in c["who"] for c in run.changes)
     assert not journal_path(live.path).exists()  # folded into the file, which stands alone
