@@ -16,6 +16,8 @@ The tree::
 
 from __future__ import annotations
 
+import math
+
 __all__ = [
     "CheckpointError",
     "CorruptRunError",
@@ -76,10 +78,24 @@ class RateLimited(JorbError):
         except httpx.HTTPStatusError as e:
             if e.response.status_code == 429:
                 wait = e.response.headers.get("retry-after")
-                raise jorb.RateLimited(retry_after=float(wait) if wait else None) from e
+                raise jorb.RateLimited(retry_after=wait) from e
     """
 
-    def __init__(self, retry_after: float | None = None, message: str = "rate limited") -> None:
+    def __init__(
+        self, retry_after: float | str | None = None, message: str = "rate limited"
+    ) -> None:
         super().__init__(message)
+        seconds = None
+        if retry_after is not None:
+            # A Retry-After header's text ("2") is taken as it comes; anything else that is not
+            # a number of seconds is the exec's mistake, raised where it is made.
+            try:
+                seconds = float(retry_after)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"RateLimited(retry_after=...) takes seconds, not {retry_after!r}"
+                ) from None
+            if not 0 <= seconds < math.inf:
+                raise ValueError(f"RateLimited(retry_after=...) must be >= 0 s, not {seconds}")
         #: Seconds the service asked us to wait before calling again, if it said.
-        self.retry_after = retry_after
+        self.retry_after: float | None = seconds

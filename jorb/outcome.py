@@ -88,7 +88,7 @@ def failure(
         "job": job.id,
         "in": state.name,
         "error": {
-            "message": str(error) or type(error).__name__,
+            "message": _message(error),
             "type": _type_name(error),
             "traceback": "".join(traceback.format_exception(error)),
             "time": now,
@@ -134,6 +134,13 @@ def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
 def _describe(value: Any) -> str:
     text = repr(value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _message(error: BaseException) -> str:
+    try:
+        return str(error) or type(error).__name__
+    except Exception:  # an error type whose __str__ fails must not take the run down with it
+        return f"{type(error).__name__} (its message could not be read)"
 
 
 def _type_name(error: BaseException) -> str:

@@ -134,6 +134,8 @@ class Processor:
         self._joins = any(s.join for s in self.states.values())
         self._queued: list[dict[str, Any]] = []  # changes asked for before exec
         self._submit_lock = threading.Lock()  # steering may be called from any thread
+        self._in_transit = 0  # steering calls sent to the executing loop, not yet applied
+        self._exec_number = 0  # which exec they were sent to
         self._loop: asyncio.AbstractEventLoop | None = None
         #: The loop steering calls are sent to: set once exec runs, cleared when it stops.
         self._steering: asyncio.AbstractEventLoop | None = None
@@ -192,6 +194,8 @@ class Processor:
         self._loop = loop
         with self._submit_lock:
             self._steering = loop  # from now on, steering calls go to this loop
+            self._exec_number += 1
+            self._in_transit = 0
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
         try:
@@ -289,12 +293,17 @@ class Processor:
             if loop is None:
                 self._queued.append(req)  # applied when the next exec starts
                 return
-            loop.call_soon_threadsafe(self._steer_soon, req)
+            self._in_transit += 1  # the exec does not end with a change on its way to it
+            loop.call_soon_threadsafe(self._steer_soon, req, self._exec_number)
 
-    def _steer_soon(self, req: dict[str, Any]) -> None:
+    def _steer_soon(self, req: dict[str, Any], number: int) -> None:
         with self._submit_lock:
-            if self._steering is None:  # the exec began stopping meanwhile: keep it for the next
+            if number != self._exec_number:  # sent to an exec that ended before it arrived
                 self._queued.append(req)
+                return
+            if self._steering is None or self._ending():
+                self._queued.append(req)  # the exec is stopping: keep it for the next one
+                self._in_transit -= 1
                 return
             self._spawn(self._steer(req))
 
@@ -305,8 +314,12 @@ class Processor:
             answer = {"error": str(e)}
             if self._store is not None and self._store.failure is not None:
                 raise  # the run cannot checkpoint: stop the exec
+        finally:
+            with self._submit_lock:
+                self._in_transit -= 1
         if "error" in answer:
             self._note(f"change refused: {answer['error']}")
+        self._check_finished()  # (a refused change leaves nothing to run)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -571,6 +584,8 @@ class Processor:
             lane.running -= 1
             self._in_exec.discard(task)
         data, kids = self._settle(lane, job, result, error, started)
+        for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
+            self._running.add(kid.id)
         batch = store.append(data)
         if batch is not self._batch:  # the first record of a new group commit
             self._batch, self._batch_jobs = batch, []
@@ -591,6 +606,7 @@ class Processor:
             self._running.discard(job.id)
             self._place(job, now)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
+                self._running.discard(kid.id)
                 kid_lane = self._lanes.get(kid.state)
                 if kid_lane is not None:
                     self._enqueue(kid_lane, kid, now)
@@ -626,8 +642,15 @@ class Processor:
         return [Child(k.id, k.state, orjson.loads(orjson.dumps(k.ctx))) for k in kids if k]
 
     def _check_finished(self) -> None:
-        if self._active == 0 and self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)
+        finished = self._finished
+        if finished is None or finished.done() or self._active or self._in_transit:
+            return
+        finished.set_result(None)
+
+    def _ending(self) -> bool:
+        """Whether the exec's end is decided (every job terminal, a signal, or a failure): a
+        change applied now could leave a job open, so changes wait for the next exec."""
+        return self._finished is None or self._finished.done()
 
     # -- settling an attempt into one journal record ------------------------------------------
 
@@ -705,6 +728,8 @@ class Processor:
         while True:
             await asyncio.sleep(self.poll_interval)
             for file, req in control.pending(run.path):
+                if self._ending():
+                    return  # the rest wait in the inbox: applied offline once the lock is free
                 try:
                     answer = await self._change(req)
                 except (JorbError, TypeError, KeyError, ValueError) as e:
@@ -737,21 +762,24 @@ class Processor:
         for job in moved:
             self._count_out(before[job.id])
             self._count_in(job.state)
-            if self._joins and job.parent is not None:
-                self._reopen_child(job, before[job.id])
+        for job in [*added, *moved]:
+            self._running.add(job.id)  # busy until placed: another change must not move it
         if op == "pause":
             self._lanes[record["name"]].paused = True
         await asyncio.shield(store.append(data))
+        # On disk: the jobs may start, and a join waiting for a moved child may be released.
         now = self._now()
         for job in [*added, *moved]:
+            self._running.discard(job.id)
+            if job.id in before and self._joins and job.parent is not None:
+                self._reopen_child(job, before[job.id])
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
         if op == "resume":
             lane = self._lanes[record["name"]]
             lane.paused = False
-            for _ in range(min(len(lane.ready), lane.state.concurrency)):
-                self._wake(lane)
+            self._wake(lane)
         self._note(f"applied: {record['change']['what']} (by {req.get('who')})")
         self._check_finished()
         return {"result": record["change"]["result"]}

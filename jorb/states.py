@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,8 @@ from aiolimiter import AsyncLimiter
 from .errors import StateError
 
 __all__ = ["ExecFn", "Rate", "State", "validate"]
+
+_RESOLUTION = time.get_clock_info("monotonic").resolution
 
 #: ``(app, overall, ctx) -> (ctx, next_state[, kicks])``, plain or ``async``.
 ExecFn = Callable[[Any, dict[str, Any], dict[str, Any]], Any | Awaitable[Any]]
@@ -103,7 +106,9 @@ class Rate:
         loop = asyncio.get_running_loop()
         self._follow(loop)
         while True:
-            while (wait := self.paused_until - loop.time()) > 0:
+            # (Within the clock's resolution counts as over: asyncio fires timers that early,
+            # and waiting again would spin without the clock moving.)
+            while (wait := self.paused_until - loop.time()) > _RESOLUTION:
                 await asyncio.sleep(wait)
             if self._limiter is None:
                 return

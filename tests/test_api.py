@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 import jorb
 
 #: Every name ``import jorb`` offers. Changing the public API means changing this set on purpose.
@@ -73,6 +75,12 @@ def test_every_error_jorb_raises_is_a_jorb_error() -> None:
 def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
     assert jorb.RateLimited(retry_after=2.5).retry_after == 2.5
     assert jorb.RateLimited().retry_after is None
+    # A Retry-After header's text is taken as it comes; anything else is refused at once.
+    assert jorb.RateLimited(retry_after="2").retry_after == 2.0
+    with pytest.raises(TypeError, match="takes seconds, not 'Wed, 21 Oct 2026"):
+        jorb.RateLimited(retry_after="Wed, 21 Oct 2026 07:28:00 GMT")
+    with pytest.raises(ValueError, match=r"must be >= 0 s, not -1\.0"):
+        jorb.RateLimited(retry_after=-1)
 
 
 def test_importing_jorb_does_not_import_rich_or_typer() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import DONE, MakeRun, errors_of, process
+from conftest import DONE, MakeRun, errors_of, process, process_fake_clock
 
 import jorb
 from jorb import control
@@ -165,3 +165,50 @@ def test_the_resume_hint_is_the_command_as_the_script_left_its_argv(tmp_path: Pa
         timeout=30,
     )
     assert done.stdout.split() == [sys.executable, "-X", "dev", str(script), "--repos", "5"]
+
+
+def test_a_rate_limited_with_a_header_string_is_recorded_not_fatal(
+    make_run: MakeRun,
+) -> None:
+    # A natural mistake: passing the Retry-After header as it came (a str). Settling the
+    # outcome compares it with a number and raises inside the processor: the worker dies
+    # with its slot taken and the whole exec stops with a bare TypeError, the attempt
+    # unrecorded. Like any malformed answer from an exec, it should be recorded on the job
+    # (or the value coerced), and the run should go on.
+    calls: list[int] = []
+
+    async def call(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        calls.append(ctx["n"])
+        if ctx["n"] == 0 and calls.count(0) == 1:
+            raise jorb.RateLimited(retry_after="2")
+        return ctx, "done"
+
+    states = [jorb.State("call", exec=call, concurrency=2, rate=jorb.Rate(10)), DONE]
+    run = make_run([{"n": i} for i in range(3)], state="call")
+
+    process_fake_clock(states, run)
+
+    assert run.counts() == {"done": 3}, errors_of(run)
+    (limited,) = [job for job in run.jobs.values() if job.ctx["n"] == 0]
+    assert limited.errors["call"][0]["rate_limited"]
+
+
+def test_an_exception_whose_str_fails_is_recorded_not_fatal(make_run: MakeRun) -> None:
+    # An exec raises an exception whose __str__ itself raises (a library's buggy error
+    # type). Settling reads str(error) and the processor's worker dies: exec stops with that
+    # secondary error instead of recording the failure and routing the job.
+    class Weird(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no message for you")
+
+    async def work(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        if ctx["n"] == 0:
+            raise Weird()
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=work), DONE, jorb.State("failed", terminal=True)]
+    run = make_run([{"n": i} for i in range(3)])
+
+    process_fake_clock(states, run)
+
+    assert run.counts() == {"done": 2, "failed": 1}, errors_of(run)

@@ -513,3 +513,52 @@ def test_redriving_a_child_back_to_work_makes_its_parent_wait_again(make_run: Ma
         ("failed", "work"),
         ("work", "done"),
     ]
+
+
+def test_a_join_released_by_a_redrive_starts_after_the_redrive_is_on_disk(
+    make_run: MakeRun,
+) -> None:
+    # The parent waits in "sum" for its children, parked in a paused state. A redrive ends
+    # them; the parent's join exec depends on that (it sees the children "skipped"), so the
+    # redrive must be on disk when it starts. A crash at that moment must not leave the join's
+    # side effects done with the children still open on disk.
+    class App:
+        processor: jorb.Processor
+
+    on_disk: list[list[str]] = []
+
+    def split(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        return ctx, "sum", [jorb.Kick("slow", {"i": i}) for i in range(2)]
+
+    async def slow(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        return ctx, "done"
+
+    async def conductor(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(60)  # virtual time: the parent waits in "sum" by now
+        app.processor.redrive("slow", "skipped")
+        return ctx, "done"
+
+    async def total(app: App, overall: Ctx, ctx: Ctx, children: list[jorb.Child]) -> Any:
+        disk = jorb.Run.load(run.path)  # what a restart would see now
+        on_disk.append([kid.state for kid in disk.children("1")])
+        ctx["seen"] = [child.state for child in children]
+        return ctx, "done"
+
+    states = [
+        jorb.State("split", exec=split),
+        jorb.State("slow", exec=slow),
+        jorb.State("sum", exec=total, join=True),
+        jorb.State("conduct", exec=conductor),
+        jorb.State("skipped", terminal=True),
+        DONE,
+    ]
+    run = make_run([{}], state="split")
+    run.add_job({}, state="conduct")
+    app = App()
+    app.processor = jorb.Processor(app, states, progress=False)
+    app.processor.pause("slow")
+
+    _drive(app.processor, run)
+
+    assert run.jobs["1"].ctx["seen"] == ["skipped", "skipped"]
+    assert on_disk == [["skipped", "skipped"]]  # not ["slow", "slow"]

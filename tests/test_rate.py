@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import DONE, MakeRun, process_fake_clock
+from conftest import DONE, STUCK, MakeRun, process_fake_clock
 
 import jorb
 import jorb.testing
@@ -486,3 +487,36 @@ def test_a_job_waiting_for_the_rate_can_be_redriven_without_running(make_run: Ma
     history = [(h["from"], h["to"]) for h in run.jobs["2"].history]
     assert ran == ["j1"], f"execs ran for {ran}; j2's history: {history}"
     assert run.jobs["2"].state == "parked"
+
+
+def test_two_starts_waiting_out_a_pause_do_not_freeze_the_virtual_clock() -> None:
+    # Two workers (say of two states sharing one Rate) wait out a retry_after pause that ends
+    # less than the clock's resolution (1 ns) from now, one loop turn apart. asyncio fires a
+    # timer up to that resolution early; Rate.acquire sees the pause not over and sleeps the
+    # rest again; the other worker's wake-up is always queued, so the virtual clock never
+    # ticks: the two wake each other forever at one instant and the run never ends.
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        rate = jorb.Rate(2)
+        rate.limited(loop.time(), 1.0)  # a retry_after of 1 s: paused until t=1
+        await asyncio.sleep(1.0 - 5e-10)  # something else ran until just before the end
+        first = asyncio.create_task(rate.acquire())
+        await asyncio.sleep(0)
+        second = asyncio.create_task(rate.acquire())
+        await asyncio.gather(first, second)
+        return loop.time()
+
+    async def guarded() -> float:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        dog = threading.Timer(STUCK, loop.call_soon_threadsafe, (task.cancel,))
+        dog.start()
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            raise AssertionError("the virtual clock froze: two Rate waiters spin") from None
+        finally:
+            dog.cancel()
+
+    assert jorb.testing.run(guarded()) >= 1.0

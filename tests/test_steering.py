@@ -11,13 +11,14 @@ import asyncio
 import os
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from conftest import DONE, MakeRun
+from conftest import DONE, MakeRun, errors_of
 from scripts_steer.harness import ROOT, STUCK, Script
 
 import jorb
@@ -458,3 +459,80 @@ def test_jorb_pause_against_a_live_run(live: Live) -> None:
     live.open_gate("all")
     script.finish()
     assert live.started() == [0, 1, 2, 3]
+
+
+# -- changes while records wait for their group commit ---------------------------------------
+
+
+class App:
+    processor: jorb.Processor
+
+
+def test_a_child_redriven_before_its_kick_is_on_disk_runs_once(make_run: MakeRun) -> None:
+    # The parent asks for "move everything in 'work' to 'work2'" and kicks a child into 'work'
+    # in the same turn. The redrive is applied while the kick's record waits for its commit:
+    # the child is in 'work', not yet queued and not "busy", so it is moved. Then the commit
+    # queues it (in its new state) and the redrive queues it again: it runs twice.
+    execs: Counter[tuple[str, str]] = Counter()
+
+    async def split(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        app.processor.redrive("work", "work2")
+        return ctx, "done", [jorb.Kick("work", {"k": 1})]
+
+    async def work(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        execs["work", str(ctx)] += 1
+        return ctx, "done"
+
+    async def work2(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        execs["work2", str(ctx)] += 1
+        await asyncio.sleep(1)
+        return ctx, "done"
+
+    states = [
+        jorb.State("split", exec=split),
+        jorb.State("work", exec=work, concurrency=4),
+        jorb.State("work2", exec=work2, concurrency=4),
+        DONE,
+    ]
+    run = make_run([{"p": 1}], state="split")
+    app = App()
+    app.processor = jorb.Processor(app, states, progress=False)
+
+    _drive(app.processor, run)
+
+    assert run.counts() == {"done": 2}, errors_of(run)
+    kid = next(job for job in run.jobs.values() if job.parent is not None)
+    # Until its kick is on disk the child is busy, like a job in an attempt: the redrive
+    # skips it (and says so), and it runs once, where it was kicked.
+    assert [(h["from"], h["to"]) for h in kid.history] == [("work", "done")], kid.history
+    assert execs == {("work", "{'k': 1}"): 1}
+    (change,) = run.changes
+    assert change["result"] == {"moved": 0, "skipped": [kid.id]}
+
+
+def test_a_job_added_by_the_last_exec_runs_before_exec_returns(make_run: MakeRun) -> None:
+    # A job is added (from Python, from another thread) a moment after the last open job's
+    # exec returned: after its record is queued, before exec began to stop. exec must not
+    # return with that job open: either it runs it, or the add waits for the next exec. Here
+    # the add is applied to the run once exec's end is decided, then exec stops: the job is
+    # in the run file, never run, and exec returns as if the run were complete.
+    ran: list[Ctx] = []
+
+    async def last(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        # As if another thread called add_jobs just after this exec returned.
+        asyncio.get_running_loop().call_soon(app.processor.add_jobs, [{"late": True}], "work")
+        return ctx, "done"
+
+    async def work(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        ran.append(ctx)
+        return ctx, "done"
+
+    states = [jorb.State("last", exec=last), jorb.State("work", exec=work), DONE]
+    run = make_run([{"first": True}], state="last")
+    app = App()
+    app.processor = jorb.Processor(app, states, progress=False)
+
+    _drive(app.processor, run)
+
+    assert run.counts() == {"done": 2}, run.counts()
+    assert ran == [{"late": True}]
