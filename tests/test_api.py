@@ -14,6 +14,7 @@ EXPORTS = {
     "Job",
     "Kick",
     "Child",
+    "Step",
     # declarations and the engine
     "State",
     "Rate",

@@ -193,7 +193,7 @@ def test_the_finished_run_reloads_with_everything_intact(finished: jorb.Run) -> 
     assert len(parts) == 9 and all(j.ctx["ok"] for j in parts)
     for job in loaded.jobs.values():
         for step in job.history:
-            assert set(step) == {"from", "to", "time", "duration"}
+            assert set(step.keys()) == {"from", "to", "time", "duration"}
             assert step["duration"] >= 0
             assert abs(step["time"] - time.time()) < 3600
         for records in job.errors.values():
@@ -286,3 +286,54 @@ def test_a_corrupt_run_file_is_a_jorb_error_naming_the_file(tmp_path: Path) -> N
         jorb.Run.load(path)
     with pytest.raises(jorb.JorbError, match=r"missing\.json"):
         jorb.Run.load(tmp_path / "missing.json")
+
+
+# -- history entries and the file's defaults --------------------------------------------------
+
+
+def test_a_history_step_reads_like_the_object_in_the_file() -> None:
+    step = jorb.Step("new", "edit", 1_795_000_000.5, 0.25)
+    assert (step["from"], step["to"], step["time"], step["duration"]) == (
+        "new",
+        "edit",
+        1_795_000_000.5,
+        0.25,
+    )
+    assert (
+        dict(step)
+        == step.as_dict()
+        == {"from": "new", "to": "edit", "time": 1_795_000_000.5, "duration": 0.25}
+    )
+    assert step == dict(step) and dict(step) == step and step != {**step, "to": "done"}
+    assert "from" in step and "redrive" not in step and step.get("redrive") is None
+    with pytest.raises(KeyError):
+        step["redrive"]
+    redriven = jorb.Step("failed", "new", 1_795_000_001.0, 0.0, "c0ffee")
+    assert redriven["redrive"] == "c0ffee" and list(redriven.keys())[-1] == "redrive"
+
+
+def test_history_round_trips_through_the_file_and_the_journal_unchanged(
+    finished: jorb.Run,
+) -> None:
+    # ``finished`` built its histories live, from the records it journaled.
+    assert finished.path is not None
+    text = finished.path.read_bytes()
+    loaded = jorb.Run.load(finished.path)
+    for ident, job in finished.jobs.items():
+        assert all(type(step) is jorb.Step for step in loaded.jobs[ident].history)
+        assert loaded.jobs[ident].history == job.history
+    doc = json.loads(text)
+    assert [raw.get("history", []) for raw in doc["jobs"]] == [
+        [dict(step) for step in job.history] for job in loaded.jobs.values()
+    ]
+    assert jorb.checkpoint.encode_run(loaded) == text  # written back byte for byte
+
+
+def test_loaded_jobs_share_their_state_names(finished: jorb.Run) -> None:
+    assert finished.path is not None
+    loaded = jorb.Run.load(finished.path)
+    done = [job for job in loaded.jobs.values() if job.state == "done"]
+    assert len(done) == 17
+    assert all(job.state is done[0].state for job in done)
+    targets = [step["to"] for job in done for step in job.history if step["to"] == "done"]
+    assert all(name is done[0].state for name in targets)
