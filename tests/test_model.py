@@ -15,6 +15,17 @@ from conftest import DONE, MakeRun, job_dict, process, process_fake_clock
 
 import jorb
 
+#: What a job object in the run file means by each key it leaves out.
+JOB_DEFAULTS: dict[str, Any] = {
+    "parent": None,
+    "priority": 0,
+    "not_before": None,
+    "attempts": 0,
+    "throttled": 0,
+    "history": [],
+    "errors": {},
+}
+
 # -- Run.open / add_job / counts --------------------------------------------------------------
 
 
@@ -205,7 +216,9 @@ def test_the_run_file_alone_holds_the_finished_run(finished: jorb.Run) -> None:
     # Not only Run.load: the JSON file by itself, read by any JSON reader, is complete.
     assert finished.path is not None
     doc = json.loads(finished.path.read_text())
-    assert doc["jobs"] == [job_dict(job) for job in finished.jobs.values()]
+    assert [{**JOB_DEFAULTS, **raw} for raw in doc["jobs"]] == [
+        job_dict(job) for job in finished.jobs.values()
+    ]
     assert doc["overall"] == {"bucket": "b1"}
 
 
@@ -327,6 +340,22 @@ def test_history_round_trips_through_the_file_and_the_journal_unchanged(
         [dict(step) for step in job.history] for job in loaded.jobs.values()
     ]
     assert jorb.checkpoint.encode_run(loaded) == text  # written back byte for byte
+
+
+def test_a_file_with_every_field_written_out_loads_the_same(finished: jorb.Run) -> None:
+    assert finished.path is not None
+    slim = finished.path.read_bytes()
+    doc = json.loads(slim)
+    assert all("parent" not in raw for raw in doc["jobs"] if raw["ctx"].get("n") is not None)
+    doc["jobs"] = [{**JOB_DEFAULTS, **raw} for raw in doc["jobs"]]  # as older jorbs wrote it
+    finished.path.write_text(json.dumps(doc, indent=2))
+    full = jorb.Run.load(finished.path)
+    assert [job_dict(job) for job in full.jobs.values()] == [
+        job_dict(job) for job in finished.jobs.values()
+    ]
+    finished.close()
+    full.save()
+    assert finished.path.read_bytes() == slim
 
 
 def test_loaded_jobs_share_their_state_names(finished: jorb.Run) -> None:
