@@ -8,7 +8,7 @@ and a small ctx: ``clean.json``, folded and saved, and ``crashed.json``, whose l
 transitions live only in its journal because the process executing it was SIGKILLed (a real
 ``kill -9`` of a real ``Processor.exec``, so the journal is exactly what jorb writes). Then, each
 in a fresh subprocess, ``jorb.Run.load`` (read + validate + journal replay) is timed, with the
-peak RSS (``ru_maxrss``) it reached. Memory per job is that peak minus the process's RSS before
+peak RSS (``VmHWM``) it reached. Memory per job is that peak minus the process's RSS before
 the load, less what the ctx dicts alone take (measured the same way), over N.
 """
 
@@ -46,6 +46,15 @@ def _rss() -> int:
 
 
 def _peak() -> int:
+    """Peak resident set size in bytes of this process image (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux keeps that across fork and exec, so a child of a parent that
+    had just built a 1M-job run reported the parent's size as its own peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

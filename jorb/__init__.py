@@ -19,7 +19,7 @@ from .errors import (
     StateError,
     TimedOut,
 )
-from .model import Child, Job, Kick, Run
+from .model import Child, Job, Kick, Run, Step
 from .processor import Processor
 from .states import Rate, State
 from .status import StateStatus, Status, StatusListener
@@ -44,6 +44,7 @@ __all__ = [
     "StateStatus",
     "Status",
     "StatusListener",
+    "Step",
     "TimedOut",
 ]
 __version__ = "0.1.0"

@@ -53,7 +53,8 @@ from .errors import (
     RunFileError,
     RunLockedError,
 )
-from .model import Run, apply_record
+from .model import Run, apply_record, json_default
+from .runfile import read_pieces
 
 __all__ = [
     "Store",
@@ -93,9 +94,11 @@ def lock_path(path: Path) -> Path:
 
 
 def encode_run(run: Run) -> bytes:
-    """The run file's bytes: 2-space-indented JSON, one key per line."""
+    """The run file's bytes: 2-space-indented JSON, one key per line (``runfile`` reads this
+    layout a piece at a time)."""
     # (The newline by option: adding it after would copy the whole file once more.)
-    return orjson.dumps(run.to_document(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    option = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+    return orjson.dumps(run.to_document(), default=json_default, option=option)
 
 
 def decode_run(data: bytes, path: Path) -> Run:
@@ -264,20 +267,16 @@ def _check_header(value: Any, path: Path) -> dict[str, Any]:
 def _replay(
     run: Run,
     path: Path,
-    snapshot: bytes,
+    snapshot: tuple[int, int],
     header: dict[str, Any] | None,
     records: list[dict[str, Any]],
 ) -> None:
-    """Apply the journal's records that the snapshot does not hold yet."""
+    """Apply the journal's records that the snapshot (its length and CRC-32) does not hold yet."""
     jpath = journal_path(path)
     pending = [r for r in records if r["seq"] > run.seq]
     if header is None or not pending:
         return  # no journal, or one whose every record is already folded into the snapshot
-    if (
-        header["seq"] != run.seq
-        or header["length"] != len(snapshot)
-        or header["crc"] != zlib.crc32(snapshot)
-    ):
+    if header["seq"] != run.seq or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
         raise JournalConflictError(
             f"{path} was changed after its last process stopped uncleanly, but {jpath} still "
             f"holds {len(pending)} transition(s) not saved in it; jorb will not guess which side "
@@ -300,15 +299,27 @@ def _replay(
             ) from None
 
 
-def _read_snapshot(path: Path) -> bytes:
+def _read_snapshot(path: Path) -> tuple[Run, tuple[int, int]]:
+    """The run in the run file, and the file's length and CRC-32 (for the journal's header).
+
+    A file in jorb's own layout is read a piece at a time; any other is read and parsed whole,
+    which also gives a damaged file's error its line and column.
+    """
     try:
-        return path.read_bytes()
+        with path.open("rb") as file:
+            pieces = read_pieces(file, path)
+            if pieces is not None:
+                run, length, crc = pieces
+                return run, (length, crc)
+            file.seek(0)
+            data = file.read()  # the same file: a rename since the open does not mix two
     except FileNotFoundError:
         raise RunFileError(f"{path}: no such run file") from None
     except IsADirectoryError:
         raise RunFileError(f"{path}: is a directory, not a run file") from None
     except OSError as e:
         raise RunFileError(f"{path}: cannot read the run file ({e.strerror})") from None
+    return decode_run(data, path), (len(data), zlib.crc32(data))
 
 
 def read_run(path: Path) -> Run:
@@ -319,8 +330,7 @@ def read_run(path: Path) -> Run:
     """
     with _no_cycle_collection():
         header, records, _ = read_journal(journal_path(path))
-        snapshot = _read_snapshot(path)
-        run = decode_run(snapshot, path)
+        run, snapshot = _read_snapshot(path)
         _replay(run, path, snapshot, header, records)
     return run
 

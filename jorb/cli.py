@@ -30,7 +30,7 @@ from rich.text import Text
 from . import __version__, control, report
 from .checkpoint import is_locked
 from .errors import JorbError
-from .model import Run
+from .model import Run, json_default
 
 __all__ = ["app", "main"]
 
@@ -243,7 +243,7 @@ def jobs(
     if as_json:
         out = sys.stdout
         for job in shown:
-            out.write(orjson.dumps(job).decode() + "\n")
+            out.write(orjson.dumps(job, default=json_default).decode() + "\n")
         return
     if not found:
         console.print("no jobs match", style="dim")

@@ -8,16 +8,17 @@ into bytes on disk and back; the processor is the only thing that moves jobs whi
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, SupportsIndex, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run", "Step"]
 
 FORMAT = "jorb-run"
 FORMAT_VERSION = 1
@@ -54,6 +55,86 @@ class Child:
     """The child's final context."""
 
 
+class Step(NamedTuple):
+    """One entry of a job's history: the job moved from one state to another.
+
+    It reads like the JSON object it is in the run file, ``{"from", "to", "time", "duration"}``
+    (plus ``"redrive"`` for a move made by ``jorb redrive``): ``step["from"]``,
+    ``step.get("redrive")``, ``dict(step)``, and it compares equal to that object. In memory it
+    is a tuple, a third of the size of the dict: a run keeps millions of them.
+    """
+
+    source: str
+    """The state the job left (``"from"``)."""
+    target: str
+    """The state it entered (``"to"``)."""
+    time: float
+    """Unix time of the move."""
+    duration: float
+    """Seconds the exec took (0 for a redrive)."""
+    redrive: str | None = None
+    """Id of the change that made the move, when ``jorb redrive`` did."""
+
+    @overload
+    def __getitem__(self, key: str) -> Any: ...
+    @overload
+    def __getitem__(self, key: SupportsIndex) -> Any: ...
+    @overload
+    def __getitem__(self, key: slice) -> tuple[Any, ...]: ...
+    def __getitem__(self, key: str | SupportsIndex | slice) -> Any:
+        if not isinstance(key, str):
+            return tuple.__getitem__(self, key)
+        index = _STEP_KEYS.get(key)
+        if index is None or (index == 4 and self.redrive is None):
+            raise KeyError(key)
+        return tuple.__getitem__(self, index)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The value of ``key`` as in the JSON object, or ``default``."""
+        try:
+            return self[key]
+        except KeyError:
+            return default
+
+    def keys(self) -> list[str]:
+        """The JSON object's keys (so ``dict(step)`` and ``{**step}`` work)."""
+        return _KEYS if self.redrive is None else _REDRIVE_KEYS
+
+    def __contains__(self, key: object) -> bool:
+        return key in _STEP_KEYS and (key != "redrive" or self.redrive is not None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON object the step is written as."""
+        entry = {
+            "from": self.source,
+            "to": self.target,
+            "time": self.time,
+            "duration": self.duration,
+        }
+        if self.redrive is not None:
+            entry["redrive"] = self.redrive
+        return entry
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is dict:
+            return self.as_dict() == other
+        return tuple.__eq__(self, other)
+
+    def __ne__(self, other: object) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return tuple.__hash__(self)
+
+
+_STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
+_KEYS = ["from", "to", "time", "duration"]
+_REDRIVE_KEYS = [*_KEYS, "redrive"]
+
+#: A history entry: a Step, or an object of another shape that a user wrote into the file.
+Entry = Step | dict[str, Any]
+
+
 @dataclass(slots=True, eq=False)
 class Job:
     """One unit of work moving through the states. Field order is the order in the run file."""
@@ -74,8 +155,8 @@ class Job:
     """Failed attempts in the current state since the job entered it."""
     throttled: int = 0
     """Rate-limited attempts in the current state since the job entered it."""
-    history: list[dict[str, Any]] = field(default_factory=list)
-    """Transitions: ``{"from", "to", "time", "duration"}``; time is Unix seconds."""
+    history: list[Entry] = field(default_factory=list)
+    """Transitions, oldest first: each a :class:`Step` (``step["from"]``, ``step["to"]``, ...)."""
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Errors grouped by the state they happened in."""
 
@@ -83,7 +164,8 @@ class Job:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
 
 
-_JOB_FIELDS = {name: kind for name, kind in Job.__annotations__.items()}
+_JOB_FIELDS = frozenset(Job.__annotations__)
+_REDRIVE_FIELDS = frozenset(_REDRIVE_KEYS)
 
 
 class Run:
@@ -233,7 +315,7 @@ class Run:
     # -- JSON form -------------------------------------------------------------------------
 
     def to_document(self) -> dict[str, Any]:
-        """The run as the JSON document of its file (jobs serialize natively via orjson)."""
+        """The run as the JSON document of its file (encode it with ``default=json_default``)."""
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -243,13 +325,23 @@ class Run:
             "states": self.declared,
             "paused": sorted(self.paused),
             "changes": self.changes,
-            "jobs": list(self.jobs.values()),
+            "jobs": [job_document(job) for job in self.jobs.values()],
         }
 
     @classmethod
     def from_document(cls, doc: Any, path: Path | None) -> Run:
         """Build a Run from a parsed run file, checking its shape; errors name what and where."""
-        where = str(path) if path is not None else "run document"
+        run = cls.from_head(doc, path)
+        where = _where(path)
+        if "jobs" not in doc:
+            raise CorruptRunError(f'{where}: no "jobs" list (a run file lists its jobs)')
+        run.read_jobs(_check(doc, "jobs", list, where, []))
+        return run
+
+    @classmethod
+    def from_head(cls, doc: Any, path: Path | None) -> Run:
+        """A Run from a parsed run file's keys other than ``"jobs"``, checked; no jobs yet."""
+        where = _where(path)
         if not isinstance(doc, dict):
             raise CorruptRunError(f"{where}: expected a JSON object at the top, got {_kind(doc)}")
         if doc.get("format") != FORMAT:
@@ -267,51 +359,71 @@ class Run:
             raise CorruptRunError(f'{where}: "paused" must list state names (strings)')
         run.paused = set(paused)
         run.changes = _check(doc, "changes", list, where, [])
-        if "jobs" not in doc:
-            raise CorruptRunError(f'{where}: no "jobs" list (a run file lists its jobs)')
-        jobs = _check(doc, "jobs", list, where, [])
-        highest = 0
-        for index, raw in enumerate(jobs):
-            job = job_from_dict(raw, f"{where}: jobs[{index}]")
-            if job.id in run.jobs:
-                raise CorruptRunError(f"{where}: job id {job.id!r} appears twice")
-            run.jobs[job.id] = job
-            if job.id.isdigit():
-                highest = max(highest, int(job.id))
-        run.next_id = max(_check(doc, "next_id", int, where, 1), highest + 1)
+        run.next_id = _check(doc, "next_id", int, where, 1)
         return run
+
+    def read_jobs(self, raws: list[Any], start: int = 0) -> None:
+        """Check job objects read from the run file and add them (``start``: the index of the
+        first in the file's list); ``next_id`` moves past every numeric id."""
+        jobs = self.jobs
+        for index, raw in enumerate(raws, start):
+            job = _usual_job(raw) or _checked_job(raw, f"{_where(self.path)}: jobs[{index}]")
+            ident = job.id
+            if ident in jobs:
+                raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
+            jobs[ident] = job
+            if ident.isdigit() and int(ident) >= self.next_id:
+                self.next_id = int(ident) + 1
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """A job's object in the run file: its id, state and ctx, and every other field that is
+    not at its default (a million jobs' ``"parent": null`` lines are a fifth of a file)."""
+    doc: dict[str, Any] = {"id": job.id, "state": job.state, "ctx": job.ctx}
+    if job.parent is not None:
+        doc["parent"] = job.parent
+    if job.priority:
+        doc["priority"] = job.priority
+    if job.not_before is not None:
+        doc["not_before"] = job.not_before
+    if job.attempts:
+        doc["attempts"] = job.attempts
+    if job.throttled:
+        doc["throttled"] = job.throttled
+    if job.history:
+        doc["history"] = job.history
+    if job.errors:
+        doc["errors"] = job.errors
+    return doc
+
+
+def json_default(value: Any) -> Any:
+    """orjson's ``default`` for run documents and jobs: a Step is written as its JSON object."""
+    if type(value) is Step:
+        return value.as_dict()
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
 def job_from_dict(raw: Any, where: str) -> Job:
-    """Check one job object from a run file or journal and build the Job.
+    """Check one job object from a run file or journal and build the Job."""
+    return _usual_job(raw) or _checked_job(raw, where)
 
-    A million jobs must load in seconds: the usual shape is recognised by one cheap test, and
-    only anything else goes through the checks that name what is wrong. The fast test accepts
-    nothing those checks refuse (the corrupt-file tests hold both to that).
+
+def _usual_job(raw: Any) -> Job | None:
+    """The Job for a job object of the usual, valid shape, else None.
+
+    A million jobs must load in seconds: this is one cheap test, and anything it does not
+    accept goes through the checks that name what is wrong (the corrupt-file tests hold both
+    to the same verdicts). State names are interned: a million jobs share one ``"done"``.
     """
-    if type(raw) is dict and raw.keys() <= _JOB_FIELDS.keys():
-        get: Callable[..., Any] = raw.get
-        job = Job(
-            get("id"),
-            get("state"),
-            get("ctx"),
-            get("parent"),
-            get("priority", 0),
-            get("not_before"),
-            get("attempts", 0),
-            get("throttled", 0),
-            get("history", []),
-            get("errors", {}),
-        )
-        if _usual(job):
-            return job
-    return _checked_job(raw, where)
-
-
-def _usual(job: Job) -> bool:
-    """Whether a job just read has the usual, valid shape (one expression, no messages)."""
-    not_before = job.not_before
-    return (
+    if type(raw) is not dict or not raw.keys() <= _JOB_FIELDS:
+        return None
+    try:
+        job = Job(**raw)
+    except TypeError:  # no "id", "state" or "ctx"
+        return None
+    not_before, history, errors = job.not_before, job.history, job.errors
+    if not (
         type(job.id) is str
         and job.id != ""
         and type(job.state) is str
@@ -322,14 +434,70 @@ def _usual(job: Job) -> bool:
         and (not_before is None or type(not_before) is float or type(not_before) is int)
         and type(job.attempts) is int
         and type(job.throttled) is int
-        and type(job.history) is list
-        and all(type(step) is dict and "from" in step and "to" in step for step in job.history)
-        and type(job.errors) is dict
-        and all(
-            type(records) is list and all(type(r) is dict for r in records)
-            for records in job.errors.values()
-        )
+        and type(history) is list
+        and type(errors) is dict
+        and (not errors or _errors_ok(errors))
+    ):
+        return None
+    if history:
+        steps = _steps(history)
+        if steps is None:
+            return None
+        job.history = steps
+    job.state = sys.intern(job.state)
+    return job
+
+
+def _errors_ok(errors: dict[str, Any]) -> bool:
+    return all(
+        type(records) is list and all(type(r) is dict for r in records)
+        for records in errors.values()
     )
+
+
+def _steps(history: list[Any]) -> list[Entry] | None:
+    """A history as read, its entries of the usual shape as Steps (state names interned);
+    None if an entry is not an object with "from" and "to"."""
+    intern, new = sys.intern, tuple.__new__  # (Step(...) costs more: its __new__ is Python)
+    steps: list[Entry] = []
+    for entry in history:
+        if type(entry) is dict and len(entry) == 4:  # with these four keys, exactly those
+            source, target = entry.get("from"), entry.get("to")
+            when, took = entry.get("time"), entry.get("duration")
+            if (
+                type(source) is str
+                and type(target) is str
+                and type(when) is float
+                and type(took) is float
+            ):
+                steps.append(new(Step, (intern(source), intern(target), when, took, None)))
+                continue
+        step = _as_step(entry)
+        if step is None:
+            return None
+        steps.append(step)
+    return steps
+
+
+def _as_step(entry: Any) -> Entry | None:
+    """One history entry as read (the unusual shapes): a Step if it is one, the object as it
+    is if it is another object with "from" and "to", else None."""
+    if not isinstance(entry, dict) or "from" not in entry or "to" not in entry:
+        return None
+    source, target = entry["from"], entry["to"]
+    when: Any = entry.get("time")
+    took: Any = entry.get("duration")
+    redrive = entry.get("redrive")
+    if (
+        entry.keys() <= _REDRIVE_FIELDS
+        and type(source) is str
+        and type(target) is str
+        and type(when) in (float, int)
+        and type(took) in (float, int)
+        and (redrive is None if "redrive" not in entry else type(redrive) is str)
+    ):
+        return Step(sys.intern(source), sys.intern(target), when, took, redrive)
+    return entry
 
 
 def _checked_job(raw: Any, where: str) -> Job:
@@ -344,7 +512,7 @@ def _checked_job(raw: Any, where: str) -> Job:
     for key in ("state", "ctx"):
         if key not in raw:
             raise CorruptRunError(f'{where}: job has no "{key}"')
-    unknown = set(raw) - _JOB_FIELDS.keys()
+    unknown = set(raw) - _JOB_FIELDS
     if unknown:
         raise CorruptRunError(f"{where}: unknown job keys {sorted(unknown)}")
     job = Job(
@@ -361,12 +529,17 @@ def _checked_job(raw: Any, where: str) -> Job:
     )
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
-    for index, step in enumerate(job.history):
-        if not isinstance(step, dict) or not {"from", "to"} <= step.keys():
-            raise CorruptRunError(f'{where}: "history" entry {index} is not a {{from, to}} object')
     for state, records in job.errors.items():
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise CorruptRunError(f'{where}: "errors" of {state!r} is not a list of objects')
+    steps = []
+    for index, entry in enumerate(job.history):
+        step = _as_step(entry)
+        if step is None:
+            raise CorruptRunError(f'{where}: "history" entry {index} is not a {{from, to}} object')
+        steps.append(step)
+    job.history = steps
+    job.state = sys.intern(job.state)
     return job
 
 
@@ -391,6 +564,10 @@ def _not_before(delay: float | None, not_before: float | None) -> float | None:
     return not_before
 
 
+def _where(path: Path | None) -> str:
+    return str(path) if path is not None else "run document"
+
+
 def _kind(value: Any) -> str:
     return type(value).__name__ if value is not None else "null"
 
@@ -400,8 +577,6 @@ def _check(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise CorruptRunError(f'{where}: "{key}" has the wrong type ({_kind(value)})')
     return value
-
-
 
 
 # -- journal records: the one way a run changes while a processor drives it -----------------
@@ -431,16 +606,9 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     elif op == "redrive":
         for ident in record["jobs"]:
             job = run.jobs[ident]
-            job.history.append(
-                {
-                    "from": job.state,
-                    "to": record["to"],
-                    "time": record["time"],
-                    "duration": 0.0,
-                    "redrive": record["change"]["id"],
-                }
-            )
-            job.state = record["to"]
+            to = sys.intern(record["to"])
+            job.history.append(Step(job.state, to, record["time"], 0.0, record["change"]["id"]))
+            job.state = to
             job.attempts = job.throttled = 0
             job.not_before = None
     else:
@@ -456,9 +624,11 @@ def _apply_attempt(run: Run, record: dict[str, Any]) -> None:
     if "ctx" in record:
         job.ctx = record["ctx"]
     step = record.get("history")
-    if step is not None:
-        job.history.append(step)
-    job.state = record["to"]
+    if step is not None:  # the record's {"from", "to", "time", "duration"}, as a Step
+        intern = sys.intern  # (tuple.__new__: Step's own __new__ is Python, twice the cost)
+        entry = (intern(step["from"]), intern(step["to"]), step["time"], step["duration"], None)
+        job.history.append(tuple.__new__(Step, entry))
+    job.state = sys.intern(record["to"])
     # A success's record leaves these out: it resets them.
     job.attempts = record.get("attempts", 0)
     job.throttled = record.get("throttled", 0)

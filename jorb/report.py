@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import JorbError, StateError
-from .model import Job, Run
+from .model import Entry, Job, Run
 
 __all__ = [
     "ErrorGroup",
@@ -419,5 +419,5 @@ def _redrive_times(run: Run) -> set[float]:
     }
 
 
-def _is_redrive(step: dict[str, Any], redriven: set[float]) -> bool:
+def _is_redrive(step: Entry, redriven: set[float]) -> bool:
     return step.get("duration") == 0.0 and step.get("time") in redriven

@@ -16,6 +16,7 @@ EXPORTS = {
     "Job",
     "Kick",
     "Child",
+    "Step",
     # declarations and the engine
     "State",
     "Rate",

@@ -15,6 +15,17 @@ from conftest import DONE, MakeRun, job_dict, process, process_fake_clock
 
 import jorb
 
+#: What a job object in the run file means by each key it leaves out.
+JOB_DEFAULTS: dict[str, Any] = {
+    "parent": None,
+    "priority": 0,
+    "not_before": None,
+    "attempts": 0,
+    "throttled": 0,
+    "history": [],
+    "errors": {},
+}
+
 # -- Run.open / add_job / counts --------------------------------------------------------------
 
 
@@ -193,7 +204,7 @@ def test_the_finished_run_reloads_with_everything_intact(finished: jorb.Run) -> 
     assert len(parts) == 9 and all(j.ctx["ok"] for j in parts)
     for job in loaded.jobs.values():
         for step in job.history:
-            assert set(step) == {"from", "to", "time", "duration"}
+            assert set(step.keys()) == {"from", "to", "time", "duration"}
             assert step["duration"] >= 0
             assert abs(step["time"] - time.time()) < 3600
         for records in job.errors.values():
@@ -205,7 +216,9 @@ def test_the_run_file_alone_holds_the_finished_run(finished: jorb.Run) -> None:
     # Not only Run.load: the JSON file by itself, read by any JSON reader, is complete.
     assert finished.path is not None
     doc = json.loads(finished.path.read_text())
-    assert doc["jobs"] == [job_dict(job) for job in finished.jobs.values()]
+    assert [{**JOB_DEFAULTS, **raw} for raw in doc["jobs"]] == [
+        job_dict(job) for job in finished.jobs.values()
+    ]
     assert doc["overall"] == {"bucket": "b1"}
 
 
@@ -286,3 +299,70 @@ def test_a_corrupt_run_file_is_a_jorb_error_naming_the_file(tmp_path: Path) -> N
         jorb.Run.load(path)
     with pytest.raises(jorb.JorbError, match=r"missing\.json"):
         jorb.Run.load(tmp_path / "missing.json")
+
+
+# -- history entries and the file's defaults --------------------------------------------------
+
+
+def test_a_history_step_reads_like_the_object_in_the_file() -> None:
+    step = jorb.Step("new", "edit", 1_795_000_000.5, 0.25)
+    assert (step["from"], step["to"], step["time"], step["duration"]) == (
+        "new",
+        "edit",
+        1_795_000_000.5,
+        0.25,
+    )
+    assert (
+        dict(step)
+        == step.as_dict()
+        == {"from": "new", "to": "edit", "time": 1_795_000_000.5, "duration": 0.25}
+    )
+    assert step == dict(step) and dict(step) == step and step != {**step, "to": "done"}
+    assert "from" in step and "redrive" not in step and step.get("redrive") is None
+    with pytest.raises(KeyError):
+        step["redrive"]
+    redriven = jorb.Step("failed", "new", 1_795_000_001.0, 0.0, "c0ffee")
+    assert redriven["redrive"] == "c0ffee" and list(redriven.keys())[-1] == "redrive"
+
+
+def test_history_round_trips_through_the_file_and_the_journal_unchanged(
+    finished: jorb.Run,
+) -> None:
+    # ``finished`` built its histories live, from the records it journaled.
+    assert finished.path is not None
+    text = finished.path.read_bytes()
+    loaded = jorb.Run.load(finished.path)
+    for ident, job in finished.jobs.items():
+        assert all(type(step) is jorb.Step for step in loaded.jobs[ident].history)
+        assert loaded.jobs[ident].history == job.history
+    doc = json.loads(text)
+    assert [raw.get("history", []) for raw in doc["jobs"]] == [
+        [dict(step) for step in job.history] for job in loaded.jobs.values()
+    ]
+    assert jorb.checkpoint.encode_run(loaded) == text  # written back byte for byte
+
+
+def test_a_file_with_every_field_written_out_loads_the_same(finished: jorb.Run) -> None:
+    assert finished.path is not None
+    slim = finished.path.read_bytes()
+    doc = json.loads(slim)
+    assert all("parent" not in raw for raw in doc["jobs"] if raw["ctx"].get("n") is not None)
+    doc["jobs"] = [{**JOB_DEFAULTS, **raw} for raw in doc["jobs"]]  # as older jorbs wrote it
+    finished.path.write_text(json.dumps(doc, indent=2))
+    full = jorb.Run.load(finished.path)
+    assert [job_dict(job) for job in full.jobs.values()] == [
+        job_dict(job) for job in finished.jobs.values()
+    ]
+    finished.close()
+    full.save()
+    assert finished.path.read_bytes() == slim
+
+
+def test_loaded_jobs_share_their_state_names(finished: jorb.Run) -> None:
+    assert finished.path is not None
+    loaded = jorb.Run.load(finished.path)
+    done = [job for job in loaded.jobs.values() if job.state == "done"]
+    assert len(done) == 17
+    assert all(job.state is done[0].state for job in done)
+    targets = [step["to"] for job in done for step in job.history if step["to"] == "done"]
+    assert all(name is done[0].state for name in targets)

@@ -1,0 +1,85 @@
+"""Reading a run file in pieces: a million jobs without the whole file or its parse in memory.
+
+``orjson.loads`` of a whole 1M-job file holds the file's bytes, the parser's own document of
+them and every Python object at once: about 4 KB a job at the peak, most of a load's time spent
+faulting in fresh memory. jorb writes run files in one layout (``checkpoint.encode_run``: two
+spaces of indent, the ``"jobs"`` list last, one job object at four spaces), so a file in that
+layout is read a few megabytes at a time, cut between two jobs, and each piece parsed as a list
+and turned into Jobs before the next is read.
+
+Why this reads exactly what a whole parse would: a piece is cut only at a line break (never
+inside a JSON string, where a raw line break is not allowed), and every piece must parse, on
+its own, as a list of complete values; pieces that each parse that way, joined by the commas
+they were cut at, are the whole list. Anything else (a file edited into another layout, a
+damaged one) returns None, and the caller parses the whole file the ordinary way, which also
+gives its errors their line and column.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from pathlib import Path
+from typing import BinaryIO
+
+import orjson
+
+from .model import Run
+
+__all__ = ["PIECE", "read_pieces"]
+
+#: Bytes read at a time (a piece is cut at the last job boundary in it).
+PIECE = 1 << 16
+
+_JOBS = b'\n  "jobs": [\n'  # the "jobs" key, its list opened, the first job on the next line
+_BETWEEN = b"\n    },\n"  # the end of one job object and the comma before the next
+_END = re.compile(rb"[ \t\r\n]*\][ \t\r\n]*\}[ \t\r\n]*")  # the jobs list and the file closed
+
+
+def read_pieces(file: BinaryIO, path: Path) -> tuple[Run, int, int] | None:
+    """The run in ``file`` (read from where it is), its length in bytes and its CRC-32; None if
+    the file is not in jorb's own layout, or a piece does not parse: read it whole instead."""
+    data = b""
+    length = crc = 0
+    while (start := data.find(_JOBS)) < 0:  # the head: every key but "jobs"
+        block = file.read(PIECE)
+        if not block:
+            return None
+        data += block
+        length, crc = length + len(block), zlib.crc32(block, crc)
+    if not data.endswith(b",", 0, start):
+        return None
+    head = _parse(data[: start - 1] + b"\n}")  # the head's object, without the comma
+    if not isinstance(head, dict) or "jobs" in head:
+        return None
+    run = Run.from_head(head, path)
+    data = data[start + len(_JOBS) - 1 :]  # from the line break before the first job
+    index = 0
+    while True:
+        block = file.read(PIECE)
+        if block:
+            length, crc = length + len(block), zlib.crc32(block, crc)
+            data += block
+            cut = data.rfind(_BETWEEN)  # the last job boundary: the piece ends before its comma
+            if cut < 0:
+                continue  # not one whole job yet
+            piece, data = memoryview(data)[: cut + 6], data[cut + 7 :]
+        else:  # the last jobs, then the end of the list and of the file
+            cut = data.rfind(b"\n    }")
+            if cut < 0 or not _END.fullmatch(data, cut + 6):
+                return None
+            piece = memoryview(data)[: cut + 6]
+        jobs = _parse(b"".join((b"[", piece, b"]")))
+        if not isinstance(jobs, list):
+            return None
+        run.read_jobs(jobs, index)
+        index += len(jobs)
+        if not block:
+            return run, length, crc
+
+
+def _parse(data: bytes) -> object:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
