@@ -547,6 +547,10 @@ class Processor:
                     if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
                 job = heapq.heappop(lane.ready)[2]
+                if lane.state.join and self._open_kids.get(job.id):
+                    lane.awaiting += 1  # a child was redriven back to work: it waits again
+                    self._joining[job.id] = job
+                    continue
                 lane.held += 1
                 if lane.ready:
                     self._wake(lane)  # another worker for the rest, in case this exec waits
@@ -759,9 +763,16 @@ class Processor:
         added = record["jobs"] if op == "add" else []
         for job in added:
             self._count_in(job.state)
+        ended = []  # parents whose child the redrive ends: they may join once it is on disk
         for job in moved:
             self._count_out(before[job.id])
             self._count_in(job.state)
+            if self._joins and job.parent is not None:
+                was_open, is_open = before[job.id] in self._lanes, job.state in self._lanes
+                if is_open and not was_open:  # the parent waits for it again, from now on
+                    self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
+                elif was_open and not is_open:
+                    ended.append(job.parent)
         for job in [*added, *moved]:
             self._running.add(job.id)  # busy until placed: another change must not move it
         if op == "pause":
@@ -771,14 +782,14 @@ class Processor:
         now = self._now()
         for job in [*added, *moved]:
             self._running.discard(job.id)
-            if job.id in before and self._joins and job.parent is not None:
-                self._reopen_child(job, before[job.id])
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
+        for parent in ended:
+            self._child_ended(parent)
         if op == "resume":
             lane = self._lanes[record["name"]]
-            lane.paused = False
+            lane.paused = record["name"] in run.paused  # a pause applied meanwhile stands
             self._wake(lane)
         self._note(f"applied: {record['change']['what']} (by {req.get('who')})")
         self._check_finished()
@@ -805,15 +816,6 @@ class Processor:
         for ident in ids & self._joining.keys():
             job = self._joining.pop(ident)
             self._lanes[job.state].awaiting -= 1
-
-    def _reopen_child(self, job: Job, before: str) -> None:
-        """Keep fan-in counts right when a redrive moves a child in or out of terminal."""
-        assert job.parent is not None
-        was_open, is_open = before in self._lanes, job.state in self._lanes
-        if is_open and not was_open:
-            self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
-        elif was_open and not is_open:
-            self._child_ended(job.parent)
 
     # -- stopping ------------------------------------------------------------------------------
 

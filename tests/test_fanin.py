@@ -564,7 +564,6 @@ def test_a_join_released_by_a_redrive_starts_after_the_redrive_is_on_disk(
     assert on_disk == [["skipped", "skipped"]]  # not ["slow", "slow"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG found by tests/test_stress.py seed 47: not fixed yet")
 def test_a_parent_released_but_not_started_waits_again_for_a_redriven_child(
     make_run: MakeRun,
 ) -> None:
@@ -611,7 +610,6 @@ def test_a_parent_released_but_not_started_waits_again_for_a_redriven_child(
     assert run.jobs["1"].ctx["seen"] == ["done"]  # not ["work"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG found by tests/test_stress.py seed 47: not fixed yet")
 def test_a_parent_joining_again_waits_for_children_it_redrove_back_to_work(
     make_run: MakeRun,
 ) -> None:

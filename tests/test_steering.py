@@ -538,7 +538,6 @@ def test_a_job_added_by_the_last_exec_runs_before_exec_returns(make_run: MakeRun
     assert ran == [{"late": True}]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG found by tests/test_stress.py seed 1929: not fixed yet")
 def test_a_pause_right_after_a_resume_keeps_the_state_paused(make_run: MakeRun) -> None:
     # "new" is paused. A resume and a pause are applied in the same turn (the user changed
     # their mind at once): the run file says "new" is paused, and nothing may start in it
