@@ -98,7 +98,8 @@ def encode_run(run: Run) -> bytes:
     layout a piece at a time)."""
     # (The newline by option: adding it after would copy the whole file once more.)
     option = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
-    return orjson.dumps(run.to_document(), default=json_default, option=option)
+    with _no_cycle_collection():  # a job's document is a dict: a million would set it off
+        return orjson.dumps(run.to_document(), default=json_default, option=option)
 
 
 def decode_run(data: bytes, path: Path) -> Run:
@@ -339,9 +340,9 @@ def read_run(path: Path) -> Run:
 def _no_cycle_collection() -> Iterator[None]:
     """Pause the cyclic garbage collector while a run's millions of objects are built.
 
-    Loading makes no garbage cycles, but every container it creates counts toward the next
-    collection, and each full collection walks every object built so far: a third of the CPU
-    of a big load, for nothing.
+    Loading (or encoding, which builds each job's document) makes no garbage cycles, but every
+    container it creates counts toward the next collection, and each full collection walks
+    every object of the run: a third of the CPU of a big load, for nothing.
     """
     enabled = gc.isenabled()
     gc.disable()
