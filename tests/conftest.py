@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -101,22 +102,32 @@ def process_fake_clock(
     processor = jorb.Processor(app, states, progress=False, **options)
 
     async def guarded() -> jorb.Run:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        watchdog = threading.Timer(STUCK, loop.call_soon_threadsafe, (task.cancel,))
-        watchdog.start()
         try:
-            return await processor.aexec(run)
+            with watchdog(STUCK):
+                return await processor.aexec(run)
         except asyncio.CancelledError:
             raise AssertionError(
                 f"the run on the virtual clock was still going after {STUCK:g} real seconds "
-                f"(virtual time {loop.time():g}s): it never finished, or its clock stopped"
+                f"(virtual time {asyncio.get_running_loop().time():g}s): it never finished, "
+                f"or its clock stopped"
             ) from None
-        finally:
-            watchdog.cancel()
 
     return jorb.testing.run(guarded())
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Cancel the running task if the block takes ``seconds`` of real time: a guard that turns
+    a hang (or a virtual clock that stopped moving) into a failure, never a wait."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    timer = threading.Timer(seconds, loop.call_soon_threadsafe, (task.cancel,))
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def errors_of(run: jorb.Run) -> dict[str, list[str]]:

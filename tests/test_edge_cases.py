@@ -167,19 +167,14 @@ def test_the_resume_hint_is_the_command_as_the_script_left_its_argv(tmp_path: Pa
     assert done.stdout.split() == [sys.executable, "-X", "dev", str(script), "--repos", "5"]
 
 
-def test_a_rate_limited_with_a_header_string_is_recorded_not_fatal(
-    make_run: MakeRun,
-) -> None:
-    # A natural mistake: passing the Retry-After header as it came (a str). Settling the
-    # outcome compares it with a number and raises inside the processor: the worker dies
-    # with its slot taken and the whole exec stops with a bare TypeError, the attempt
-    # unrecorded. Like any malformed answer from an exec, it should be recorded on the job
-    # (or the value coerced), and the run should go on.
-    calls: list[int] = []
+def test_a_rate_limited_with_a_header_string_is_taken_as_seconds(make_run: MakeRun) -> None:
+    # Passing the Retry-After header as it came (a str) is natural; it once crashed settling
+    # and stopped the whole exec. It is taken as seconds: the job is retried and ends done.
+    calls: list[tuple[int, float]] = []
 
     async def call(app: Any, overall: Ctx, ctx: Ctx) -> Any:
-        calls.append(ctx["n"])
-        if ctx["n"] == 0 and calls.count(0) == 1:
+        calls.append((ctx["n"], asyncio.get_running_loop().time()))
+        if calls == [(0, 0.0)]:
             raise jorb.RateLimited(retry_after="2")
         return ctx, "done"
 
@@ -191,12 +186,14 @@ def test_a_rate_limited_with_a_header_string_is_recorded_not_fatal(
     assert run.counts() == {"done": 3}, errors_of(run)
     (limited,) = [job for job in run.jobs.values() if job.ctx["n"] == 0]
     assert limited.errors["call"][0]["rate_limited"]
+    assert [n for n, _ in calls] == [0, 1, 2, 0]
+    assert calls[-1][1] >= 2.0  # the 2 s the service asked for, as a number
 
 
 def test_an_exception_whose_str_fails_is_recorded_not_fatal(make_run: MakeRun) -> None:
-    # An exec raises an exception whose __str__ itself raises (a library's buggy error
-    # type). Settling reads str(error) and the processor's worker dies: exec stops with that
-    # secondary error instead of recording the failure and routing the job.
+    # An exec raises an exception whose __str__ itself raises (a library's buggy error type).
+    # The failure is recorded (with a stand-in message) and the job routed, not the exec
+    # stopped by that secondary error.
     class Weird(Exception):
         def __str__(self) -> str:
             raise RuntimeError("no message for you")
@@ -212,3 +209,5 @@ def test_an_exception_whose_str_fails_is_recorded_not_fatal(make_run: MakeRun) -
     process_fake_clock(states, run)
 
     assert run.counts() == {"done": 2, "failed": 1}, errors_of(run)
+    (failed,) = [job for job in run.jobs.values() if job.state == "failed"]
+    assert failed.errors["new"][0]["message"] == "Weird (its message could not be read)"

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import DONE, STUCK, MakeRun, process_fake_clock
+from conftest import DONE, STUCK, MakeRun, process_fake_clock, watchdog
 
 import jorb
 import jorb.testing
@@ -507,16 +506,10 @@ def test_two_starts_waiting_out_a_pause_do_not_freeze_the_virtual_clock() -> Non
         return loop.time()
 
     async def guarded() -> float:
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        dog = threading.Timer(STUCK, loop.call_soon_threadsafe, (task.cancel,))
-        dog.start()
         try:
-            return await main()
+            with watchdog(STUCK):
+                return await main()
         except asyncio.CancelledError:
             raise AssertionError("the virtual clock froze: two Rate waiters spin") from None
-        finally:
-            dog.cancel()
 
     assert jorb.testing.run(guarded()) >= 1.0

@@ -470,9 +470,8 @@ class App:
 
 def test_a_child_redriven_before_its_kick_is_on_disk_runs_once(make_run: MakeRun) -> None:
     # The parent asks for "move everything in 'work' to 'work2'" and kicks a child into 'work'
-    # in the same turn. The redrive is applied while the kick's record waits for its commit:
-    # the child is in 'work', not yet queued and not "busy", so it is moved. Then the commit
-    # queues it (in its new state) and the redrive queues it again: it runs twice.
+    # in the same turn, so the redrive is applied while the kick's record waits for its
+    # commit. The child must not be both moved and placed by the commit (it ran twice).
     execs: Counter[tuple[str, str]] = Counter()
 
     async def split(app: App, overall: Ctx, ctx: Ctx) -> Any:
@@ -513,9 +512,8 @@ def test_a_child_redriven_before_its_kick_is_on_disk_runs_once(make_run: MakeRun
 def test_a_job_added_by_the_last_exec_runs_before_exec_returns(make_run: MakeRun) -> None:
     # A job is added (from Python, from another thread) a moment after the last open job's
     # exec returned: after its record is queued, before exec began to stop. exec must not
-    # return with that job open: either it runs it, or the add waits for the next exec. Here
-    # the add is applied to the run once exec's end is decided, then exec stops: the job is
-    # in the run file, never run, and exec returns as if the run were complete.
+    # return with that job open in the run file, never run: a change on its way to an exec
+    # keeps it from ending, so the job runs now.
     ran: list[Ctx] = []
 
     async def last(app: App, overall: Ctx, ctx: Ctx) -> Any:
@@ -541,8 +539,8 @@ def test_a_job_added_by_the_last_exec_runs_before_exec_returns(make_run: MakeRun
 def test_a_pause_right_after_a_resume_keeps_the_state_paused(make_run: MakeRun) -> None:
     # "new" is paused. A resume and a pause are applied in the same turn (the user changed
     # their mind at once): the run file says "new" is paused, and nothing may start in it
-    # until the next resume, a minute later. The resume, finishing once on disk, unpauses the
-    # lane after the pause had paused it again: the jobs start at once, in a paused state.
+    # until the next resume, a minute later; the resume reaching disk must not unpause it
+    # (found by tests/test_stress.py, seed 1929).
     started: list[float] = []
 
     async def work(app: App, overall: Ctx, ctx: Ctx) -> Any:

@@ -48,14 +48,13 @@ import contextlib
 import math
 import os
 import random
-import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import RUN_LIMIT
+from conftest import RUN_LIMIT, watchdog
 
 import jorb
 import jorb.testing
@@ -162,33 +161,32 @@ class Stress:
     async def _execute(self, run: jorb.Run) -> bool:
         """Execute the run; False if the watchdog had to stop it (a hang, or a stopped clock)."""
         loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        # A guard against hanging the suite, far above what any seed takes (a big one, ~4 s).
-        watchdog = threading.Timer(RUN_LIMIT, loop.call_soon_threadsafe, (task.cancel,))
-        watchdog.start()
         try:
-            if self.steering:
-                self._steer(before_exec=True)  # queued, applied as exec starts
-                for _ in range(self.rng.randint(0, 3)):
-                    self._later(self.rng.uniform(0, 6), self._steer)
-            # Steering calls made after an exec ended wait for the next one: run until none
-            # is left to come (each pause has a resume after it, so none is left paused).
-            for _ in range(10):
-                await self.processor.aexec(run)
-                self._check_complete(run)
-                if not self.timers:
-                    return True
-                await asyncio.sleep(max(self.timers) - loop.time() + EPSILON)
-            self.problems.append("steering calls kept coming after 10 execs")
-            return True
+            # A guard against hanging the suite, far above what any seed takes (a big one, ~4 s).
+            with watchdog(RUN_LIMIT):
+                return await self._execute_until_quiet(run)
         except asyncio.CancelledError:
             self.problems.append(
                 f"still running after {RUN_LIMIT:g} real seconds (virtual time {loop.time():g}s)"
             )
             return False
-        finally:
-            watchdog.cancel()
+
+    async def _execute_until_quiet(self, run: jorb.Run) -> bool:
+        loop = asyncio.get_running_loop()
+        if self.steering:
+            self._steer(before_exec=True)  # queued, applied as exec starts
+            for _ in range(self.rng.randint(0, 3)):
+                self._later(self.rng.uniform(0, 6), self._steer)
+        # Steering calls made after an exec ended wait for the next one: run until none is
+        # left to come (each pause has a resume after it, so none is left paused).
+        for _ in range(10):
+            await self.processor.aexec(run)
+            self._check_complete(run)
+            if not self.timers:
+                return True
+            await asyncio.sleep(max(self.timers) - loop.time() + EPSILON)
+        self.problems.append("steering calls kept coming after 10 execs")
+        return True
 
     def _new_ctx(self, parent: str | None) -> Ctx:
         key = f"k{self.keys}"
