@@ -100,6 +100,14 @@ class Step(NamedTuple):
         """The JSON object's keys (so ``dict(step)`` and ``{**step}`` work)."""
         return _KEYS if self.redrive is None else _REDRIVE_KEYS
 
+    def items(self) -> list[tuple[str, Any]]:
+        """The JSON object's (key, value) pairs."""
+        return list(self.as_dict().items())
+
+    def values(self) -> list[Any]:
+        """The JSON object's values."""
+        return list(self.as_dict().values())
+
     def __contains__(self, key: object) -> bool:
         return key in _STEP_KEYS and (key != "redrive" or self.redrive is not None)
 
@@ -372,7 +380,10 @@ class Run:
             if ident in jobs:
                 raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
             jobs[ident] = job
-            if ident.isdigit() and int(ident) >= self.next_id:
+            # (A numeric id moves the counter past it; "²" is a digit int() refuses, and a number
+            # of more than 4300 digits too.)
+            numeric = ident.isascii() and ident.isdigit() and len(ident) < 4000
+            if numeric and int(ident) >= self.next_id:
                 self.next_id = int(ident) + 1
 
 

@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import orjson
 
+from .errors import CorruptRunError
 from .model import Run
 
 __all__ = ["PIECE", "read_pieces"]
@@ -38,41 +39,59 @@ _END = re.compile(rb"[ \t\r\n]*\][ \t\r\n]*\}[ \t\r\n]*")  # the jobs list and t
 
 def read_pieces(file: BinaryIO, path: Path) -> tuple[Run, int, int] | None:
     """The run in ``file`` (read from where it is), its length in bytes and its CRC-32; None if
-    the file is not in jorb's own layout, or a piece does not parse: read it whole instead."""
-    data = b""
+    the file is not in jorb's own layout, or a piece does not parse or holds a job of the wrong
+    shape: read it whole instead (which also reports the file's first problem, not a piece's).
+
+    Bytes are searched once each (a file with no cut in it is read to its end in linear time).
+    """
+    head = bytearray()
     length = crc = 0
-    while (start := data.find(_JOBS)) < 0:  # the head: every key but "jobs"
+    while True:  # the head: every key but "jobs"
         block = file.read(PIECE)
         if not block:
             return None
-        data += block
+        searched = max(0, len(head) - len(_JOBS) + 1)
+        head += block
         length, crc = length + len(block), zlib.crc32(block, crc)
+        if (start := head.find(_JOBS, searched)) >= 0:
+            break
+    data = bytes(head)
+    del head
     if not data.endswith(b",", 0, start):
         return None
-    head = _parse(data[: start - 1] + b"\n}")  # the head's object, without the comma
-    if not isinstance(head, dict) or "jobs" in head:
+    doc = _parse(data[: start - 1] + b"\n}")  # the head's object, without the comma
+    if not isinstance(doc, dict) or "jobs" in doc:
         return None
-    run = Run.from_head(head, path)
-    data = data[start + len(_JOBS) - 1 :]  # from the line break before the first job
+    try:
+        run = Run.from_head(doc, path)
+    except CorruptRunError:
+        return None
+    buf = bytearray(data[start + len(_JOBS) - 1 :])  # from the line break before the first job
     index = 0
     while True:
         block = file.read(PIECE)
         if block:
             length, crc = length + len(block), zlib.crc32(block, crc)
-            data += block
-            cut = data.rfind(_BETWEEN)  # the last job boundary: the piece ends before its comma
+            searched = max(0, len(buf) - len(_BETWEEN) + 1)
+            buf += block
+            cut = buf.rfind(_BETWEEN, searched)  # the last job boundary in the new bytes
             if cut < 0:
                 continue  # not one whole job yet
-            piece, data = memoryview(data)[: cut + 6], data[cut + 7 :]
+            piece = bytes(buf[: cut + 6])
+            del buf[: cut + 7]
         else:  # the last jobs, then the end of the list and of the file
+            data = bytes(buf)
             cut = data.rfind(b"\n    }")
             if cut < 0 or not _END.fullmatch(data, cut + 6):
                 return None
-            piece = memoryview(data)[: cut + 6]
+            piece = data[: cut + 6]
         jobs = _parse(b"".join((b"[", piece, b"]")))
         if not isinstance(jobs, list):
             return None
-        run.read_jobs(jobs, index)
+        try:
+            run.read_jobs(jobs, index)
+        except CorruptRunError:
+            return None  # the whole parse decides: a syntax error further on is reported first
         index += len(jobs)
         if not block:
             return run, length, crc

@@ -323,6 +323,10 @@ def test_a_history_step_reads_like_the_object_in_the_file() -> None:
         step["redrive"]
     redriven = jorb.Step("failed", "new", 1_795_000_001.0, 0.0, "c0ffee")
     assert redriven["redrive"] == "c0ffee" and list(redriven.keys())[-1] == "redrive"
+    assert dict(redriven.items()) == redriven.as_dict()
+    assert list(redriven.values()) == ["failed", "new", 1_795_000_001.0, 0.0, "c0ffee"]
+    # Being a tuple, a Step iterates (and json.dumps writes it) as its values: dict() it.
+    assert json.loads(json.dumps([dict(step)])) == [step.as_dict()]
 
 
 def test_history_round_trips_through_the_file_and_the_journal_unchanged(

@@ -105,3 +105,59 @@ def test_a_cut_that_falls_inside_a_hand_edited_job_is_not_taken(
         assert runfile.read_pieces(file, path) is None
     run = jorb.Run.load(path)
     assert {i: j.ctx for i, j in run.jobs.items()} == {"1": {"x": {}, "y": 1}, "2": {}}
+
+
+@pytest.mark.parametrize("piece", [4096, 1 << 16])
+def test_a_crlf_file_and_a_job_bigger_than_a_piece_load_like_a_whole_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    # A CRLF file never shows jorb's layout, and a job bigger than a piece has no cut in it:
+    # both are read to the end before anything is parsed. (They once made the reader copy and
+    # search everything read so far at every block: quadratic, 37 s for a 56 MB CRLF file.)
+    monkeypatch.setattr(runfile, "PIECE", piece)
+    path = tmp_path / "run.json"
+    run = jorb.Run(path, {})
+    for i in range(3000):
+        run.add_job({"repo": f"acme/service-{i:06d}"}, "done")
+    run.add_job({"blob": "x" * (3 * piece)}, "a")
+    big = checkpoint.encode_run(run)
+    for data in (big, big.replace(b"\n", b"\r\n")):
+        path.write_bytes(data)
+        _same(jorb.Run.load(path), checkpoint.decode_run(data, path))
+
+
+def test_a_damaged_file_gets_the_error_a_whole_parse_gives(tmp_path: Path) -> None:
+    # Two hand edits: job 2's "state" misspelt, and a trailing comma after the last job. The
+    # pieces meet the first long before the second, but the user is told what a whole parse
+    # says (the syntax error, with its line and column), not one problem at a time.
+    path = tmp_path / "run.json"
+    run = jorb.Run(path, {})
+    for i in range(3000):  # ~200 KB: several pieces
+        run.add_job({"i": i}, "a")
+    data = checkpoint.encode_run(run)
+    second = data.find(b'"state"', data.find(b'"state"') + 1)
+    data = data[:second] + b'"sate"' + data[second + len(b'"state"') :]
+    end = data.rfind(b"\n    }")
+    data = data[: end + 6] + b"," + data[end + 6 :]
+    path.write_bytes(data)
+    assert len(data) > 2 * runfile.PIECE
+    with pytest.raises(jorb.CorruptRunError) as whole:
+        checkpoint.decode_run(data, path)
+    assert "not valid JSON at line" in str(whole.value)
+    with pytest.raises(jorb.CorruptRunError) as loaded:
+        jorb.Run.load(path)
+    assert str(loaded.value) == str(whole.value)
+
+
+@pytest.mark.parametrize("ident", ["²", "①", "1" * 5000])
+def test_any_hand_written_job_id_loads(tmp_path: Path, ident: str) -> None:
+    # Any non-empty string is an id. "²".isdigit() is True but int("²") fails, as does a
+    # number past Python's 4300-digit limit: neither may crash the load (it once did, with a
+    # bare ValueError), and neither moves the id counter.
+    path = tmp_path / "run.json"
+    run = jorb.Run(path, {})
+    run.add_job({}, "a")
+    run.save()
+    path.write_bytes(path.read_bytes().replace(b'"id": "1"', b'"id": ' + orjson.dumps(ident)))
+    loaded = jorb.Run.load(path)
+    assert list(loaded.jobs) == [ident] and loaded.next_id == 2
