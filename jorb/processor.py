@@ -528,8 +528,10 @@ class Processor:
             while not self._stopping:
                 # Park unless a ready job is left that no worker waiting for the Rate will
                 # take, and a slot is free for it.
-                if len(lane.ready) <= lane.claims or lane.held + lane.claims >= limit or (
-                    lane.paused
+                if (
+                    len(lane.ready) <= lane.claims
+                    or lane.held + lane.claims >= limit
+                    or lane.paused
                 ):
                     parked: asyncio.Future[None] = loop.create_future()
                     lane.idle.append(parked)
