@@ -48,7 +48,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(highlight=False)
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _reader_gone()  # (rich's own answer is to exit 1)
+
+
+console = _Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., None])
 RunFile = Annotated[
@@ -64,7 +72,20 @@ def main() -> None:
     if not sys.stdout.isatty() and "COLUMNS" not in os.environ:
         # Piped into grep or a file, rich would cut every line at 80 columns; COLUMNS still wins.
         console.width = 200
-    app()
+    try:
+        try:
+            app()
+        finally:
+            sys.stdout.flush()  # here, so a reader gone meanwhile is seen below
+    except BrokenPipeError:
+        _reader_gone()
+
+
+def _reader_gone() -> NoReturn:
+    """stdout's reader went away (``jorb jobs ... | head``): not an error, and nothing to say."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # the interpreter's last flush must not fail again
+    raise SystemExit(0)
 
 
 def _friendly(command: F) -> F:
@@ -76,6 +97,8 @@ def _friendly(command: F) -> F:
             command(*args, **kwargs)
         except JorbError as e:
             _fail(str(e))
+        except BrokenPipeError:
+            _reader_gone()
         except OSError as e:
             where = f"{e.filename}: " if e.filename else ""
             _fail(f"{where}{e.strerror or e}")
@@ -236,7 +259,7 @@ def jobs(
         bool, typer.Option("--json", help="One JSON object per line, every field of each job.")
     ] = False,
 ) -> None:
-    """List jobs (id, state, parent, errors, ctx), optionally filtered."""
+    """List jobs (id, state, parent, errors, last error, ctx), optionally filtered."""
     run = Run.load(runfile)
     found = report.find_jobs(run, state, errors=errors)
     shown = found[:limit] if limit else found

@@ -89,7 +89,8 @@ def plan(
     """Check ``req`` against ``run`` and build its journal record (without ``seq``).
 
     ``busy(job_id)`` says whether a job is mid-exec (a redrive skips those). Raises a
-    JorbError with a one-line reason for a request that cannot apply.
+    JorbError with a one-line reason for a request that cannot apply, and :class:`Unchanged`
+    (with its answer) for one that would change nothing, so nothing is recorded.
     """
     op, args = req.get("op"), req.get("args") or {}
     now = time.time()
@@ -119,6 +120,8 @@ def plan(
     elif op == "redrive":
         source, target, wanted = args.get("from"), args.get("to"), args.get("jobs")
         _known(run, declared, target)
+        if source == target and declared.get(target):
+            raise JorbError(f"{target!r} is terminal: redriving it to itself changes nothing")
         if source not in declared and not any(j.state == source for j in run.jobs.values()):
             raise StateError(f"no state {source!r} in {run.path} (states: {_names(run)})")
         if wanted is not None and (
@@ -139,6 +142,8 @@ def plan(
             candidates = list(wanted)
         else:
             candidates = [job.id for job in run.jobs.values() if job.state == source]
+        if not candidates:
+            raise Unchanged({"moved": 0, "skipped": []})
         moved = [i for i in candidates if not busy(i)]
         skipped = [i for i in candidates if busy(i)]
         record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
@@ -155,6 +160,14 @@ def plan(
         "result": result,
     }
     return record
+
+
+class Unchanged(Exception):  # (an answer, not an error)
+    """A request that would change nothing: it is answered with ``result`` and not recorded."""
+
+    def __init__(self, result: dict[str, Any]) -> None:
+        super().__init__(result)
+        self.result = result
 
 
 def run_job(run: Run, ctx: Any, state: str, offset: int) -> Job:
@@ -248,6 +261,8 @@ def apply_one(run: Run, req: dict[str, Any], done: set[str]) -> dict[str, Any]:
         record = plan(run, req)
     except JorbError as e:
         return {"error": str(e)}
+    except Unchanged as e:
+        return {"result": e.result}
     record["seq"] = run.seq + 1
     apply_record(run, record)
     done.add(req["id"])

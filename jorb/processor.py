@@ -754,6 +754,8 @@ class Processor:
             record = control.plan(run, req, busy=self._running.__contains__)
         except JorbError as e:
             return {"error": str(e)}
+        except control.Unchanged as e:
+            return {"result": e.result}
         op = record["op"]
         moved = [run.jobs[i] for i in record["jobs"]] if op == "redrive" else []
         before = {job.id: job.state for job in moved}

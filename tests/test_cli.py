@@ -215,6 +215,21 @@ def test_redrive_moves_jobs_keeping_history_and_errors(copy: Path) -> None:
     assert table(cli("status", copy))["new"][0] == "2"
 
 
+def test_a_redrive_that_changes_nothing_records_nothing(copy: Path) -> None:
+    changes = jorb.Run.load(copy).changes
+    # No job in the state: answered, and not added to the run's log of changes.
+    assert cli("redrive", copy, "--from", "upload", "--to", "new") == (
+        "moved 0 job(s) from 'upload' to 'new'\n"
+    )
+    # A terminal state to itself would only write a history entry on every job in it.
+    assert mistake("redrive", copy, "--from", "failed", "--to", "failed") == (
+        "'failed' is terminal: redriving it to itself changes nothing"
+    )
+    after = jorb.Run.load(copy)
+    assert after.changes == changes
+    assert all(job.history[-1]["from"] != "failed" for job in after.jobs.values() if job.history)
+
+
 def test_add_from_ctx_file_and_stdin(copy: Path, tmp_path: Path) -> None:
     assert cli("add", copy, "--ctx", '{"n": 20}') == "added 1 job(s) in 'new': 13\n"
     assert cli("add", copy, "-c", '{"n": 21}', "-c", '{"n": 22}', "-s", "upload") == (
@@ -461,3 +476,25 @@ def test_piped_output_is_not_cut_at_80_columns(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "…" not in done.stdout
     assert long_name in done.stdout and "the end" in done.stdout
+
+
+@pytest.mark.parametrize("command", [["jobs", "--json", "-n", "0"], ["status"], ["show", "1"]])
+def test_output_piped_into_head_ends_quietly(tmp_path: Path, command: list[str]) -> None:
+    # `jorb jobs ... | head -1`: the reader leaves after one line. That is not an error: no
+    # "Broken pipe" message, exit status 0 (it once said "jorb: error: Broken pipe", rc 1).
+    path = tmp_path / "big.json"
+    run = jorb.Run(path, {})
+    for i in range(3000):  # far more output than a pipe holds
+        run.add_job({"repo": f"acme/service-{i:06d}", "note": "x" * 40}, "done")
+    run.save()
+    proc = subprocess.Popen(
+        [JORB, command[0], str(path), *command[1:]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline()
+    proc.stdout.close()  # what head does after its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err
+    assert err == b""
