@@ -380,8 +380,8 @@ class Run:
             if ident in jobs:
                 raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
             jobs[ident] = job
-            # (A numeric id moves the counter past it; "²" is a digit int() refuses, and a number
-            # of more than 4300 digits too.)
+            # (A numeric id moves the counter past it. Not "²", a digit int() refuses, nor a
+            # number of thousands of digits, past int()'s limit of 4300.)
             numeric = ident.isascii() and ident.isdigit() and len(ident) < 4000
             if numeric and int(ident) >= self.next_id:
                 self.next_id = int(ident) + 1
