@@ -507,25 +507,32 @@ class PlainProgress:
         self.every = every
         self._meter = Meter()
         self._next = 0.0
+        self._last = ""  # the last status line written
 
     def __repr__(self) -> str:
         return f"<PlainProgress every={self.every:g}s>"
 
     def start(self, status: Status) -> None:
         self._next = status.elapsed + self.every
-        self._write(plain_line(status, self._meter.add(status)))
+        self._status(plain_line(status, self._meter.add(status)))
 
     def update(self, status: Status) -> None:
         speed = self._meter.add(status)
         if status.elapsed >= self._next:
             self._next = status.elapsed + self.every
-            self._write(plain_line(status, speed))
+            self._status(plain_line(status, speed))
 
     def note(self, message: str) -> None:
         self._write(f"jorb: {message}")
 
     def stop(self, status: Status) -> None:
-        self._write(plain_line(status, self._meter.add(status)))
+        line = plain_line(status, self._meter.add(status))
+        if line != self._last:  # (a run with nothing left to do would say it twice)
+            self._status(line)
+
+    def _status(self, line: str) -> None:
+        self._last = line
+        self._write(line)
 
     def _write(self, line: str) -> None:
         stream = self.stream or sys.stderr

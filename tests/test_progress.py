@@ -242,6 +242,14 @@ def test_plain_progress_writes_at_start_every_few_seconds_and_at_the_end() -> No
     )
 
 
+def test_plain_progress_of_a_run_with_nothing_to_do_says_so_once() -> None:
+    out = io.StringIO()
+    listener = PlainProgress(out, every=5.0)
+    listener.start(snapshot(0.0, 100, 100))
+    listener.stop(snapshot(0.0, 100, 100))
+    assert out.getvalue().splitlines() == [plain_line(snapshot(0.0, 100, 100), None)]
+
+
 def test_live_progress_draws_frames_and_leaves_the_last_one() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, color_system=None, width=100)
