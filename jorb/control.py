@@ -128,7 +128,7 @@ def plan(
             not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted)
         ):
             raise JorbError(f"job ids must be a list of strings, not {wanted!r}")
-        if wanted:
+        if wanted is not None:
             wanted = list(dict.fromkeys(wanted))  # each job moves once
             missing = [i for i in wanted if i not in run.jobs]
             if missing:
@@ -142,10 +142,10 @@ def plan(
             candidates = list(wanted)
         else:
             candidates = [job.id for job in run.jobs.values() if job.state == source]
-        if not candidates:
-            raise Unchanged({"moved": 0, "skipped": []})
         moved = [i for i in candidates if not busy(i)]
         skipped = [i for i in candidates if busy(i)]
+        if not moved:  # no job there, or every one mid-exec
+            raise Unchanged({"moved": 0, "skipped": skipped})
         record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         result = {"moved": len(moved), "skipped": skipped}
         what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"

@@ -16,7 +16,9 @@ The tree::
 
 from __future__ import annotations
 
+import datetime
 import math
+import time
 
 __all__ = [
     "CheckpointError",
@@ -64,6 +66,24 @@ class ExecResultError(JorbError):
     """An exec returned a value jorb cannot use (bad shape, undeclared state, non-JSON ctx)."""
 
 
+def _header_seconds(text: str) -> float | None:
+    """A Retry-After header's text as seconds: a number ("2"), or an HTTP date (seconds from
+    now, at least 0); None for anything else, which a server may well send."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    import email.utils  # (here: only a date needs it, and it is a heavy import)
+
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # (RFC 9110 dates are GMT)
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - time.time())
+
+
 class TimedOut(JorbError):
     """An exec attempt ran longer than its state's ``timeout``."""
 
@@ -85,17 +105,14 @@ class RateLimited(JorbError):
         self, retry_after: float | str | None = None, message: str = "rate limited"
     ) -> None:
         super().__init__(message)
-        seconds = None
-        if retry_after is not None:
-            # A Retry-After header's text ("2") is taken as it comes; anything else that is not
-            # a number of seconds is the exec's mistake, raised where it is made.
-            try:
-                seconds = float(retry_after)
-            except (TypeError, ValueError):
-                raise TypeError(
-                    f"RateLimited(retry_after=...) takes seconds, not {retry_after!r}"
-                ) from None
+        seconds = _header_seconds(retry_after) if isinstance(retry_after, str) else retry_after
+        if seconds is not None:
+            # Anything else that is not a number of seconds is the exec's mistake, raised
+            # where it is made.
+            if type(seconds) not in (int, float):
+                raise TypeError(f"RateLimited(retry_after=...) takes seconds, not {seconds!r}")
             if not 0 <= seconds < math.inf:
                 raise ValueError(f"RateLimited(retry_after=...) must be >= 0 s, not {seconds}")
+            seconds = float(seconds)
         #: Seconds the service asked us to wait before calling again, if it said.
         self.retry_after: float | None = seconds

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import email.utils
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,11 +78,16 @@ def test_every_error_jorb_raises_is_a_jorb_error() -> None:
 def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
     assert jorb.RateLimited(retry_after=2.5).retry_after == 2.5
     assert jorb.RateLimited().retry_after is None
-    # A Retry-After header's text is taken as it comes; anything else is refused at once.
+    # A Retry-After header's text is taken as it comes: seconds, or an HTTP date (seconds from
+    # now); text that is neither says nothing. Any other value is refused at once.
     assert jorb.RateLimited(retry_after="2").retry_after == 2.0
-    with pytest.raises(TypeError, match="takes seconds, not 'Wed, 21 Oct 2026"):
-        jorb.RateLimited(retry_after="Wed, 21 Oct 2026 07:28:00 GMT")
-    with pytest.raises(ValueError, match=r"must be >= 0 s, not -1\.0"):
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= (jorb.RateLimited(retry_after=in_a_minute).retry_after or 0) <= 60
+    assert jorb.RateLimited(retry_after="Wed, 21 Oct 2015 07:28:00 GMT").retry_after == 0.0
+    assert jorb.RateLimited(retry_after="soon").retry_after is None
+    with pytest.raises(TypeError, match=r"takes seconds, not \[2\]"):
+        jorb.RateLimited(retry_after=[2])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="must be >= 0 s, not -1"):
         jorb.RateLimited(retry_after=-1)
 
 

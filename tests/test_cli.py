@@ -15,6 +15,7 @@ from conftest import DONE, process
 from typer.testing import CliRunner
 
 import jorb
+from jorb import control
 from jorb.cli import app
 
 JORB = str(Path(sys.executable).with_name("jorb"))
@@ -225,9 +226,12 @@ def test_a_redrive_that_changes_nothing_records_nothing(copy: Path) -> None:
     assert mistake("redrive", copy, "--from", "failed", "--to", "failed") == (
         "'failed' is terminal: redriving it to itself changes nothing"
     )
+    # An empty list of job ids (from Python) names no job: it moves none, not all of them.
+    assert control.redrive(copy, "failed", "new", []) == {"moved": 0, "skipped": []}
     after = jorb.Run.load(copy)
     assert after.changes == changes
     assert all(job.history[-1]["from"] != "failed" for job in after.jobs.values() if job.history)
+    assert [job.state for job in after.jobs.values()].count("failed") == 3
 
 
 def test_add_from_ctx_file_and_stdin(copy: Path, tmp_path: Path) -> None:
