@@ -6,11 +6,11 @@ On disk a run is three files side by side:
   whole and atomically (temp file, fsync, rename, fsync the directory), so it always loads.
 - ``x.json.journal``: while a process runs, one JSON line per settled exec (the job's new state,
   ctx, history entry, error, and the children it kicked, all in one record) appended with group
-  commit: every record settled while the previous write+fsync was in flight goes out in the next
-  one. Its first line names the snapshot it continues (seq, length and CRC of the bytes), so a
-  snapshot edited after a crash is detected instead of silently losing either side. When the
-  journal outgrows the snapshot it is compacted into a new snapshot; on a clean exit it is folded
-  in and removed. A torn last line (a crash mid-write) is ignored on load.
+  commit: every record settled during one turn of the event loop goes out in one write+fsync at
+  the end of that turn. Its first line names the snapshot it continues (seq, length and CRC of
+  the bytes), so a snapshot edited after a crash is detected instead of silently losing either
+  side. When the journal outgrows the snapshot it is compacted into a new snapshot; on a clean
+  exit it is folded in and removed. A torn last line (a crash mid-write) is ignored on load.
 - ``x.json.lock``: held with ``flock`` by the process that has the run open (its pid is written
   inside, for the error another process shows); the OS releases it when that process dies, so a
   crash never leaves a stale lock.
@@ -672,7 +672,7 @@ class Store:
             return
         self.stats["records"] += len(records)
         self.stats["batches"] += 1
-        if not batch.done():  # a cancelled waiter may have cancelled it; it is written anyway
+        if not batch.done():
             batch.set_result(None)
 
     def _write(self, records: list[bytes], upto: int) -> None:

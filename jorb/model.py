@@ -1,4 +1,4 @@
-"""The run model: Run, Job and Kick, and their JSON form. No file IO here.
+"""The run model: Run, Job, Step and Kick, and their JSON form. No file IO here.
 
 A Run is the whole state of a batch apart from the app context: the run-wide ``overall`` context,
 every Job (its state, ctx, history and errors), the id counter, the states declared at the last
@@ -164,7 +164,8 @@ class Job:
     throttled: int = 0
     """Rate-limited attempts in the current state since the job entered it."""
     history: list[Entry] = field(default_factory=list)
-    """Transitions, oldest first: each a :class:`Step` (``step["from"]``, ``step["to"]``, ...)."""
+    """Transitions, oldest first: each a :class:`Step` (``step["from"]``, ``step["to"]``, ...),
+    or the object as written if one was edited into the file in another shape."""
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Errors grouped by the state they happened in."""
 

@@ -102,13 +102,15 @@ def failure(
     }
     if give_up:
         to = state.on_error or error_state
-        record.update(to=to, attempts=0, throttled=0, not_before=None)
+        record["to"] = to
+        for reset in ("attempts", "throttled", "not_before"):  # left out, as by a success
+            del record[reset]
         record["history"] = step(state.name, to, now, started)
     return record, give_up
 
 
 def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
-    """One history entry."""
+    """A record's history entry, as the file writes it (applied, it becomes a ``Step``)."""
     return {"from": source, "to": to, "time": now, "duration": now - started}
 
 

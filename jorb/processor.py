@@ -151,7 +151,9 @@ class Processor:
         self._order = itertools.count()
         self._active = 0  # non-terminal jobs
         self._transitions = 0
-        self._running: set[str] = set()  # ids of jobs in an attempt (exec or commit)
+        # Ids of jobs a change must not move: in an attempt (exec or commit), or created or moved
+        # by a record that is not on disk yet (kicked children, added or redriven jobs).
+        self._running: set[str] = set()
         self._batch: asyncio.Future[None] | None = None  # the group commit being filled
         self._batch_jobs: list[tuple[_Lane, Job, list[Job]]] = []  # settled into it
         self._kids: dict[str, list[str]] = {}  # fan-in: parent id -> child ids
@@ -233,13 +235,13 @@ class Processor:
                 rows.append(StateStatus(name, True, self._counts.get(name, 0)))
                 continue
             rate = lane.rate
-            held = lane.running + lane.delayed + lane.awaiting
+            busy = lane.running + lane.delayed + lane.awaiting
             rows.append(
                 StateStatus(
                     name,
                     False,
                     lane.jobs,
-                    waiting=max(0, lane.jobs - held),
+                    waiting=max(0, lane.jobs - busy),
                     delayed=lane.delayed,
                     awaiting=lane.awaiting,
                     running=lane.running,
@@ -443,9 +445,7 @@ class Processor:
             self._active -= 1
 
     def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
-        if lane.state.join and self._open_kids.get(job.id):
-            lane.awaiting += 1
-            self._joining[job.id] = job
+        if self._waits_for_kids(lane, job):
             return
         if job.not_before is not None and job.not_before > now:
             lane.delayed += 1
@@ -455,6 +455,14 @@ class Processor:
             return
         heapq.heappush(lane.ready, (-job.priority, next(self._order), job))
         self._wake(lane)
+
+    def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
+        """Put a joining job that still has open children aside until they end."""
+        if not (lane.state.join and self._open_kids.get(job.id)):
+            return False
+        lane.awaiting += 1
+        self._joining[job.id] = job
+        return True
 
     def _wake(self, lane: _Lane) -> None:
         """Get a worker moving on the lane's ready jobs, unless one is already on its way.
@@ -549,10 +557,8 @@ class Processor:
                     if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
                 job = heapq.heappop(lane.ready)[2]
-                if lane.state.join and self._open_kids.get(job.id):
-                    lane.awaiting += 1  # a child was redriven back to work: it waits again
-                    self._joining[job.id] = job
-                    continue
+                if self._waits_for_kids(lane, job):
+                    continue  # a child was redriven back to work since it was queued
                 lane.held += 1
                 if lane.ready:
                     self._wake(lane)  # another worker for the rest, in case this exec waits
@@ -602,9 +608,10 @@ class Processor:
         self, settled: list[tuple[_Lane, Job, list[Job]]], batch: asyncio.Future[None]
     ) -> None:
         """A group commit is on disk: free its slots; its jobs' next steps and kids may start."""
-        if batch.cancelled() or batch.exception() is not None:
+        failure = batch.exception()  # (nothing cancels a batch: no worker awaits it)
+        if failure is not None:
             if self._finished is not None and not self._finished.done():
-                self._finished.set_exception(batch.exception() or JorbError("commit cancelled"))
+                self._finished.set_exception(failure)
             return  # the run cannot checkpoint: the exec stops (nothing more may start)
         now = self._now()
         for lane, job, kids in settled:

@@ -30,9 +30,9 @@ __all__ = [
     "ErrorGroup",
     "ErrorSummary",
     "Graph",
+    "HistoryRow",
     "JobDetail",
     "StateReport",
-    "Step",
     "Timing",
     "error_line",
     "errors",
@@ -306,8 +306,8 @@ def job_detail(run: Run, job_id: str) -> JobDetail:
 
 
 @dataclass(frozen=True, slots=True)
-class Step:
-    """One entry of a job's history."""
+class HistoryRow:
+    """One entry of a job's history as ``jorb show`` prints it (``jorb.Step`` is the entry)."""
 
     time: float | None
     """Unix time of the transition."""
@@ -321,11 +321,11 @@ class Step:
     """Whether a redrive from the command line made it, rather than an exec."""
 
 
-def history(run: Run, job: Job) -> list[Step]:
+def history(run: Run, job: Job) -> list[HistoryRow]:
     """A job's history, each step marked as an exec's or a redrive's."""
     redriven = _redrive_times(run)
     return [
-        Step(
+        HistoryRow(
             _number(step.get("time")),
             str(step.get("from")),
             str(step.get("to")),

@@ -4,7 +4,7 @@
 them and every Python object at once: about 4 KB a job at the peak, most of a load's time spent
 faulting in fresh memory. jorb writes run files in one layout (``checkpoint.encode_run``: two
 spaces of indent, the ``"jobs"`` list last, one job object at four spaces), so a file in that
-layout is read a few megabytes at a time, cut between two jobs, and each piece parsed as a list
+layout is read 64 KB at a time, cut between two jobs, and each piece parsed as a list
 and turned into Jobs before the next is read.
 
 Why this reads exactly what a whole parse would: a piece is cut only at a line break (never
@@ -33,7 +33,8 @@ __all__ = ["PIECE", "read_pieces"]
 PIECE = 1 << 16
 
 _JOBS = b'\n  "jobs": [\n'  # the "jobs" key, its list opened, the first job on the next line
-_BETWEEN = b"\n    },\n"  # the end of one job object and the comma before the next
+_CLOSE = b"\n    }"  # the end of a job object
+_BETWEEN = _CLOSE + b",\n"  # the end of one job object and the comma before the next
 _END = re.compile(rb"[ \t\r\n]*\][ \t\r\n]*\}[ \t\r\n]*")  # the jobs list and the file closed
 
 
@@ -77,14 +78,14 @@ def read_pieces(file: BinaryIO, path: Path) -> tuple[Run, int, int] | None:
             cut = buf.rfind(_BETWEEN, searched)  # the last job boundary in the new bytes
             if cut < 0:
                 continue  # not one whole job yet
-            piece = bytes(buf[: cut + 6])
-            del buf[: cut + 7]
+            piece = bytes(buf[: cut + len(_CLOSE)])
+            del buf[: cut + len(_CLOSE) + 1]  # (and the comma)
         else:  # the last jobs, then the end of the list and of the file
             data = bytes(buf)
-            cut = data.rfind(b"\n    }")
-            if cut < 0 or not _END.fullmatch(data, cut + 6):
+            cut = data.rfind(_CLOSE)
+            if cut < 0 or not _END.fullmatch(data, cut + len(_CLOSE)):
                 return None
-            piece = data[: cut + 6]
+            piece = data[: cut + len(_CLOSE)]
         jobs = _parse(b"".join((b"[", piece, b"]")))
         if not isinstance(jobs, list):
             return None
