@@ -445,7 +445,7 @@ class Processor:
             self._active -= 1
 
     def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
-        if self._waits_for_kids(lane, job):
+        if lane.state.join and self._waits_for_kids(lane, job):
             return
         if job.not_before is not None and job.not_before > now:
             lane.delayed += 1
@@ -457,8 +457,8 @@ class Processor:
         self._wake(lane)
 
     def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
-        """Put a joining job that still has open children aside until they end."""
-        if not (lane.state.join and self._open_kids.get(job.id)):
+        """Put a job of a join state that still has open children aside until they end."""
+        if not self._open_kids.get(job.id):
             return False
         lane.awaiting += 1
         self._joining[job.id] = job
@@ -557,7 +557,7 @@ class Processor:
                     if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
                 job = heapq.heappop(lane.ready)[2]
-                if self._waits_for_kids(lane, job):
+                if lane.state.join and self._waits_for_kids(lane, job):
                     continue  # a child was redriven back to work since it was queued
                 lane.held += 1
                 if lane.ready:
