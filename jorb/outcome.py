@@ -95,17 +95,13 @@ def failure(
             "attempt": job.attempts + job.throttled + 1,
             "rate_limited": limited,
         },
-        "to": state.name,
-        "attempts": attempts,
-        "throttled": throttled,
-        "not_before": None if retry_in is None else now + retry_in,
     }
-    if give_up:
+    if give_up:  # routed away: like a success, it resets (so leaves out) the counts and backoff
         to = state.on_error or error_state
-        record["to"] = to
-        for reset in ("attempts", "throttled", "not_before"):  # left out, as by a success
-            del record[reset]
-        record["history"] = step(state.name, to, now, started)
+        record.update(to=to, history=step(state.name, to, now, started))
+    else:
+        not_before = None if retry_in is None else now + retry_in
+        record.update(to=state.name, attempts=attempts, throttled=throttled, not_before=not_before)
     return record, give_up
 
 
