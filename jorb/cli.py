@@ -10,6 +10,7 @@ so does anything unexpected, unless ``JORB_TRACEBACK=1`` is set.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import functools
 import json
@@ -30,7 +31,7 @@ from rich.text import Text
 from . import __version__, control, report
 from .checkpoint import is_locked
 from .errors import JorbError
-from .model import Run, json_default
+from .model import Run, entry_document
 
 __all__ = ["app", "main"]
 
@@ -266,7 +267,9 @@ def jobs(
     if as_json:
         out = sys.stdout
         for job in shown:
-            out.write(orjson.dumps(job, default=json_default).decode() + "\n")
+            doc = {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
+            doc["history"] = [entry_document(entry) for entry in job.history]
+            out.write(orjson.dumps(doc).decode() + "\n")
         return
     if not found:
         console.print("no jobs match", style="dim")

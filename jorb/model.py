@@ -56,12 +56,14 @@ class Child:
 
 
 class Step(NamedTuple):
-    """One entry of a job's history: the job moved from one state to another.
+    """One entry of a job's history, read by name: ``job.steps()``, or ``jorb.Step(*entry)``.
 
-    It reads like the JSON object it is in the run file, ``{"from", "to", "time", "duration"}``
-    (plus ``"redrive"`` for a move made by ``jorb redrive``): ``step["from"]``,
-    ``step.get("redrive")``, ``dict(step)``, and it compares equal to that object. In memory it
-    is a tuple, a third of the size of the dict: a run keeps millions of them.
+    ``job.history`` keeps each entry as a plain tuple, ``(from, to, time, duration)``, with the
+    change's id fifth when ``jorb redrive`` made the move: CPython's cyclic GC stops tracking
+    a plain tuple of strings and numbers (never a tuple subclass such as this one), and a run
+    keeps millions of them. A Step reads like the JSON object the entry is in the run file,
+    ``{"from", "to", "time", "duration"}`` (plus ``"redrive"``): ``step["from"]``,
+    ``step.get("redrive")``, ``dict(step)``, and it compares equal to that object.
     """
 
     source: str
@@ -139,8 +141,9 @@ _STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
 _KEYS = ["from", "to", "time", "duration"]
 _REDRIVE_KEYS = [*_KEYS, "redrive"]
 
-#: A history entry: a Step, or an object of another shape that a user wrote into the file.
-Entry = Step | dict[str, Any]
+#: A history entry: ``(from, to, time, duration[, redrive])``, or an object of another shape
+#: that a user wrote into the file.
+Entry = tuple[Any, ...] | dict[str, Any]
 
 
 @dataclass(slots=True, eq=False)
@@ -164,13 +167,19 @@ class Job:
     throttled: int = 0
     """Rate-limited attempts in the current state since the job entered it."""
     history: list[Entry] = field(default_factory=list)
-    """Transitions, oldest first: each a :class:`Step` (``step["from"]``, ``step["to"]``, ...),
-    or the object as written if one was edited into the file in another shape."""
+    """Transitions, oldest first: each a plain tuple ``(from, to, time, duration)`` (a redrive's
+    adds the change's id), or the object as written if one was edited into the file in another
+    shape. :meth:`steps` gives them as :class:`Step`, read by name."""
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Errors grouped by the state they happened in."""
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
+
+    def steps(self) -> list[Step | dict[str, Any]]:
+        """The history, each entry a :class:`Step` (``step["from"]``, ``step.target``, ...);
+        an entry edited into the file in another shape stays the object it is."""
+        return [entry if type(entry) is dict else Step(*entry) for entry in self.history]
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -403,15 +412,31 @@ def job_document(job: Job) -> dict[str, Any]:
     if job.throttled:
         doc["throttled"] = job.throttled
     if job.history:
-        doc["history"] = job.history
+        doc["history"] = [
+            {"from": e[0], "to": e[1], "time": e[2], "duration": e[3]}
+            if type(e) is tuple and len(e) == 4  # (the usual entry, without a call)
+            else entry_document(e)
+            for e in job.history
+        ]
     if job.errors:
         doc["errors"] = job.errors
     return doc
 
 
+def entry_document(entry: Entry) -> dict[str, Any]:
+    """A history entry's object in the run file."""
+    if type(entry) is dict:
+        return entry
+    if len(entry) == 4:
+        source, target, when, took = entry
+        return {"from": source, "to": target, "time": when, "duration": took}
+    return Step(*entry).as_dict()
+
+
 def json_default(value: Any) -> Any:
-    """orjson's ``default`` for run documents and jobs: a Step is written as its JSON object."""
-    if type(value) is Step:
+    """orjson's ``default`` for run documents and jobs: a Step (which a script may have put in
+    a history) is written as its JSON object."""
+    if isinstance(value, Step):
         return value.as_dict()
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
@@ -468,9 +493,9 @@ def _errors_ok(errors: dict[str, Any]) -> bool:
 
 
 def _steps(history: list[Any]) -> list[Entry] | None:
-    """A history as read, its entries of the usual shape as Steps (state names interned);
+    """A history as read, its entries of the usual shape as tuples (state names interned);
     None if an entry is not an object with "from" and "to"."""
-    intern, new = sys.intern, tuple.__new__  # (Step(...) costs more: its __new__ is Python)
+    intern = sys.intern
     steps: list[Entry] = []
     for entry in history:
         if type(entry) is dict and len(entry) == 4:  # with these four keys, exactly those
@@ -482,7 +507,7 @@ def _steps(history: list[Any]) -> list[Entry] | None:
                 and type(when) is float
                 and type(took) is float
             ):
-                steps.append(new(Step, (intern(source), intern(target), when, took, None)))
+                steps.append((intern(source), intern(target), when, took))
                 continue
         step = _as_step(entry)
         if step is None:
@@ -492,8 +517,8 @@ def _steps(history: list[Any]) -> list[Entry] | None:
 
 
 def _as_step(entry: Any) -> Entry | None:
-    """One history entry as read (the unusual shapes): a Step if it is one, the object as it
-    is if it is another object with "from" and "to", else None."""
+    """One history entry as read (the unusual shapes): a tuple if it is a step, the object as
+    it is if it is another object with "from" and "to", else None."""
     if not isinstance(entry, dict) or "from" not in entry or "to" not in entry:
         return None
     source, target = entry["from"], entry["to"]
@@ -508,7 +533,8 @@ def _as_step(entry: Any) -> Entry | None:
         and type(took) in (float, int)
         and (redrive is None if "redrive" not in entry else type(redrive) is str)
     ):
-        return Step(sys.intern(source), sys.intern(target), when, took, redrive)
+        step = (sys.intern(source), sys.intern(target), when, took)
+        return step if redrive is None else (*step, redrive)
     return entry
 
 
@@ -619,7 +645,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         for ident in record["jobs"]:
             job = run.jobs[ident]
             to = sys.intern(record["to"])
-            job.history.append(Step(job.state, to, record["time"], 0.0, record["change"]["id"]))
+            job.history.append((job.state, to, record["time"], 0.0, record["change"]["id"]))
             job.state = to
             job.attempts = job.throttled = 0
             job.not_before = None
@@ -636,10 +662,11 @@ def _apply_attempt(run: Run, record: dict[str, Any]) -> None:
     if "ctx" in record:
         job.ctx = record["ctx"]
     step = record.get("history")
-    if step is not None:  # the record's {"from", "to", "time", "duration"}, as a Step
-        intern = sys.intern  # (tuple.__new__: Step's own __new__ is Python, twice the cost)
-        entry = (intern(step["from"]), intern(step["to"]), step["time"], step["duration"], None)
-        job.history.append(tuple.__new__(Step, entry))
+    if step is not None:  # the record's {"from", "to", "time", "duration"}, as a tuple
+        intern = sys.intern
+        job.history.append(
+            (intern(step["from"]), intern(step["to"]), step["time"], step["duration"])
+        )
     job.state = sys.intern(record["to"])
     # A success's record leaves these out: it resets them.
     job.attempts = record.get("attempts", 0)

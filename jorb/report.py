@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import JorbError, StateError
-from .model import Entry, Job, Run
+from .model import Job, Run, Step
 
 __all__ = [
     "ErrorGroup",
@@ -202,7 +202,7 @@ def timings(run: Run) -> dict[str, Timing]:
     redriven = _redrive_times(run)
     durations: dict[str, list[float]] = {}
     for job in run.jobs.values():
-        for step in job.history:
+        for step in job.steps():
             if _is_redrive(step, redriven):
                 continue
             duration = step.get("duration")
@@ -332,7 +332,7 @@ def history(run: Run, job: Job) -> list[HistoryRow]:
             _number(step.get("duration")),
             _is_redrive(step, redriven),
         )
-        for step in job.history
+        for step in job.steps()
     ]
 
 
@@ -349,7 +349,7 @@ def graph(run: Run) -> Graph:
     edges: Counter[tuple[str, str]] = Counter()
     redrives: Counter[tuple[str, str]] = Counter()
     for job in run.jobs.values():
-        for step in job.history:
+        for step in job.steps():
             edge = (str(step.get("from")), str(step.get("to")))
             (redrives if _is_redrive(step, redriven) else edges)[edge] += 1
     names = state_names(run)
@@ -419,5 +419,5 @@ def _redrive_times(run: Run) -> set[float]:
     }
 
 
-def _is_redrive(step: Entry, redriven: set[float]) -> bool:
+def _is_redrive(step: Step | dict[str, Any], redriven: set[float]) -> bool:
     return step.get("duration") == 0.0 and step.get("time") in redriven

@@ -16,6 +16,7 @@ import pytest
 
 import jorb
 import jorb.testing
+from jorb.model import entry_document
 
 #: A terminal "done" state, shared by most tests.
 DONE = jorb.State("done", terminal=True)
@@ -140,8 +141,9 @@ def errors_of(run: jorb.Run) -> dict[str, list[str]]:
 
 
 def job_dict(job: jorb.Job) -> dict[str, Any]:
-    """Every field of a job, for comparing a reloaded run with the one in memory."""
-    return asdict(job)
+    """Every field of a job, as its JSON object holds it (history entries as objects), for
+    comparing a reloaded run with the one in memory or with the file."""
+    return {**asdict(job), "history": [entry_document(entry) for entry in job.history]}
 
 
 class InFlight:

@@ -62,8 +62,8 @@ def assert_consistent(run: jorb.Run) -> None:
     a parent and its children, ``seq`` equal to the transitions made."""
     for job in run.jobs.values():
         first = "b" if job.parent else "a"
-        chain = [first] + [h["to"] for h in job.history]
-        assert [h["from"] for h in job.history] == chain[:-1], job.history
+        chain = [first] + [h["to"] for h in job.steps()]
+        assert [h["from"] for h in job.steps()] == chain[:-1], job.history
         assert chain[-1] == job.state
         for step in chain[:-1]:
             assert job.ctx.get(step) is True, (job, job.ctx)
@@ -439,7 +439,7 @@ def test_an_edited_state_is_honoured_by_the_next_exec(make_run: MakeRun) -> None
     assert again.jobs["1"].state == "retry" and again.jobs["2"].state == "a"
     process(EDIT_STATES, again)
     assert again.jobs["1"].state == "held" and again.jobs["1"].ctx["seen"] == 2
-    assert again.jobs["1"].history[-1]["from"] == "retry"
+    assert again.jobs["1"].steps()[-1]["from"] == "retry"
     assert again.jobs["2"].state == "done" and again.jobs["2"].ctx["seen"] == 2
     assert [job.ctx["seen"] for job in again.jobs.values()] == [2, 2, 1, 1]
     again.close()

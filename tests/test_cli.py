@@ -207,7 +207,7 @@ def test_redrive_moves_jobs_keeping_history_and_errors(copy: Path) -> None:
     job = after.jobs["4"]
     assert job.errors == before.errors
     assert job.history[:-1] == before.history
-    assert (job.history[-1]["from"], job.history[-1]["to"]) == ("failed", "new")
+    assert (job.steps()[-1]["from"], job.steps()[-1]["to"]) == ("failed", "new")
     assert "redrive" in cli("show", copy, "4")
     assert cli("redrive", copy, "--from", "new", "--to", "failed", "-j", "5") == (
         "moved 1 job(s) from 'new' to 'failed'\n"
@@ -230,7 +230,7 @@ def test_a_redrive_that_changes_nothing_records_nothing(copy: Path) -> None:
     assert control.redrive(copy, "failed", "new", []) == {"moved": 0, "skipped": []}
     after = jorb.Run.load(copy)
     assert after.changes == changes
-    assert all(job.history[-1]["from"] != "failed" for job in after.jobs.values() if job.history)
+    assert all(job.steps()[-1]["from"] != "failed" for job in after.jobs.values() if job.history)
     assert [job.state for job in after.jobs.values()].count("failed") == 3
 
 

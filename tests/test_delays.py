@@ -24,7 +24,7 @@ Ctx = dict[str, Any]
 
 def _started(job: jorb.Job, index: int = -1) -> float:
     """Unix time at which the exec behind ``job.history[index]`` started."""
-    step = job.history[index]
+    step = job.steps()[index]
     return float(step["time"] - step["duration"])
 
 

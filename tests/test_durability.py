@@ -85,7 +85,7 @@ class Fanout:
 
         def done(key: str, state: str) -> bool:
             job = by_key.get(key)
-            return job is not None and state in [h["from"] for h in job.history]
+            return job is not None and state in [h["from"] for h in job.steps()]
 
         for key, state in self.effects_seen():
             vouched = {"new": None, "split": (key, "new"), "check": (key, "child")}.get(
@@ -115,7 +115,7 @@ class Fanout:
             assert job.state == "done", job
             steps = ["new", "split"] if key in roots else ["child", "check"]
             assert all(job.ctx.get(step) is True for step in steps), job.ctx
-            assert [h["from"] for h in job.history] == steps, job.history
+            assert [h["from"] for h in job.steps()] == steps, job.history
             if key in roots:
                 assert job.parent is None
             else:

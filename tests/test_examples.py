@@ -86,10 +86,10 @@ def test_migrate_drives_every_repo_to_an_end(tmp_path: Path) -> None:
             assert len(errors) == 4
             assert [e["attempt"] for e in errors] == [1, 2, 3, 4]
             assert all(e["type"].endswith("PushRejected") and e["traceback"] for e in errors)
-            assert job.history[-1]["from"] == "push" and job.history[-1]["to"] == "push_failed"
+            assert job.steps()[-1]["from"] == "push" and job.steps()[-1]["to"] == "push_failed"
     # CI was polled: wait_ci re-entered itself before an answer.
     assert any(
-        step["from"] == step["to"] == "wait_ci" for job in run.jobs.values() for step in job.history
+        step["from"] == step["to"] == "wait_ci" for job in run.jobs.values() for step in job.steps()
     )
     for job in run.jobs.values():
         if job.state == "done":
@@ -126,7 +126,7 @@ def test_migrate_rerun_resumes_and_a_find_replace_redrives(tmp_path: Path) -> No
     for ident in failed:
         job, old = after.jobs[ident], again.jobs[ident]
         assert len(job.history) > len(old.history)
-        assert job.history[len(old.history)]["from"] == "push"  # it was pushed again
+        assert job.steps()[len(old.history)]["from"] == "push"  # it was pushed again
         assert job.errors.get("push", [])[: len(old.errors["push"])] == old.errors["push"]
     assert len(after.jobs) == len(before.jobs)
 

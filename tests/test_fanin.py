@@ -96,9 +96,9 @@ def test_a_parent_sums_its_hundred_children_once_all_have_ended(make_run: MakeRu
     assert {child.state for child in children} == {"squared"}
     assert all(isinstance(child, jorb.Child) for child in children)
     # In the file: the parent left "sum" no earlier than the last child reached its end.
-    last_child = max(job.history[-1]["time"] for job in run.children("1"))
-    assert parent.history[-1]["from"] == "sum"
-    assert parent.history[-1]["time"] >= last_child
+    last_child = max(job.steps()[-1]["time"] for job in run.children("1"))
+    assert parent.steps()[-1]["from"] == "sum"
+    assert parent.steps()[-1]["time"] >= last_child
     assert run.counts() == {"done": 1, "squared": 100}
 
 
@@ -198,7 +198,7 @@ def test_grandchildren_are_not_awaited(make_run: MakeRun) -> None:
     (kid,) = run.children("1")
     (grandkid,) = run.children(kid.id)
     # The grandchild finished after the grandparent's join exec had run.
-    assert grandkid.history[-1]["time"] >= parent.history[-1]["time"]
+    assert grandkid.steps()[-1]["time"] >= parent.steps()[-1]["time"]
 
 
 def test_waiting_in_a_join_state_holds_no_slot(make_run: MakeRun) -> None:
@@ -467,7 +467,7 @@ def test_redriving_a_child_back_to_work_makes_its_parent_wait_again(make_run: Ma
     assert run.jobs["1"].ctx["tries"] == 4  # joined after the redriven child's second try
     assert app.tries == {0: 2, 1: 1, 2: 1}
     child0 = next(job for job in run.children("1") if job.ctx["i"] == 0)
-    assert [(h["from"], h["to"]) for h in child0.history] == [
+    assert [(h["from"], h["to"]) for h in child0.steps()] == [
         ("work", "failed"),
         ("failed", "work"),
         ("work", "done"),

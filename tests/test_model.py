@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import time
@@ -199,11 +200,11 @@ def test_the_finished_run_reloads_with_everything_intact(finished: jorb.Run) -> 
     assert "cannot store 5 in b1" in five.errors["store"][0]["traceback"]
     four = loaded.jobs["5"]
     assert [e["message"] for e in four.errors["new"]] == ["flaky fetch of 4 with App"]
-    assert [(h["from"], h["to"]) for h in four.history] == [("new", "store"), ("store", "done")]
+    assert [(h["from"], h["to"]) for h in four.steps()] == [("new", "store"), ("store", "done")]
     parts = [j for j in loaded.jobs.values() if j.parent is not None]
     assert len(parts) == 9 and all(j.ctx["ok"] for j in parts)
     for job in loaded.jobs.values():
-        for step in job.history:
+        for step in job.steps():
             assert set(step.keys()) == {"from", "to", "time", "duration"}
             assert step["duration"] >= 0
             assert abs(step["time"] - time.time()) < 3600
@@ -288,7 +289,7 @@ def test_editing_a_state_in_the_file_redrives_the_job(
     job = run.jobs["6"]
     assert (job.state, job.ctx["stored"]) == ("done", True)
     assert len(job.errors["store"]) == 2  # the old errors are kept
-    assert [h["to"] for h in job.history][-2:] == ["failed", "done"]
+    assert [h["to"] for h in job.steps()][-2:] == ["failed", "done"]
     assert run.counts() == {"done": 18}
 
 
@@ -329,6 +330,22 @@ def test_a_history_step_reads_like_the_object_in_the_file() -> None:
     assert json.loads(json.dumps([dict(step)])) == [step.as_dict()]
 
 
+def test_history_entries_are_plain_tuples_the_gc_lets_go_of(finished: jorb.Run) -> None:
+    # A million jobs' history must not be walked by every full collection: CPython untracks a
+    # plain tuple of strings and floats, never a tuple subclass such as Step.
+    assert finished.path is not None
+    loaded = jorb.Run.load(finished.path)
+    for run in (finished, loaded):
+        entries = [entry for job in run.jobs.values() for entry in job.history]
+        assert len(entries) > 20 and all(type(entry) is tuple for entry in entries)
+        gc.collect()
+        assert not any(gc.is_tracked(entry) for entry in entries)
+    job = loaded.jobs["5"]
+    assert [(step.source, step["to"]) for step in job.steps()] == [
+        (source, target) for source, target, *_ in job.history
+    ]
+
+
 def test_history_round_trips_through_the_file_and_the_journal_unchanged(
     finished: jorb.Run,
 ) -> None:
@@ -337,11 +354,11 @@ def test_history_round_trips_through_the_file_and_the_journal_unchanged(
     text = finished.path.read_bytes()
     loaded = jorb.Run.load(finished.path)
     for ident, job in finished.jobs.items():
-        assert all(type(step) is jorb.Step for step in loaded.jobs[ident].history)
+        assert all(type(step) is jorb.Step for step in loaded.jobs[ident].steps())
         assert loaded.jobs[ident].history == job.history
     doc = json.loads(text)
     assert [raw.get("history", []) for raw in doc["jobs"]] == [
-        [dict(step) for step in job.history] for job in loaded.jobs.values()
+        [dict(step) for step in job.steps()] for job in loaded.jobs.values()
     ]
     assert jorb.checkpoint.encode_run(loaded) == text  # written back byte for byte
 
@@ -368,5 +385,5 @@ def test_loaded_jobs_share_their_state_names(finished: jorb.Run) -> None:
     done = [job for job in loaded.jobs.values() if job.state == "done"]
     assert len(done) == 17
     assert all(job.state is done[0].state for job in done)
-    targets = [step["to"] for job in done for step in job.history if step["to"] == "done"]
+    targets = [step["to"] for job in done for step in job.steps() if step["to"] == "done"]
     assert all(name is done[0].state for name in targets)

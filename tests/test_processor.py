@@ -51,7 +51,7 @@ def test_every_job_walks_a_chain_of_states_to_done(make_run: MakeRun, kind: str)
     assert run.counts() == {"done": 25}
     for job in run.jobs.values():
         assert job.ctx["trail"] == ["new", "fetch", "transform"]
-        assert [(h["from"], h["to"]) for h in job.history] == [
+        assert [(h["from"], h["to"]) for h in job.steps()] == [
             ("new", "fetch"),
             ("fetch", "transform"),
             ("transform", "done"),
@@ -298,7 +298,7 @@ def test_kicked_children_get_fresh_ids_record_their_parent_and_run(make_run: Mak
     for child in children:
         assert child.parent == parents[child.ctx["of"]]
         assert child.ctx["handled"] is True
-        assert [(h["from"], h["to"]) for h in child.history] == [("part", "done")]
+        assert [(h["from"], h["to"]) for h in child.steps()] == [("part", "done")]
     for name, ident in parents.items():
         kids = run.children(ident)
         assert sorted(k.ctx["part"] for k in kids) == [0, 1, 2]
@@ -410,9 +410,9 @@ def test_errors_are_recorded_retried_exactly_then_routed_to_on_error(make_run: M
             assert isinstance(error["time"], float)
         times = [e["time"] for e in records]
         assert times == sorted(times)
-        assert job.history[-1]["from"] == "work"
-        assert job.history[-1]["to"] == "dead"
-        assert job.history[-1]["time"] >= times[-1]
+        assert job.steps()[-1]["from"] == "work"
+        assert job.steps()[-1]["to"] == "dead"
+        assert job.steps()[-1]["time"] >= times[-1]
 
 
 def test_without_on_error_jobs_go_to_an_implicit_failed_state(make_run: MakeRun) -> None:
@@ -456,7 +456,7 @@ def test_a_retry_that_succeeds_keeps_the_earlier_errors(make_run: MakeRun) -> No
     (job,) = run.jobs.values()
     assert job.state == "done"
     assert [e["attempt"] for e in job.errors["work"]] == [1, 2]
-    assert [(h["from"], h["to"]) for h in job.history] == [("work", "done")]
+    assert [(h["from"], h["to"]) for h in job.steps()] == [("work", "done")]
     assert job.attempts == 0
 
 

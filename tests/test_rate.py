@@ -413,7 +413,7 @@ def test_rate_limit_retries_caps_a_job_that_is_rate_limited_forever(make_run: Ma
     assert calls == 5  # the first attempt and 4 rate-limited retries; `retries` untouched
     assert len(job.errors["call"]) == 5
     assert all(r["rate_limited"] for r in job.errors["call"])
-    assert job.history[-1]["from"] == "call" and job.history[-1]["to"] == "gave_up"
+    assert job.steps()[-1]["from"] == "call" and job.steps()[-1]["to"] == "gave_up"
 
 
 def test_the_default_rate_limit_cap_is_generous() -> None:
@@ -483,7 +483,7 @@ def test_a_job_waiting_for_the_rate_can_be_redriven_without_running(make_run: Ma
 
     jorb.testing.run(app.processor.aexec(run))
 
-    history = [(h["from"], h["to"]) for h in run.jobs["2"].history]
+    history = [(h["from"], h["to"]) for h in run.jobs["2"].steps()]
     assert ran == ["j1"], f"execs ran for {ran}; j2's history: {history}"
     assert run.jobs["2"].state == "parked"
 

@@ -24,18 +24,18 @@ def _varied(path: Path) -> bytes:
     run.paused = {"a"}
     run.changes = [{"id": "c1", "what": "redrove 1 job(s) 'a' -> 'done'", "applied": T0 + 9}]
     plain = run.add_job({"i": 0, "text": "ünïcode ✓ \\n    },\n    {"}, "done")
-    plain.history = [Step("new", "a", T0, 0.5), Step("a", "done", T0 + 1, 0.25)]
+    plain.history = [("new", "a", T0, 0.5), ("a", "done", T0 + 1, 0.25)]
     kid = run.add_job({"i": 1, "nested": {"deep": [{"x": [1, 2, {"y": None}]}]}}, "a")
     kid.parent, kid.priority, kid.not_before, kid.attempts, kid.throttled = "1", 3, T0 + 60, 2, 1
     kid.errors = {"a": [{"message": "boom", "type": "OSError", "time": T0, "attempt": 1}]}
     kid.history = [
-        Step("done", "a", T0 + 9, 0.0, "c1"),  # a redrive
+        Step("done", "a", T0 + 9, 0.0, "c1"),  # a redrive, as a script may put a Step there
         {"from": "new", "to": "a"},  # written by hand: no time, no duration
         {"from": "a", "to": "a", "time": 5, "duration": 0, "note": "by hand"},
     ]
     for i in range(2, 40):
         job = run.add_job({"i": i}, "done")
-        job.history = [Step("new", "done", T0 + i, 0.001 * i)]
+        job.history = [("new", "done", T0 + i, 0.001 * i)]
     del run.jobs["7"]
     run.save()
     return path.read_bytes()

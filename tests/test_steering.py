@@ -190,13 +190,13 @@ def test_redrive_moves_waiting_jobs_and_skips_running_ones(live: Live) -> None:
     assert before <= away["time"] <= back["time"]
     assert _me() in away["who"] and _me() in back["who"]
     # History keeps every step, the redrives included, stamped with the change's time.
-    steps = [(h["from"], h["to"]) for h in run.jobs["3"].history]
+    steps = [(h["from"], h["to"]) for h in run.jobs["3"].steps()]
     assert steps == [("new", "parked"), ("parked", "new"), ("new", "done")]
-    assert run.jobs["3"].history[0]["time"] == away["applied"]  # applied, not asked
-    assert run.jobs["3"].history[1]["time"] == back["applied"]
-    assert [(h["from"], h["to"]) for h in run.jobs["4"].history] == [("new", "parked")]
+    assert run.jobs["3"].steps()[0]["time"] == away["applied"]  # applied, not asked
+    assert run.jobs["3"].steps()[1]["time"] == back["applied"]
+    assert [(h["from"], h["to"]) for h in run.jobs["4"].steps()] == [("new", "parked")]
     for running in ("1", "2"):  # skipped: running jobs are not moved under their exec
-        assert [(h["from"], h["to"]) for h in run.jobs[running].history] == [("new", "done")]
+        assert [(h["from"], h["to"]) for h in run.jobs[running].steps()] == [("new", "done")]
 
 
 def test_a_refused_change_says_why_and_changes_nothing(live: Live) -> None:
@@ -504,7 +504,7 @@ def test_a_child_redriven_before_its_kick_is_on_disk_runs_once(make_run: MakeRun
     # Until its kick is on disk the child is busy, like a job in an attempt: the redrive
     # skips it, and it runs once, where it was kicked. A redrive that moved nothing is not
     # recorded.
-    assert [(h["from"], h["to"]) for h in kid.history] == [("work", "done")], kid.history
+    assert [(h["from"], h["to"]) for h in kid.steps()] == [("work", "done")], kid.history
     assert execs == {("work", "{'k': 1}"): 1}
     assert run.changes == []
 

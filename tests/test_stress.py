@@ -380,7 +380,7 @@ class Stress:
             parent = ids.get(job.parent) if job.parent is not None else None
             if key in self.created and parent != self.created[key]:
                 problem(f"{key} ({job.id}) has parent {parent}, not {self.created[key]}")
-            moves = [step for step in job.history if "redrive" not in step]
+            moves = [step for step in job.steps() if "redrive" not in step]
             errors = sum(len(records) for records in job.errors.values())
             gave_up = sum(step["to"] == "failed" for step in moves)
             if (len(moves) - gave_up, errors) != (self.returned[key], self.failed[key]):

@@ -89,8 +89,8 @@ def test_timeouts_use_up_retries_then_route_to_on_error(make_run: MakeRun) -> No
     errors = job.errors["call"]
     assert [e["message"] for e in errors] == ["timed out after 2.5s"] * 3
     assert [e["attempt"] for e in errors] == [1, 2, 3]
-    assert job.history[-1]["from"] == "call" and job.history[-1]["to"] == "too_slow"
-    assert job.history[-1]["duration"] == pytest.approx(2.5, abs=0.01)
+    assert job.steps()[-1]["from"] == "call" and job.steps()[-1]["to"] == "too_slow"
+    assert job.steps()[-1]["duration"] == pytest.approx(2.5, abs=0.01)
 
 
 def test_the_timeout_counts_from_the_exec_start_not_the_wait_for_a_rate(
@@ -206,7 +206,7 @@ def test_a_sync_exec_is_abandoned_and_its_late_result_ignored(make_run: MakeRun)
     job = _only(run)
     assert job.state == "done"
     assert job.ctx == {"url": "u", "second": True}  # nothing of the late {"late": True}
-    assert [(h["from"], h["to"]) for h in job.history] == [("fetch", "done")]
+    assert [(h["from"], h["to"]) for h in job.steps()] == [("fetch", "done")]
     (error,) = job.errors["fetch"]
     assert error["type"] == "jorb.errors.TimedOut"
     assert error["message"].startswith("timed out after 0.5s")
