@@ -387,14 +387,14 @@ class Run:
         for index, raw in enumerate(raws, start):
             job = _usual_job(raw) or _checked_job(raw, f"{_where(self.path)}: jobs[{index}]")
             ident = job.id
-            if ident in jobs:
+            if jobs.setdefault(ident, job) is not job:
                 raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
-            jobs[ident] = job
             # (A numeric id moves the counter past it. Not "²", a digit int() refuses, nor a
             # number of thousands of digits, past int()'s limit of 4300.)
-            numeric = ident.isascii() and ident.isdigit() and len(ident) < 4000
-            if numeric and int(ident) >= self.next_id:
-                self.next_id = int(ident) + 1
+            if ident.isascii() and ident.isdigit() and len(ident) < 4000:
+                number = int(ident)
+                if number >= self.next_id:
+                    self.next_id = number + 1
 
 
 def job_document(job: Job) -> dict[str, Any]:
