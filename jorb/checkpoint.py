@@ -36,7 +36,6 @@ import errno
 import fcntl
 import gc
 import os
-import queue
 import re
 import threading
 import time
@@ -81,8 +80,6 @@ MIN_COMPACT_BYTES = 4 << 20
 COMPACT_RATIO = 1.0
 #: How long to keep retrying the lock while only a momentary ``is_locked`` probe blocks it.
 LOCK_PATIENCE = 0.05
-_HANDSHAKE = os.environ.get("JORB_HANDSHAKE", "0") == "1"
-_DSYNC = os.environ.get("JORB_DSYNC", "0") == "1"
 
 
 def journal_path(path: Path) -> Path:
@@ -514,8 +511,6 @@ class Store:
         self._upto = 0  # the run's seq at the last append
         self._pending: list[bytes] = []
         self._batch: asyncio.Future[None] | None = None
-        self._writer: _Writer | None = None  # the thread that writes batches, while executing
-        self._in_flight: asyncio.Future[None] | None = None  # the last batch handed to it
         # Writes happen on the event loop while executing, or on whatever thread calls
         # begin/finish/compact/close; this keeps them from ever interleaving.
         self._files = threading.Lock()
@@ -550,8 +545,6 @@ class Store:
         self._pending, self._batch = [], None
         self._remove_stale_temps()
         self.compact(run)
-        if self.durable and os.environ.get("JORB_WRITER", "0") == "1":
-            self._writer = _Writer(self)
         self.executing = True
 
     def finish(self) -> None:
@@ -561,9 +554,6 @@ class Store:
         last good checkpoint, which the next open replays.
         """
         self.executing = False
-        if self._writer is not None:
-            self._writer.stop()
-            self._writer = None
         run, self._run = self._run, None
         if run is not None and self.failure is None:
             self.compact(run, finish=True)
@@ -609,8 +599,7 @@ class Store:
                 return
             header = _journal_header(snapshot, seq)
             atomic_write(self.journal, header, durable=self.durable)
-            flags = os.O_WRONLY | os.O_APPEND | (os.O_DSYNC if _DSYNC and self.durable else 0)
-            self._fd = os.open(self.journal, flags)
+            self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
             self._size = len(header)
             self.stats["journal_bytes"] += len(header)
 
@@ -655,14 +644,6 @@ class Store:
         """Write everything appended so far (or fail it) before returning."""
         if self._pending:
             self._flush()
-        last = self._in_flight
-        if last is not None:
-            await asyncio.wait([last])
-
-    def flush_now(self) -> None:
-        """Hand the batch being filled to the writer now instead of at the end of the turn."""
-        if self._pending and self._writer is not None:
-            self._flush()
 
     def _flush(self) -> None:
         """Write and fsync every record appended during this turn of the event loop.
@@ -684,37 +665,19 @@ class Store:
                 # snapshot of it holds them: no need to write them to the journal.
                 self._requested += 1
                 self._write_snapshot(self._encode(run), run.seq, self._requested, False)
-            elif self._writer is not None:
-                self._in_flight = batch
-                self._writer.put(records, upto, batch)
-                return
             else:
                 self._write(records, upto)
         except Exception as e:  # a write error, a bad encode
             self._fail(e, batch)
             return
-        self._written_ok(len(records), batch)
-
-    def _written_ok(self, count: int, batch: asyncio.Future[None]) -> None:
-        self.stats["records"] += count
+        self.stats["records"] += len(records)
         self.stats["batches"] += 1
         if not batch.done():
             batch.set_result(None)
 
-    def _on_written(
-        self, done: list[tuple[int, asyncio.Future[None]]], error: BaseException | None
-    ) -> None:
-        for count, batch in done:
-            if error is None:
-                self._written_ok(count, batch)
-            else:
-                self._fail(error, batch)
-
     def _write(self, records: list[bytes], upto: int) -> None:
         """Append one batch and fsync it."""
         with self._files:
-            if self.failure is not None:
-                raise self.failure
             if self._snapshot_seq >= upto:
                 return  # a snapshot taken since holds every record of this batch
             if self._fd < 0:
@@ -723,7 +686,7 @@ class Store:
             start = self._size
             try:
                 write_all(self._fd, data)
-                if self.durable and not _DSYNC:
+                if self.durable:
                     os.fsync(self._fd)
                     self.stats["fsyncs"] += 1
             except OSError:
@@ -758,61 +721,3 @@ class Store:
                 future.set_exception(failure)
         self._pending, self._batch = [], None
         return failure
-
-
-class _Writer:
-    """One thread writing handed-off batches in order, merging those queued meanwhile."""
-
-    def __init__(self, store: Store) -> None:
-        self._store = store
-        self._loop = asyncio.get_running_loop()
-        self._queue: queue.SimpleQueue[tuple[list[bytes], int, asyncio.Future[None]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._idle = True
-        self._thread = threading.Thread(target=self._serve, name="jorb-journal", daemon=True)
-        self._thread.start()
-
-    def put(self, records: list[bytes], upto: int, batch: asyncio.Future[None]) -> None:
-        if _HANDSHAKE and self._idle:
-            taken = threading.Lock()
-            taken.acquire()
-            self._queue.put((records, upto, batch, taken))  # type: ignore[arg-type]
-            taken.acquire()  # lets go of the GIL until the writer has the batch
-        else:
-            self._queue.put((records, upto, batch, None))  # type: ignore[arg-type]
-
-    def stop(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _serve(self) -> None:
-        store, get = self._store, self._queue.get
-        error: BaseException | None = None
-        while True:
-            self._idle = True
-            item = get()
-            self._idle = False
-            if item is None:
-                break
-            items = [item]
-            while True:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    break
-                items.append(more)
-            for it in items:
-                if it[3] is not None:
-                    it[3].release()
-            records = [r for item in items for r in item[0]]
-            if error is None:
-                try:
-                    store._write(records, items[-1][1])
-                except Exception as e:
-                    error = e
-            done = [(len(item[0]), item[2]) for item in items]
-            self._loop.call_soon_threadsafe(store._on_written, done, error)

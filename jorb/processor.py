@@ -46,7 +46,6 @@ from .status import StateStatus, Status, StatusListener
 __all__ = ["Processor"]
 
 _LINE = orjson.OPT_APPEND_NEWLINE
-_PARK_FLUSH = os.environ.get("JORB_PARKFLUSH", "0") == "1"
 logger = logging.getLogger("jorb")
 
 
@@ -542,8 +541,6 @@ class Processor:
                     or lane.held + lane.claims >= limit
                     or lane.paused
                 ):
-                    if _PARK_FLUSH:
-                        self._store.flush_now()  # type: ignore[union-attr]
                     parked: asyncio.Future[None] = loop.create_future()
                     lane.idle.append(parked)
                     await parked
