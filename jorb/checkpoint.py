@@ -650,8 +650,12 @@ class Store:
 
         It runs on the loop, at the end of the turn in which the first record of the batch
         was appended, so every worker that settled in that turn shares one write and one
-        fsync. (A writer thread was measured slower: handing each batch to it and back costs
-        more in wake-ups and GIL hand-offs than the fsync it overlaps.)
+        fsync. A writer thread was measured slower, in every variant tried (d1a1ddd, see
+        BENCHMARKS.md): while the loop runs Python the thread cannot get the GIL to start the
+        write, so it merges the batches back to one fsync per turn and only adds hand-offs
+        (-9% durable tr/s); splitting the batches when a worker parks, with the loop handing
+        the GIL over, does overlap the fsync but doubles the fsyncs and context switches
+        (-15%, +2.4 CPU µs per transition).
         """
         records, batch, upto = self._pending, self._batch, self._upto
         self._pending, self._batch = [], None
