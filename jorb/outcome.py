@@ -106,7 +106,7 @@ def failure(
 
 
 def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
-    """A record's history entry, as the file writes it (applied, it becomes a ``Step``)."""
+    """A record's history entry, as the file writes it (applied, it becomes a plain tuple)."""
     return {"from": source, "to": to, "time": now, "duration": now - started}
 
 

@@ -307,7 +307,7 @@ def job_detail(run: Run, job_id: str) -> JobDetail:
 
 @dataclass(frozen=True, slots=True)
 class HistoryRow:
-    """One entry of a job's history as ``jorb show`` prints it (``jorb.Step`` is the entry)."""
+    """One entry of a job's history as ``jorb show`` prints it."""
 
     time: float | None
     """Unix time of the transition."""
