@@ -40,7 +40,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from .errors import (
     RunFileError,
     RunLockedError,
 )
-from .model import Run, apply_record, json_default
+from .model import Run, apply_record, job_document, json_default
 from .runfile import read_pieces
 
 __all__ = [
@@ -93,13 +93,40 @@ def lock_path(path: Path) -> Path:
 # -- encoding ----------------------------------------------------------------------------------
 
 
+#: Jobs encoded at a time when a run is written: a snapshot of a million jobs never exists
+#: whole in memory, as bytes or as documents (that peak was twice the run's own size).
+ENCODE_CHUNK = 1000
+
+
 def encode_run(run: Run) -> bytes:
     """The run file's bytes: 2-space-indented JSON, one key per line (``runfile`` reads this
     layout a piece at a time)."""
-    # (The newline by option: adding it after would copy the whole file once more.)
-    option = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
-    with _no_cycle_collection():  # a job's document is a dict: a million would set it off
-        return orjson.dumps(run.to_document(), default=json_default, option=option)
+    return b"".join(encode_pieces(run))
+
+
+def encode_pieces(run: Run) -> Iterator[bytes]:
+    """The run file's bytes, ``ENCODE_CHUNK`` jobs at a time; joined, exactly
+    ``orjson.dumps(run.to_document())`` with 2 spaces of indent and a final newline.
+
+    Each chunk is a list of job documents encoded on its own, then moved one level deeper
+    (two more spaces after every line break: a JSON string holds no raw line break).
+    """
+    option = orjson.OPT_INDENT_2
+    head = orjson.dumps(run.to_document(jobs=False), default=json_default, option=option)
+    jobs = list(run.jobs.values())
+    if not jobs:
+        yield head + b"\n"
+        return
+    before = head[: -len(b"[]\n}")] + b"[\n    "  # the head ends with '"jobs": []', then '}'
+    for start in range(0, len(jobs), ENCODE_CHUNK):
+        with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
+            docs = [job_document(job) for job in jobs[start : start + ENCODE_CHUNK]]
+            chunk = orjson.dumps(docs, default=json_default, option=option)
+        del docs
+        body = chunk[4:-2].replace(b"\n", b"\n  ")  # without its "[\n  " and "\n]"
+        after = b"\n  ]\n}\n" if start + ENCODE_CHUNK >= len(jobs) else b""
+        yield b"".join((before, body, after))  # (a small run is one piece: one write)
+        before = b",\n    "
 
 
 def decode_run(data: bytes, path: Path) -> Run:
@@ -155,16 +182,24 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``data``: temp file, fsync, rename, fsync the directory.
+def atomic_write(
+    path: Path, data: bytes | Iterable[bytes], *, durable: bool = True
+) -> tuple[int, int]:
+    """Replace ``path`` with ``data`` (bytes, or pieces of them written as they come): temp
+    file, fsync, rename, fsync the directory. Returns the bytes' length and CRC-32.
 
-    On any error before the rename the temp file is removed and ``path`` is untouched.
+    On any error before the rename (also one raised while the pieces are made) the temp file
+    is removed and ``path`` is untouched.
     """
+    pieces = (data,) if isinstance(data, bytes) else data
+    length = crc = 0
     tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
-            write_all(fd, data)
+            for piece in pieces:
+                write_all(fd, piece)
+                length, crc = length + len(piece), zlib.crc32(piece, crc)
             if durable:
                 os.fsync(fd)
         finally:
@@ -176,18 +211,15 @@ def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+    return length, crc
 
 
 # -- reading -----------------------------------------------------------------------------------
 
 
-def _journal_header(snapshot: bytes, seq: int) -> bytes:
-    header = {
-        "journal": JOURNAL_VERSION,
-        "seq": seq,
-        "length": len(snapshot),
-        "crc": zlib.crc32(snapshot),
-    }
+def _journal_header(length: int, crc: int, seq: int) -> bytes:
+    """The journal's first line: the snapshot it continues (its seq, length and CRC-32)."""
+    header = {"journal": JOURNAL_VERSION, "seq": seq, "length": length, "crc": crc}
     return orjson.dumps(header) + b"\n"
 
 
@@ -506,8 +538,6 @@ class Store:
         self._size = 0  # bytes in the journal file
         self._snapshot_len = 0
         self._snapshot_seq = -1  # seq of the newest snapshot on disk
-        self._requested = 0  # snapshots encoded so far (each is numbered in encode order)
-        self._written = 0  # number of the newest snapshot on disk
         self._upto = 0  # the run's seq at the last append
         self._pending: list[bytes] = []
         self._batch: asyncio.Future[None] | None = None
@@ -563,32 +593,20 @@ class Store:
 
     def compact(self, run: Run, *, finish: bool = False) -> None:
         """Fold ``run`` into a new snapshot; start a fresh journal (or, with ``finish``, none)."""
-        self._requested += 1
-        number = self._requested
         try:
-            snapshot = self._encode(run)
-            self._write_snapshot(snapshot, run.seq, number, finish)
+            self._write_snapshot(run, finish)
         except (OSError, CheckpointError) as e:
             raise self._fail(e)  # noqa: B904 (the cause is set on the CheckpointError)
 
-    def _encode(self, run: Run) -> bytes:
-        try:
-            return encode_run(run)
-        except TypeError as e:  # orjson: something in overall or a ctx is not JSON
-            raise CheckpointError(
-                f"{self.path}: the run cannot be written as JSON ({e}); overall and every "
-                f"job's ctx must hold only JSON values"
-            ) from None
-
-    def _write_snapshot(self, snapshot: bytes, seq: int, number: int, finish: bool) -> None:
+    def _write_snapshot(self, run: Run, finish: bool) -> None:
+        """Write ``run`` as the new snapshot, encoded as it is written (never whole in memory),
+        then start its journal."""
         with self._files:
-            if number < self._written:
-                return  # a snapshot encoded later is already on disk
-            atomic_write(self.path, snapshot, durable=self.durable)
-            self._written, self._snapshot_seq = number, seq
-            self._snapshot_len = len(snapshot)
+            seq = run.seq
+            length, crc = atomic_write(self.path, self._pieces(run), durable=self.durable)
+            self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
-            self.stats["snapshot_bytes"] += len(snapshot)
+            self.stats["snapshot_bytes"] += length
             # Every record in the old journal is <= seq now: a crash from here on is harmless.
             self._close_journal()
             if finish:
@@ -597,11 +615,20 @@ class Store:
                     if self.durable:
                         fsync_dir(self.path.parent)
                 return
-            header = _journal_header(snapshot, seq)
+            header = _journal_header(length, crc, seq)
             atomic_write(self.journal, header, durable=self.durable)
             self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
             self._size = len(header)
             self.stats["journal_bytes"] += len(header)
+
+    def _pieces(self, run: Run) -> Iterator[bytes]:
+        try:
+            yield from encode_pieces(run)
+        except TypeError as e:  # orjson: something in overall or a ctx is not JSON
+            raise CheckpointError(
+                f"{self.path}: the run cannot be written as JSON ({e}); overall and every "
+                f"job's ctx must hold only JSON values"
+            ) from None
 
     def _close_journal(self) -> None:
         if self._fd >= 0:
@@ -667,8 +694,7 @@ class Store:
             if run is not None and big:
                 # Every record in this batch is applied to the run in memory already, so a
                 # snapshot of it holds them: no need to write them to the journal.
-                self._requested += 1
-                self._write_snapshot(self._encode(run), run.seq, self._requested, False)
+                self._write_snapshot(run, False)
             else:
                 self._write(records, upto)
         except Exception as e:  # a write error, a bad encode

@@ -332,8 +332,9 @@ class Run:
 
     # -- JSON form -------------------------------------------------------------------------
 
-    def to_document(self) -> dict[str, Any]:
-        """The run as the JSON document of its file (encode it with ``default=json_default``)."""
+    def to_document(self, *, jobs: bool = True) -> dict[str, Any]:
+        """The run as the JSON document of its file (encode it with ``default=json_default``);
+        with ``jobs=False``, its ``"jobs"`` list left empty."""
         return {
             "format": FORMAT,
             "version": FORMAT_VERSION,
@@ -343,7 +344,7 @@ class Run:
             "states": self.declared,
             "paused": sorted(self.paused),
             "changes": self.changes,
-            "jobs": [job_document(job) for job in self.jobs.values()],
+            "jobs": [job_document(job) for job in self.jobs.values()] if jobs else [],
         }
 
     @classmethod

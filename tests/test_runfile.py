@@ -161,3 +161,53 @@ def test_any_hand_written_job_id_loads(tmp_path: Path, ident: str) -> None:
     path.write_bytes(path.read_bytes().replace(b'"id": "1"', b'"id": ' + orjson.dumps(ident)))
     loaded = jorb.Run.load(path)
     assert list(loaded.jobs) == [ident] and loaded.next_id == 2
+
+
+# -- writing: a run is encoded and written a chunk of jobs at a time ---------------------------
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 38, 39, 1000])
+def test_a_run_written_in_chunks_is_byte_for_byte_the_whole_encoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    path = tmp_path / "run.json"
+    _varied(path)  # 39 jobs: chunks of 1, 2, 3, all but one, all, and more than all
+    assert len(jorb.Run.load(path).jobs) == 39
+    run = jorb.Run.load(path)
+    whole = orjson.dumps(
+        run.to_document(),
+        default=jorb.model.json_default,
+        option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE,
+    )
+    monkeypatch.setattr(checkpoint, "ENCODE_CHUNK", chunk)
+    pieces = list(checkpoint.encode_pieces(run))
+    assert len(pieces) == -(-len(run.jobs) // chunk)  # one piece per chunk, never the whole
+    assert b"".join(pieces) == whole
+    empty = jorb.Run(tmp_path / "empty.json", {"x": 1})
+    assert b"".join(checkpoint.encode_pieces(empty)) == orjson.dumps(
+        empty.to_document(), option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+    )
+
+
+def test_a_job_that_cannot_be_written_midway_leaves_the_file_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "run.json"
+    before = _varied(path)
+    run = jorb.Run.open(path)
+    run.jobs["30"].ctx["when"] = {1, 2}  # a set: not JSON, in a late chunk
+    monkeypatch.setattr(checkpoint, "ENCODE_CHUNK", 2)
+    written: list[int] = []
+    real_write = checkpoint.os.write
+
+    def write(fd: int, data: bytes) -> int:
+        written.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(checkpoint.os, "write", write)
+    with pytest.raises(jorb.CheckpointError, match="cannot be written as JSON"):
+        run.save()
+    assert len(written) > 5, "the chunks before the bad job were written to the temp file"
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.json.lock"]
+    run.close()
