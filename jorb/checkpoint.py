@@ -98,6 +98,10 @@ def lock_path(path: Path) -> Path:
 ENCODE_CHUNK = 1000
 
 
+_CHUNK_OPEN = b'{\n  "jobs": [\n    '  # a chunk of jobs encoded as {"jobs": [...]}: its start
+_CHUNK_CLOSE = b"\n  ]\n}"  # and its end
+
+
 def encode_run(run: Run) -> bytes:
     """The run file's bytes: 2-space-indented JSON, one key per line (``runfile`` reads this
     layout a piece at a time)."""
@@ -108,8 +112,8 @@ def encode_pieces(run: Run) -> Iterator[bytes]:
     """The run file's bytes, ``ENCODE_CHUNK`` jobs at a time; joined, exactly
     ``orjson.dumps(run.to_document())`` with 2 spaces of indent and a final newline.
 
-    Each chunk is a list of job documents encoded on its own, then moved one level deeper
-    (two more spaces after every line break: a JSON string holds no raw line break).
+    Each chunk of job documents is encoded on its own, as ``{"jobs": [...]}``, and taken out
+    of that object: its jobs are then at the depth they have in the file.
     """
     option = orjson.OPT_INDENT_2
     head = orjson.dumps(run.to_document(jobs=False), default=json_default, option=option)
@@ -121,9 +125,10 @@ def encode_pieces(run: Run) -> Iterator[bytes]:
     for start in range(0, len(jobs), ENCODE_CHUNK):
         with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
             docs = [job_document(job) for job in jobs[start : start + ENCODE_CHUNK]]
-            chunk = orjson.dumps(docs, default=json_default, option=option)
+            chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
         del docs
-        body = chunk[4:-2].replace(b"\n", b"\n  ")  # without its "[\n  " and "\n]"
+        # Under a "jobs" key, as in the file, the jobs come out at the file's depth.
+        body = memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
         after = b"\n  ]\n}\n" if start + ENCODE_CHUNK >= len(jobs) else b""
         yield b"".join((before, body, after))  # (a small run is one piece: one write)
         before = b",\n    "
