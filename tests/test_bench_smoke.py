@@ -53,3 +53,10 @@ def test_reopen_bench_replays_a_real_crash_journal(tmp_path: Path) -> None:
     assert result["clean"]["jobs"] == result["crashed"]["jobs"] == 1000
     assert result["journal_records"] >= 200  # the SIGKILLed process left them unfolded
     assert result["crashed"]["seconds"] > 0
+
+
+def test_exec_memory_bench_reports_the_peak_of_an_exec() -> None:
+    out = _run("exec_memory.py", "--n", "300", "--json")
+    (result,) = json.loads(out.splitlines()[-1])
+    assert result["n"] == 300 and result["runs"] == 1  # (the child exits 1 unless all are "done")
+    assert result["peak"] > 0

@@ -147,6 +147,11 @@ KILL_SCENARIOS = {
     "fsync": (31, 8, ("--durable", "1")),
     "no-fsync, compact every batch": (32, 8, ("--durable", "0", "--compact-always")),
     "fsync, compact every batch": (33, 8, ("--durable", "1", "--compact-always")),
+    "snapshots written 7 jobs a piece": (
+        34,
+        8,
+        ("--durable", "1", "--compact-always", "--encode-chunk", "7"),
+    ),
 }
 
 

@@ -1,7 +1,7 @@
 """A fan-out workflow for the durability tests: roots kick children, every exec logs its effect.
 
     python fanout.py RUN EFFECTS [--roots 40] [--kids 8] [--durable 1] [--compact-always]
-                     [--stall STATE] [--grace SECONDS]
+                     [--encode-chunk JOBS] [--stall STATE] [--grace SECONDS]
 
 Each exec appends ``"key state"`` to EFFECTS (opened O_APPEND, so a line is never torn) and
 writes the same line to stdout: the test reads stdout as its progress signal. It records its
@@ -10,7 +10,8 @@ children of root ``rN`` have keys ``rN/0``, ``rN/1``, ... so a duplicate is easy
 
 ``--stall STATE`` makes every exec of STATE wait (for an hour) after logging, to hold execs in
 flight for the Ctrl-C tests. ``--compact-always`` compacts the journal after every batch, so
-kills land in compactions too.
+kills land in compactions too; ``--encode-chunk`` writes each snapshot a few jobs at a time, so
+they land between its pieces.
 """
 
 from __future__ import annotations
@@ -37,12 +38,15 @@ def main() -> None:
     parser.add_argument("--kids", type=int, default=8)
     parser.add_argument("--durable", type=int, default=1)
     parser.add_argument("--compact-always", action="store_true")
+    parser.add_argument("--encode-chunk", type=int, default=None)
     parser.add_argument("--stall", default=None)
     parser.add_argument("--grace", type=float, default=30.0)
     args = parser.parse_args()
     if args.compact_always:
         jorb.checkpoint.MIN_COMPACT_BYTES = 0
         jorb.checkpoint.COMPACT_RATIO = 0.0
+    if args.encode_chunk:
+        jorb.checkpoint.ENCODE_CHUNK = args.encode_chunk
     effects = os.open(args.effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def effect(state: str, ctx: dict[str, Any]) -> None:
