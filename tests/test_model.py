@@ -330,6 +330,21 @@ def test_a_history_step_reads_like_the_object_in_the_file() -> None:
     assert json.loads(json.dumps([dict(step)])) == [step.as_dict()]
 
 
+def test_a_step_equals_the_plain_tuple_entry_it_reads(
+    finished: jorb.Run, tmp_path: Path
+) -> None:
+    # job.steps() gives "the same entries" as job.history: a Step read from an entry, or one a
+    # script appends, compares equal to the plain tuple (Step has a fifth field, redrive=None).
+    job = finished.jobs["5"]
+    assert job.steps() == job.history
+    assert jorb.Step(*job.history[0]) == job.history[0]
+    run = jorb.Run(tmp_path / "steps.json")
+    mine = run.add_job({}, "done")
+    mine.history.append(jorb.Step("new", "done", 1_795_000_000.5, 0.25))
+    run.save()
+    assert jorb.Run.load(tmp_path / "steps.json").jobs[mine.id].history == mine.history
+
+
 def test_history_entries_are_plain_tuples_the_gc_lets_go_of(finished: jorb.Run) -> None:
     # A million jobs' history must not be walked by every full collection: CPython untracks a
     # plain tuple of strings and floats, never a tuple subclass such as Step.
