@@ -7,6 +7,7 @@ import gc
 import json
 import re
 import time
+from collections import OrderedDict
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -343,6 +344,20 @@ def test_a_step_equals_the_plain_tuple_entry_it_reads(
     mine.history.append(jorb.Step("new", "done", 1_795_000_000.5, 0.25))
     run.save()
     assert jorb.Run.load(tmp_path / "steps.json").jobs[mine.id].history == mine.history
+
+
+def test_a_history_entry_in_a_dict_subclass_is_written_as_the_object_it_is(
+    tmp_path: Path,
+) -> None:
+    # entry_document / steps() test ``type(entry) is dict``: any other mapping of 4 or 5 keys
+    # is unpacked as a tuple, its keys taken for from/to/time/duration.
+    run = jorb.Run(tmp_path / "run.json")
+    job = run.add_job({}, "b")
+    entry = {"from": "a", "to": "b", "time": 1_795_000_000.5, "duration": 0.25}
+    job.history.append(OrderedDict(entry))
+    assert [dict(step) for step in job.steps()] == [entry]
+    run.save()
+    assert jorb.Run.load(tmp_path / "run.json").jobs[job.id].steps() == [entry]
 
 
 def test_history_entries_are_plain_tuples_the_gc_lets_go_of(finished: jorb.Run) -> None:
