@@ -7,8 +7,7 @@ import gc
 import json
 import re
 import time
-from collections import OrderedDict
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -331,9 +330,7 @@ def test_a_history_step_reads_like_the_object_in_the_file() -> None:
     assert json.loads(json.dumps([dict(step)])) == [step.as_dict()]
 
 
-def test_a_step_equals_the_plain_tuple_entry_it_reads(
-    finished: jorb.Run, tmp_path: Path
-) -> None:
+def test_a_step_equals_the_plain_tuple_entry_it_reads(finished: jorb.Run, tmp_path: Path) -> None:
     # job.steps() gives "the same entries" as job.history: a Step read from an entry, or one a
     # script appends, compares equal to the plain tuple (Step has a fifth field, redrive=None).
     job = finished.jobs["5"]
