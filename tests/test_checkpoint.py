@@ -657,6 +657,19 @@ def test_a_run_that_is_not_json_serializable_is_refused_with_a_checkpoint_error(
     assert run.path is not None and not run.path.exists()
 
 
+def test_a_history_entry_that_cannot_be_written_is_refused_naming_the_history(
+    make_run: MakeRun,
+) -> None:
+    # A script appended a malformed entry: the refusal must point at the history, not claim
+    # that overall or a ctx holds something that is not JSON.
+    run = make_run(roots(2), "a")
+    run.jobs["2"].history.append(("a", "b"))
+    with pytest.raises(jorb.CheckpointError) as refused:
+        run.save()
+    assert "history" in str(refused.value)
+    assert "ctx must hold only JSON" not in str(refused.value)
+
+
 # -- dependent work waits for durability -------------------------------------------------------
 
 

@@ -7,7 +7,7 @@ import gc
 import json
 import re
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -328,6 +328,33 @@ def test_a_history_step_reads_like_the_object_in_the_file() -> None:
     assert list(redriven.values()) == ["failed", "new", 1_795_000_001.0, 0.0, "c0ffee"]
     # Being a tuple, a Step iterates (and json.dumps writes it) as its values: dict() it.
     assert json.loads(json.dumps([dict(step)])) == [step.as_dict()]
+
+
+def test_a_step_equals_the_plain_tuple_entry_it_reads(finished: jorb.Run, tmp_path: Path) -> None:
+    # job.steps() gives "the same entries" as job.history: a Step read from an entry, or one a
+    # script appends, compares equal to the plain tuple (Step has a fifth field, redrive=None).
+    job = finished.jobs["5"]
+    assert job.steps() == job.history
+    assert jorb.Step(*job.history[0]) == job.history[0]
+    run = jorb.Run(tmp_path / "steps.json")
+    mine = run.add_job({}, "done")
+    mine.history.append(jorb.Step("new", "done", 1_795_000_000.5, 0.25))
+    run.save()
+    assert jorb.Run.load(tmp_path / "steps.json").jobs[mine.id].history == mine.history
+
+
+def test_a_history_entry_in_a_dict_subclass_is_written_as_the_object_it_is(
+    tmp_path: Path,
+) -> None:
+    # entry_document / steps() test ``type(entry) is dict``: any other mapping of 4 or 5 keys
+    # is unpacked as a tuple, its keys taken for from/to/time/duration.
+    run = jorb.Run(tmp_path / "run.json")
+    job = run.add_job({}, "b")
+    entry = {"from": "a", "to": "b", "time": 1_795_000_000.5, "duration": 0.25}
+    job.history.append(OrderedDict(entry))
+    assert [dict(step) for step in job.steps()] == [entry]
+    run.save()
+    assert jorb.Run.load(tmp_path / "run.json").jobs[job.id].steps() == [entry]
 
 
 def test_history_entries_are_plain_tuples_the_gc_lets_go_of(finished: jorb.Run) -> None:

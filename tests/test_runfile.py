@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -211,3 +213,38 @@ def test_a_job_that_cannot_be_written_midway_leaves_the_file_as_it_was(
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json", "run.json.lock"]
     run.close()
+
+
+_PEAK_OF_A_SAVE = """
+import gc, sys
+from pathlib import Path
+import jorb
+
+def rss(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+
+run = jorb.Run(Path(sys.argv[1]))
+run.add_job({"blob": "x" * (64 << 20)}, "new")  # one job whose ctx is huge
+for i in range(10):
+    run.add_job({"i": i}, "new")
+gc.collect()
+before = rss("VmRSS:")
+run.save()
+print((rss("VmHWM:") - before) / Path(sys.argv[1]).stat().st_size)
+"""
+
+
+def test_writing_a_run_holds_its_bytes_in_memory_at_most_once(tmp_path: Path) -> None:
+    # A run of fewer than ENCODE_CHUNK jobs (or one huge ctx) is a single chunk: encoded, then
+    # joined with its "before" and "after" into a second copy. The whole orjson.dumps of the
+    # previous version peaked at one copy of the file; "never whole in memory" should not
+    # mean twice.
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_OF_A_SAVE, str(tmp_path / "run.json")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert float(proc.stdout) < 1.5, "the peak of a save, in copies of the file"
