@@ -53,7 +53,7 @@ from .errors import (
     RunFileError,
     RunLockedError,
 )
-from .model import Run, apply_record, job_document, json_default
+from .model import Run, UnwritableEntry, apply_record, job_document, json_default
 from .runfile import read_pieces
 
 __all__ = [
@@ -108,7 +108,7 @@ def encode_run(run: Run) -> bytes:
     return b"".join(encode_pieces(run))
 
 
-def encode_pieces(run: Run) -> Iterator[bytes]:
+def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
     """The run file's bytes, ``ENCODE_CHUNK`` jobs at a time; joined, exactly
     ``orjson.dumps(run.to_document())`` with 2 spaces of indent and a final newline.
 
@@ -127,11 +127,12 @@ def encode_pieces(run: Run) -> Iterator[bytes]:
             docs = [job_document(job) for job in jobs[start : start + ENCODE_CHUNK]]
             chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
         del docs
-        # Under a "jobs" key, as in the file, the jobs come out at the file's depth.
-        body = memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
-        after = b"\n  ]\n}\n" if start + ENCODE_CHUNK >= len(jobs) else b""
-        yield b"".join((before, body, after))  # (a small run is one piece: one write)
+        # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
+        # handed on as a view: a chunk is never copied).
+        yield before
+        yield memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
         before = b",\n    "
+    yield b"\n  ]\n}\n"
 
 
 def decode_run(data: bytes, path: Path) -> Run:
@@ -166,7 +167,11 @@ def _position(data: bytes, offset: int) -> tuple[int, int]:
 # -- atomic writes -----------------------------------------------------------------------------
 
 
-def write_all(fd: int, data: bytes) -> None:
+#: Pieces smaller than this are gathered into one write (a small run is written in one).
+_SMALL = 1 << 16
+
+
+def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     """``os.write`` until every byte is out (a regular file may take a short write)."""
     view = memoryview(data)
     while view:
@@ -188,23 +193,36 @@ def _temp_path(path: Path) -> Path:
 
 
 def atomic_write(
-    path: Path, data: bytes | Iterable[bytes], *, durable: bool = True
+    path: Path, data: bytes | Iterable[bytes | memoryview], *, durable: bool = True
 ) -> tuple[int, int]:
     """Replace ``path`` with ``data`` (bytes, or pieces of them written as they come): temp
     file, fsync, rename, fsync the directory. Returns the bytes' length and CRC-32.
 
-    On any error before the rename (also one raised while the pieces are made) the temp file
-    is removed and ``path`` is untouched.
+    Pieces under ``_SMALL`` bytes are gathered into one write. On any error before the rename
+    (also one raised while the pieces are made) the temp file is removed and ``path`` is
+    untouched.
     """
     pieces = (data,) if isinstance(data, bytes) else data
     length = crc = 0
+    small = bytearray()
     tmp = _temp_path(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
             for piece in pieces:
-                write_all(fd, piece)
                 length, crc = length + len(piece), zlib.crc32(piece, crc)
+                if len(piece) < _SMALL:
+                    small += piece
+                    if len(small) >= _SMALL:
+                        write_all(fd, small)
+                        small.clear()
+                    continue
+                if small:
+                    write_all(fd, small)
+                    small.clear()
+                write_all(fd, piece)
+            if small:
+                write_all(fd, small)
             if durable:
                 os.fsync(fd)
         finally:
@@ -626,9 +644,11 @@ class Store:
             self._size = len(header)
             self.stats["journal_bytes"] += len(header)
 
-    def _pieces(self, run: Run) -> Iterator[bytes]:
+    def _pieces(self, run: Run) -> Iterator[bytes | memoryview]:
         try:
             yield from encode_pieces(run)
+        except UnwritableEntry as e:
+            raise CheckpointError(f"{self.path}: the run cannot be written: {e}") from None
         except TypeError as e:  # orjson: something in overall or a ctx is not JSON
             raise CheckpointError(
                 f"{self.path}: the run cannot be written as JSON ({e}); overall and every "

@@ -63,7 +63,8 @@ class Step(NamedTuple):
     a plain tuple of strings and numbers (never a tuple subclass such as this one), and a run
     keeps millions of them. A Step reads like the JSON object the entry is in the run file,
     ``{"from", "to", "time", "duration"}`` (plus ``"redrive"``): ``step["from"]``,
-    ``step.get("redrive")``, ``dict(step)``, and it compares equal to that object.
+    ``step.get("redrive")``, ``dict(step)``, and it compares equal to that object and to the
+    plain tuple it reads (:meth:`entry`).
     """
 
     source: str
@@ -125,16 +126,23 @@ class Step(NamedTuple):
             entry["redrive"] = self.redrive
         return entry
 
+    def entry(self) -> tuple[Any, ...]:
+        """The plain tuple ``job.history`` keeps for this step (four values, or five with a
+        redrive's change id)."""
+        return tuple(self) if self.redrive is not None else tuple(self)[:4]
+
     def __eq__(self, other: object) -> bool:
-        if type(other) is dict:
+        if isinstance(other, dict):
             return self.as_dict() == other
-        return tuple.__eq__(self, other)
+        if isinstance(other, Step):
+            other = other.entry()
+        return self.entry() == other
 
     def __ne__(self, other: object) -> bool:
         return not self == other
 
     def __hash__(self) -> int:
-        return tuple.__hash__(self)
+        return hash(self.entry())
 
 
 _STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
@@ -179,7 +187,7 @@ class Job:
     def steps(self) -> list[Step | dict[str, Any]]:
         """The history, each entry a :class:`Step` (``step["from"]``, ``step.target``, ...);
         an entry edited into the file in another shape stays the object it is."""
-        return [entry if type(entry) is dict else Step(*entry) for entry in self.history]
+        return [entry if isinstance(entry, Mapping) else Step(*entry) for entry in self.history]
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -413,25 +421,35 @@ def job_document(job: Job) -> dict[str, Any]:
     if job.throttled:
         doc["throttled"] = job.throttled
     if job.history:
-        doc["history"] = [
-            {"from": e[0], "to": e[1], "time": e[2], "duration": e[3]}
-            if type(e) is tuple and len(e) == 4  # (the usual entry, without a call)
-            else entry_document(e)
-            for e in job.history
-        ]
+        try:
+            doc["history"] = [
+                {"from": e[0], "to": e[1], "time": e[2], "duration": e[3]}
+                if type(e) is tuple and len(e) == 4  # (the usual entry, without a call)
+                else entry_document(e)
+                for e in job.history
+            ]
+        except UnwritableEntry as e:
+            raise UnwritableEntry(f"job {job.id}: {e}") from None
     if job.errors:
         doc["errors"] = job.errors
     return doc
 
 
+class UnwritableEntry(ValueError):
+    """A history entry a script put in a job has no form in the run file (checkpoint turns it
+    into a CheckpointError naming the file)."""
+
+
 def entry_document(entry: Entry) -> dict[str, Any]:
-    """A history entry's object in the run file."""
-    if type(entry) is dict:
-        return entry
-    if len(entry) == 4:
-        source, target, when, took = entry
-        return {"from": source, "to": target, "time": when, "duration": took}
-    return Step(*entry).as_dict()
+    """A history entry's object in the run file; a UnwritableEntry if it has no such form."""
+    if isinstance(entry, Mapping):
+        return entry if type(entry) is dict else dict(entry)
+    if isinstance(entry, tuple | list) and len(entry) in (4, 5):
+        return Step(*entry).as_dict()
+    raise UnwritableEntry(
+        f"a history entry must be (from, to, time, duration[, redrive]) or an object, "
+        f"not {entry!r:.80}"
+    )
 
 
 def json_default(value: Any) -> Any:

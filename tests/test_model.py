@@ -346,8 +346,7 @@ def test_a_step_equals_the_plain_tuple_entry_it_reads(finished: jorb.Run, tmp_pa
 def test_a_history_entry_in_a_dict_subclass_is_written_as_the_object_it_is(
     tmp_path: Path,
 ) -> None:
-    # entry_document / steps() test ``type(entry) is dict``: any other mapping of 4 or 5 keys
-    # is unpacked as a tuple, its keys taken for from/to/time/duration.
+    # Any mapping a script appends is the object it is, not a tuple of its keys.
     run = jorb.Run(tmp_path / "run.json")
     job = run.add_job({}, "b")
     entry = {"from": "a", "to": "b", "time": 1_795_000_000.5, "duration": 0.25}
