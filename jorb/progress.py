@@ -133,6 +133,10 @@ class Meter:
 
 _HEADERS = ("jobs", "waiting", "delayed", "awaiting", "running", "done", "errors", "done/s", "eta")
 _AWAITING = _HEADERS.index("awaiting")
+#: Columns left out, in this order, when the terminal is too narrow for all of them (the bar
+#: first shrinks to BAR_MIN, then long state names are cut to NAME_MIN).
+_DROPPED_FIRST = tuple(_HEADERS.index(h) for h in ("delayed", "waiting", "done/s", "awaiting"))
+NAME_MIN = 10
 BAR_MIN, BAR_FAIR, BAR_MAX = 10, 20, 40
 NAME_MAX = 24
 
@@ -202,6 +206,15 @@ class _Board:
         name_width = min(NAME_MAX, max(_width(row.name[0]) for row in [*rows, _HEAD]))
         widths = {i: max(len(row.numbers[i][0]) for row in [*rows, _HEAD]) for i in shown}
         room = width - name_width - sum(widths.values()) - len(shown) - 1  # bar + gap + notes
+        for i in _DROPPED_FIRST:  # too narrow for every column: the least needed go first
+            if room >= BAR_MIN:
+                break
+            if i in widths:
+                room += widths.pop(i) + 1
+                shown.remove(i)
+        if room < BAR_MIN:
+            cut = min(name_width - NAME_MIN, BAR_MIN - room)
+            name_width, room = name_width - max(0, cut), room + max(0, cut)
         need = max(sum(_width(value) for value, _ in row.note) for row in rows)
         # Bars first (at least BAR_FAIR wide), then notes, cut short, if 6 columns are left.
         bar = max(BAR_FAIR, min(BAR_MAX, room - (need + 1 if need else 0)))
@@ -209,8 +222,7 @@ class _Board:
         if not notes:
             bar = max(BAR_MIN, min(BAR_MAX, room))
         out = _Lines()
-        for value, style in _summary(status):
-            out.add(value, style)
+        out.cut(_summary(status, width), width)
         for row in [_HEAD, *rows]:
             out.add("\n")
             out.cell(row.name, name_width, left=True)
@@ -298,15 +310,18 @@ def _width(value: str) -> int:
     return len(value) if value.isascii() else cell_len(value)
 
 
-def _summary(status: Status) -> list[Cell]:
+def _summary(status: Status, width: int = 1000) -> tuple[Cell, ...]:
+    """The line above the table; on a narrow terminal the count of transitions goes first,
+    then the time elapsed, so that "complete" still shows."""
     share = status.finished / status.jobs if status.jobs else 1.0
-    cells = [
-        ("jorb ", "bold"),
-        (f"{status.finished:,}/{status.jobs:,} jobs finished ({share:.0%})", ""),
-        (f" · {status.transitions:,} transitions · {_clock(status.elapsed)} elapsed", ""),
-    ]
-    if status.complete:
-        cells.append((" · complete", "bold green"))
+    finished = (f"{status.finished:,}/{status.jobs:,} jobs finished ({share:.0%})", "")
+    transitions = (f" · {status.transitions:,} transitions", "")
+    elapsed = (f" · {_clock(status.elapsed)} elapsed", "")
+    end = ((" · complete", "bold green"),) if status.complete else ()
+    for middle in ((transitions, elapsed), (elapsed,), ()):
+        cells = (("jorb ", "bold"), finished, *middle, *end)
+        if sum(_width(value) for value, _ in cells) <= width:
+            break
     return cells
 
 

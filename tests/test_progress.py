@@ -142,6 +142,41 @@ def test_render_narrow_terminal_keeps_the_numbers_and_drops_the_notes() -> None:
     assert table["edit"][-3:] == ["paused", "1", "fai…"]
 
 
+def test_an_80_column_terminal_shows_a_big_run_without_cutting_a_number() -> None:
+    # Long state names and six-figure counts: the least needed columns make way, whole.
+    names = ["clone_repository", "apply_codemod", "run_the_linters", "commit_changes"]
+    lanes = tuple(
+        StateStatus(
+            name,
+            False,
+            123_456,
+            waiting=120_000,
+            running=64,
+            done=876_544,
+            errors=12_345,
+            concurrency=64,
+        )
+        for name in names
+    )
+    ended = tuple(
+        StateStatus(name, True, 250_000) for name in ("done", "clone_failed", "lint_failed")
+    )
+    status = Status((*lanes, *ended), 1_250_000, 750_000, 5_025.0, 3_506_176)
+    speed = Speed((41.5, 40.2, 39.8, 40.0, None, None, None), finished=40.1)
+    screen = text(render(status, speed), width=80)
+    lines = screen.splitlines()
+    assert all(len(line) <= 80 for line in lines) and "…" not in lines[0]
+    table = rows(screen)
+    head = lines[1].split()
+    assert "eta" in head and "running" in head and "errors" in head and "delayed" not in head
+    for name in names:  # a name cut to fit still leads its row, its numbers whole
+        row = next(words for first, words in table.items() if name.startswith(first.rstrip("…")))
+        assert row[-1].count(":") == 2 and "64/64" in row and "12,345" in row
+    assert table["done"][-1] == "terminal"
+    finished = Status(status.states, 1_250_000, 1_250_000, 5_025.0, 3_506_176)
+    assert text(render(finished, speed), width=60).splitlines()[0].endswith("· complete")
+
+
 def test_render_before_throughput_is_known_and_when_complete() -> None:
     table = rows(text(render(STATUS)))
     assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "-", "≤4.5/s"]
