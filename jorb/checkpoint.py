@@ -116,7 +116,10 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
     of that object: its jobs are then at the depth they have in the file.
     """
     option = orjson.OPT_INDENT_2
-    head = orjson.dumps(run.to_document(jobs=False), default=json_default, option=option)
+    try:
+        head = orjson.dumps(run.to_document(jobs=False), default=json_default, option=option)
+    except TypeError as e:
+        raise TypeError(f"overall: {e}") from None
     jobs = list(run.jobs.values())
     if not jobs:
         yield head + b"\n"
@@ -125,7 +128,10 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
     for start in range(0, len(jobs), ENCODE_CHUNK):
         with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
             docs = [job_document(job) for job in jobs[start : start + ENCODE_CHUNK]]
-            chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
+            try:
+                chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
+            except TypeError as e:
+                raise TypeError(f"{_first_unwritable(docs)}: {e}") from None
         del docs
         # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
         # handed on as a view: a chunk is never copied).
@@ -133,6 +139,16 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
         yield memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
         before = b",\n    "
     yield b"\n  ]\n}\n"
+
+
+def _first_unwritable(docs: list[dict[str, Any]]) -> str:
+    """Which of these job documents orjson refuses (to name it in the error)."""
+    for doc in docs:
+        try:
+            orjson.dumps(doc, default=json_default)
+        except TypeError:
+            return f"job {doc['id']}"
+    return "a job"
 
 
 def decode_run(data: bytes, path: Path) -> Run:

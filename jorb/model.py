@@ -308,7 +308,8 @@ class Run:
         if self._holder is not None and self._holder.executing:
             raise JorbError(
                 "add_job while the run is executing would bypass the checkpoint: "
-                "return jorb.Kick(...) from an exec, or use `jorb add` from a shell"
+                "return jorb.Kick(...) from an exec, call processor.add_jobs(...), or use "
+                "`jorb add` from a shell"
             )
         return self.new_job(state, ctx, None, _not_before(delay, not_before), priority)
 
