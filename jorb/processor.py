@@ -17,6 +17,7 @@ one event loop, so nothing is locked: the run is only ever touched from the loop
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import heapq
@@ -30,7 +31,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -47,6 +48,49 @@ __all__ = ["Processor"]
 
 _LINE = orjson.OPT_APPEND_NEWLINE
 logger = logging.getLogger("jorb")
+
+
+class _Ready:
+    """A lane's ready jobs: higher priority first, first in first out among equals.
+
+    Nearly every job has priority 0: those wait in a deque (no entry object per job, O(1) each
+    way); the others in a heap of ``(-priority, order, job)``. A million queued jobs are then a
+    million deque slots, not a million tuples the garbage collector walks again and again.
+    """
+
+    __slots__ = ("order", "plain", "ranked")
+
+    def __init__(self, order: Iterator[int]) -> None:
+        self.plain: collections.deque[Job] = collections.deque()
+        self.ranked: list[tuple[int, int, Job]] = []
+        self.order = order
+
+    def __len__(self) -> int:
+        return len(self.plain) + len(self.ranked)
+
+    def __repr__(self) -> str:
+        return f"<Ready {len(self.plain)} plain, {len(self.ranked)} ranked>"
+
+    def push(self, job: Job) -> None:
+        if job.priority:
+            heapq.heappush(self.ranked, (-job.priority, next(self.order), job))
+        else:
+            self.plain.append(job)
+
+    def pop(self) -> Job:
+        """The next job to start (the caller knows one is ready)."""
+        ranked = self.ranked
+        if ranked and (ranked[0][0] < 0 or not self.plain):  # above 0, or nothing at 0 left
+            return heapq.heappop(ranked)[2]
+        return self.plain.popleft()
+
+    def discard(self, ids: set[str]) -> None:
+        """Take the jobs with these ids out (a redrive is about to move them)."""
+        if any(job.id in ids for job in self.plain):
+            self.plain = collections.deque(job for job in self.plain if job.id not in ids)
+        if any(entry[2].id in ids for entry in self.ranked):
+            self.ranked = [entry for entry in self.ranked if entry[2].id not in ids]
+            heapq.heapify(self.ranked)
 
 
 class _Lane:
@@ -71,11 +115,11 @@ class _Lane:
         "workers",
     )
 
-    def __init__(self, state: State, rate: Rate, paused: bool) -> None:
+    def __init__(self, state: State, rate: Rate, paused: bool, order: Iterator[int]) -> None:
         self.state = state
         self.rate = rate
         self.paused = paused
-        self.ready: list[tuple[int, int, Job]] = []  # (-priority, order, job): a heap
+        self.ready = _Ready(order)
         self.idle: list[asyncio.Future[None]] = []  # parked workers
         self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
         self.held = 0  # slots taken: jobs in an exec, or settled and waiting for the disk
@@ -366,7 +410,7 @@ class Processor:
                 self._counts[name] = 0
             else:
                 rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                self._lanes[name] = _Lane(state, rate, name in run.paused)
+                self._lanes[name] = _Lane(state, rate, name in run.paused, self._order)
         return answers
 
     def _check_states(self, run: Run) -> None:
@@ -453,7 +497,7 @@ class Processor:
             if self._delayed[0][2] is job:
                 self._arm_timer(now)
             return
-        heapq.heappush(lane.ready, (-job.priority, next(self._order), job))
+        lane.ready.push(job)
         self._wake(lane)
 
     def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
@@ -520,7 +564,7 @@ class Processor:
             _, _, job = heapq.heappop(self._delayed)
             lane = self._lanes[job.state]
             lane.delayed -= 1
-            heapq.heappush(lane.ready, (-job.priority, next(self._order), job))
+            lane.ready.push(job)
             self._wake(lane)
         if self._delayed:
             self._arm_timer(now)
@@ -556,7 +600,7 @@ class Processor:
                         lane.claims -= 1
                     if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
-                job = heapq.heappop(lane.ready)[2]
+                job = lane.ready.pop()
                 if lane.state.join and self._waits_for_kids(lane, job):
                     continue  # a child was redriven back to work since it was queued
                 lane.held += 1
@@ -812,9 +856,7 @@ class Processor:
         if not ids:
             return
         for lane in self._lanes.values():
-            if any(entry[2].id in ids for entry in lane.ready):
-                lane.ready = [entry for entry in lane.ready if entry[2].id not in ids]
-                heapq.heapify(lane.ready)
+            lane.ready.discard(ids)
         kept = []
         for entry in self._delayed:
             if entry[2].id in ids:
