@@ -1,6 +1,6 @@
 """The Processor: one coordinator drives every job of a run through its states.
 
-Shape of the machine. Each non-terminal state is a *lane*: a priority/FIFO heap of ready jobs,
+Shape of the machine. Each non-terminal state is a *lane*: its ready jobs (by priority, FIFO),
 ``concurrency`` slots and at most that many worker tasks, created on demand and parked when
 there is nothing to take. A worker waits for the state's Rate, takes a job (and a slot), runs
 the exec through the executor seam, and hands the outcome to ``_settle``, which turns it into

@@ -310,7 +310,7 @@ def _width(value: str) -> int:
     return len(value) if value.isascii() else cell_len(value)
 
 
-def _summary(status: Status, width: int = 1000) -> tuple[Cell, ...]:
+def _summary(status: Status, width: int) -> tuple[Cell, ...]:
     """The line above the table; on a narrow terminal the count of transitions goes first,
     then the time elapsed, so that "complete" still shows."""
     share = status.finished / status.jobs if status.jobs else 1.0

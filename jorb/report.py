@@ -20,11 +20,12 @@ import re
 import statistics
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import JorbError, StateError
-from .model import Job, Run, Step
+from .model import Entry, Job, Run, Step
 
 __all__ = [
     "ErrorGroup",
@@ -202,12 +203,12 @@ def timings(run: Run) -> dict[str, Timing]:
     redriven = _redrive_times(run)
     durations: dict[str, list[float]] = {}
     for job in run.jobs.values():
-        for step in job.steps():
-            if _is_redrive(step, redriven):
+        for entry in job.history:
+            source, _, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
+            if _is_redrive(when, took, redriven):
                 continue
-            duration = step.get("duration")
-            if isinstance(duration, int | float):
-                durations.setdefault(str(step.get("from")), []).append(float(duration))
+            if isinstance(took, int | float):
+                durations.setdefault(str(source), []).append(float(took))
     return {state: _timing(values) for state, values in durations.items()}
 
 
@@ -330,7 +331,7 @@ def history(run: Run, job: Job) -> list[HistoryRow]:
             str(step.get("from")),
             str(step.get("to")),
             _number(step.get("duration")),
-            _is_redrive(step, redriven),
+            _is_redrive(step.get("time"), step.get("duration"), redriven),
         )
         for step in job.steps()
     ]
@@ -349,9 +350,10 @@ def graph(run: Run) -> Graph:
     edges: Counter[tuple[str, str]] = Counter()
     redrives: Counter[tuple[str, str]] = Counter()
     for job in run.jobs.values():
-        for step in job.steps():
-            edge = (str(step.get("from")), str(step.get("to")))
-            (redrives if _is_redrive(step, redriven) else edges)[edge] += 1
+        for entry in job.history:
+            source, target, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
+            edge = (str(source), str(target))
+            (redrives if _is_redrive(when, took, redriven) else edges)[edge] += 1
     names = state_names(run)
     for edge in [*edges, *redrives]:
         for name in edge:
@@ -419,5 +421,13 @@ def _redrive_times(run: Run) -> set[float]:
     }
 
 
-def _is_redrive(step: Step | dict[str, Any], redriven: set[float]) -> bool:
-    return step.get("duration") == 0.0 and step.get("time") in redriven
+def _is_redrive(when: Any, took: Any, redriven: set[float]) -> bool:
+    return took == 0.0 and when in redriven
+
+
+def _fields(entry: Entry) -> tuple[Any, ...]:
+    """A history entry's (from, to, time, duration), whatever its shape (a big run's report
+    reads millions of plain tuples directly, not through ``job.steps()``)."""
+    if isinstance(entry, Mapping):
+        return entry.get("from"), entry.get("to"), entry.get("time"), entry.get("duration")
+    return tuple(Step(*entry))[:4]

@@ -11,8 +11,9 @@ T0 = 1_800_000_000.0
 REDRIVE = T0 + 500.0
 
 
-def step(a: str, b: str, at: float, took: float) -> dict[str, object]:
-    return {"from": a, "to": b, "time": at, "duration": took}
+def step(a: str, b: str, at: float, took: float) -> tuple[str, str, float, float]:
+    """A history entry as a job holds it."""
+    return (a, b, at, took)
 
 
 def error(message: str, kind: str = "ValueError", at: float = T0, attempt: int = 1) -> dict:
@@ -63,7 +64,10 @@ def run() -> Run:
             "5",
             "new",
             {"n": 5},
-            history=[step("new", "failed", T0 + 4, 5.0), step("failed", "new", REDRIVE, 0.0)],
+            history=[
+                {"from": "new", "to": "failed", "time": T0 + 4, "duration": 5.0},  # by hand
+                step("failed", "new", REDRIVE, 0.0),
+            ],
             errors={
                 "new": [
                     error("timed out after 5s", "jorb.errors.TimedOut"),
