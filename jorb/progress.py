@@ -166,7 +166,8 @@ def render(status: Status, speed: Speed | None = None) -> RenderableType:
 
     The bars take the width the numbers leave (10 to 40 columns); notes (a state's current
     rate limit, jobs it gave up on) come last and are cut short, then left out, when the
-    terminal is narrow.
+    terminal is narrow; narrower still, the least needed columns go, long state names are cut,
+    and last the bars shrink, so that every number and marker ("paused", "terminal") shows.
     """
     return _Board(status, speed or Speed.unknown(status))
 
@@ -219,8 +220,8 @@ class _Board:
         # Bars first (at least BAR_FAIR wide), then notes, cut short, if 6 columns are left.
         bar = max(BAR_FAIR, min(BAR_MAX, room - (need + 1 if need else 0)))
         notes = room - bar - 1 if need and room - bar - 1 >= 6 else 0
-        if not notes:
-            bar = max(BAR_MIN, min(BAR_MAX, room))
+        if not notes:  # (narrower than BAR_MIN only when nothing else is left to give way)
+            bar = min(BAR_MAX, max(0, room))
         out = _Lines()
         out.cut(_summary(status, width), width)
         for row in [_HEAD, *rows]:
@@ -285,7 +286,7 @@ class _Lines:
         """Like rich's ProgressBar: half-cell steps; the unfilled part is drawn only in colour
         (without colour, as with ``NO_COLOR``, it is left blank so the bar still reads)."""
         if bar.style == "progress":  # the header
-            self.add("progress".ljust(width), "bold")
+            self.add("progress"[:width].ljust(width), "bold")
             return
         if bar.total <= 0:
             self.add(" " * width)

@@ -422,7 +422,7 @@ def _redrive_times(run: Run) -> set[float]:
 
 
 def _is_redrive(when: Any, took: Any, redriven: set[float]) -> bool:
-    return took == 0.0 and when in redriven
+    return took == 0.0 and isinstance(when, int | float) and when in redriven
 
 
 def _fields(entry: Entry) -> tuple[Any, ...]:

@@ -375,9 +375,8 @@ def test_listeners_start_with_the_run_as_loaded(tmp_path: Path) -> None:
 
 
 def test_a_48_column_terminal_still_shows_paused_and_terminal() -> None:
-    # Review finding (judgment call): below ~53 columns the bar keeps its 10-column floor and
-    # rich cuts the eta column off every row, so "paused" and "terminal" vanish; the numbers
-    # plus eta need 43 columns here, leaving 5 for a bar.
+    # The numbers and markers need 43 columns here: the bars shrink to the 5 left rather than
+    # let the last column ("paused", "terminal") be cut off every row.
     screen = text(render(STATUS, SPEED), width=48)
     assert all(len(line) <= 48 for line in screen.splitlines())
     table = rows(screen)

@@ -252,3 +252,16 @@ def test_delayed_jobs_are_counted_per_state_as_of_now() -> None:
     assert (rows["edit"].jobs, rows["edit"].delayed) == (1, 1)
     later = {row.name: row.delayed for row in report.states(run, now=T0 + 61)}
     assert later == {"new": 0, "edit": 0}
+
+
+def test_a_hand_written_entry_of_any_shape_does_not_stop_the_report(run: Run) -> None:
+    # A zero duration once made the time a set lookup: a list there raised "unhashable type".
+    before = report.timings(run)["new"].count
+    run.jobs["6"].history = [
+        {"from": "new", "to": "weird", "time": [T0], "duration": 0},
+        {"from": "weird", "to": "weird"},
+    ]
+    timings = report.timings(run)  # the first entry's 0 s counts for "new"; the second has none
+    assert timings["new"].count == before + 1 and "weird" not in timings
+    edges = report.graph(run).edges
+    assert edges[("new", "weird")] == 1 and edges[("weird", "weird")] == 1
