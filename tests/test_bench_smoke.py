@@ -60,3 +60,11 @@ def test_exec_memory_bench_reports_the_peak_of_an_exec() -> None:
     (result,) = json.loads(out.splitlines()[-1])
     assert result["n"] == 300 and result["runs"] == 1  # (the child exits 1 unless all are "done")
     assert result["peak"] > 0
+
+
+def test_breakdown_bench_splits_the_cpu_of_an_exec() -> None:
+    out = _run("breakdown.py", "--n", "300", "--runs", "1", "--json")
+    results = json.loads(out.splitlines()[-1])
+    assert [r["durable"] for r in results] == [True, False]
+    for r in results:  # (each child exits 1 unless every job ended "done")
+        assert r["cpu"] > 0 and 0 < r["snapshots"] < r["cpu"]
