@@ -442,7 +442,7 @@ class UnwritableEntry(ValueError):
 
 
 def entry_document(entry: Entry) -> dict[str, Any]:
-    """A history entry's object in the run file; a UnwritableEntry if it has no such form."""
+    """A history entry's object in the run file; an UnwritableEntry if it has no such form."""
     if isinstance(entry, Mapping):
         return entry if type(entry) is dict else dict(entry)
     if isinstance(entry, tuple | list) and len(entry) in (4, 5):
