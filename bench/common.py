@@ -58,8 +58,22 @@ def rate(n: float) -> str:
     return f"{n:,.0f}"
 
 
+def rss_bytes() -> int:
+    """This process's resident set size now, in bytes (from /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process image's peak resident set size in bytes (``VmHWM``).
+
+    Not ``ru_maxrss``: Linux keeps that across fork and exec, so a child of a parent that
+    had just built a 1M-job run reported the parent's size as its own peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -24,9 +24,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import human, median, parse_counts, report, run_child, table
+from common import (
+    human,
+    median,
+    parse_counts,
+    peak_rss_bytes,
+    report,
+    rss_bytes,
+    run_child,
+    table,
+)
 from engine import build_run, make_states
-from reopen import _peak, _rss
 
 import jorb
 
@@ -35,14 +43,14 @@ HERE = Path(__file__).resolve()
 
 def _exec_child(n: str, directory: str) -> None:
     gc.collect()
-    base = _rss()
+    base = rss_bytes()
     run = build_run(Path(directory) / "run.json", int(n))
     gc.collect()
-    built = _rss()
+    built = rss_bytes()
     jorb.Processor(None, make_states(), progress=False).exec(run)
-    peak = _peak()
+    peak = peak_rss_bytes()
     gc.collect()
-    after = _rss()
+    after = rss_bytes()
     if run.counts() != {"done": int(n)}:
         raise SystemExit(f"exec_memory: expected {n} jobs done, got {run.counts()}")
     print(json.dumps({"built": built - base, "peak": peak - base, "after": after - base}))
@@ -51,10 +59,10 @@ def _exec_child(n: str, directory: str) -> None:
 def _ctx_child(n: str) -> None:
     """What n ctx dicts alone take (the workload's ctx is ``{"i": i}``)."""
     gc.collect()
-    before = _rss()
+    before = rss_bytes()
     ctxs = [{"i": i} for i in range(int(n))]
     gc.collect()
-    print(json.dumps({"bytes": _rss() - before, "n": len(ctxs)}))
+    print(json.dumps({"bytes": rss_bytes() - before, "n": len(ctxs)}))
 
 
 def measure(n: int, runs: int) -> dict[str, Any]:

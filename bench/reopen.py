@@ -29,7 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import human, median, parse_counts, report, run_child, table
+from common import (
+    human,
+    median,
+    parse_counts,
+    peak_rss_bytes,
+    report,
+    rss_bytes,
+    run_child,
+    table,
+)
 
 import jorb
 
@@ -39,25 +48,6 @@ HISTORY = (("new", "a"), ("a", "b"), ("b", "done"))
 
 def _ctx(i: int) -> dict[str, Any]:
     return {"i": i, "name": f"item-{i:07d}"}
-
-
-def _rss() -> int:
-    """Current resident set size in bytes (from /proc), for the before-load baseline."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak() -> int:
-    """Peak resident set size in bytes of this process image (``VmHWM``).
-
-    Not ``ru_maxrss``: Linux keeps that across fork and exec, so a child of a parent that
-    had just built a 1M-job run reported the parent's size as its own peak.
-    """
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # -- building the files -------------------------------------------------------------------------
@@ -118,13 +108,13 @@ def build_crashed(path: Path, n: int, records: int) -> int:
 
 def _load_child(path: str) -> None:
     gc.collect()
-    before = _rss()
+    before = rss_bytes()
     start, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     run = jorb.Run.load(path)
     seconds, end = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
-    peak = _peak()
+    peak = peak_rss_bytes()
     gc.collect()
-    after = _rss()
+    after = rss_bytes()
     print(
         json.dumps(
             {
@@ -144,10 +134,10 @@ def _load_child(path: str) -> None:
 def _ctx_child(n: str) -> None:
     """What n ctx dicts alone take: the part of a job's memory that is the user's."""
     gc.collect()
-    before = _rss()
+    before = rss_bytes()
     ctxs = [_ctx(i) for i in range(int(n))]
     gc.collect()
-    print(json.dumps({"bytes": _rss() - before, "n": len(ctxs)}))
+    print(json.dumps({"bytes": rss_bytes() - before, "n": len(ctxs)}))
 
 
 def measure(path: Path, runs: int) -> dict[str, Any]:

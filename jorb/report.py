@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import JorbError, StateError
-from .model import Entry, Job, Run, Step
+from .model import Entry, Job, Run
 
 __all__ = [
     "ErrorGroup",
@@ -430,4 +430,4 @@ def _fields(entry: Entry) -> tuple[Any, ...]:
     reads millions of plain tuples directly, not through ``job.steps()``)."""
     if isinstance(entry, Mapping):
         return entry.get("from"), entry.get("to"), entry.get("time"), entry.get("duration")
-    return tuple(Step(*entry))[:4]
+    return tuple(entry[:4])  # (a list, or a Step a script appended)
