@@ -13,8 +13,9 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple, SupportsIndex, overload
+from typing import Any, NamedTuple, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError
 
@@ -392,15 +393,37 @@ class Run:
 
     def read_jobs(self, raws: list[Any], start: int = 0) -> None:
         """Check job objects read from the run file and add them (``start``: the index of the
-        first in the file's list); ``next_id`` moves past every numeric id."""
+        first in the file's list); ``next_id`` moves past every numeric id.
+
+        A million jobs pass through here on a reopen, so the work per job is kept in C where
+        it can be: the usual jobs are built by one ``map``, added by one ``dict.update``, and
+        their ids are looked at one by one only where one is long enough to be a number at or
+        past ``next_id``.
+        """
+        built: list[Job | None] = list(map(_usual_job, raws))
+        if None in built:  # an unusual or a bad one: the checks that name what is wrong
+            where = _where(self.path)
+            for index, job in enumerate(built):
+                if job is None:
+                    built[index] = _checked_job(raws[index], f"{where}: jobs[{start + index}]")
+        ready = cast("list[Job]", built)
+        ids = [job.id for job in ready]
         jobs = self.jobs
-        for index, raw in enumerate(raws, start):
-            job = _usual_job(raw) or _checked_job(raw, f"{_where(self.path)}: jobs[{index}]")
-            ident = job.id
-            if jobs.setdefault(ident, job) is not job:
-                raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
-            # (A numeric id moves the counter past it. Not "²", a digit int() refuses, nor a
-            # number of thousands of digits, past int()'s limit of 4300.)
+        size = len(jobs)
+        jobs.update(zip(ids, ready, strict=True))
+        if len(jobs) != size + len(ids):
+            earlier, seen = set(islice(jobs, size)), set()
+            for ident in ids:
+                if ident in earlier or ident in seen:
+                    raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
+                seen.add(ident)
+        if max(map(len, ids), default=0) >= len(str(self.next_id)):
+            self._count_past(ids)
+
+    def _count_past(self, ids: list[str]) -> None:
+        """Move ``next_id`` past every numeric id in ``ids``. (Not past "²", a digit int()
+        refuses, nor a number of thousands of digits, past int()'s limit of 4300.)"""
+        for ident in ids:
             if ident.isascii() and ident.isdigit() and len(ident) < 4000:
                 number = int(ident)
                 if number >= self.next_id:

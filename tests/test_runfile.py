@@ -165,6 +165,36 @@ def test_any_hand_written_job_id_loads(tmp_path: Path, ident: str) -> None:
     assert list(loaded.jobs) == [ident] and loaded.next_id == 2
 
 
+@pytest.mark.parametrize("piece", [100, 1 << 16])
+def test_hand_written_ids_move_the_counter_and_a_repeat_is_refused_from_any_piece(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    # The counter looks closely only at ids at least as long as itself ("41"): one edited in
+    # ("99", as long) must move it, "0009" (longer, a smaller number) must not, nor "²".
+    monkeypatch.setattr(runfile, "PIECE", piece)
+    path = tmp_path / "run.json"
+    run = jorb.Run(path, {})
+    for i in range(40):
+        run.add_job({"i": i}, "a")
+    run.save()
+    data = path.read_bytes()
+    for edits, counter in [({b"3": b"99"}, 100), ({b"3": b"0009", b"5": "²".encode()}, 41)]:
+        edited = data
+        for old, new in edits.items():
+            edited = edited.replace(b'"id": "%s"' % old, b'"id": "%s"' % new)
+        path.write_bytes(edited)
+        loaded = jorb.Run.load(path)
+        assert loaded.next_id == counter
+        assert loaded.add_job({}, "a").id == str(counter)
+        assert {new.decode() for new in edits.values()} <= loaded.jobs.keys()
+        assert len(loaded.jobs) == 41
+
+    for first, second in [(b"2", b"38"), (b"37", b"38")]:  # pieces apart, and side by side
+        path.write_bytes(data.replace(b'"id": "%s"' % second, b'"id": "%s"' % first))
+        with pytest.raises(jorb.CorruptRunError, match=f"job id '{first.decode()}' appears twice"):
+            jorb.Run.load(path)
+
+
 # -- writing: a run is encoded and written a chunk of jobs at a time ---------------------------
 
 
