@@ -339,7 +339,7 @@ def _check_header(value: Any, path: Path) -> dict[str, Any]:
 def _replay(
     run: Run,
     path: Path,
-    snapshot: tuple[int, int],
+    snapshot: tuple[int, int | None],
     header: dict[str, Any] | None,
     records: list[dict[str, Any]],
 ) -> None:
@@ -371,15 +371,16 @@ def _replay(
             ) from None
 
 
-def _read_snapshot(path: Path) -> tuple[Run, tuple[int, int]]:
-    """The run in the run file, and the file's length and CRC-32 (for the journal's header).
+def _read_snapshot(path: Path, *, checksum: bool = True) -> tuple[Run, tuple[int, int | None]]:
+    """The run in the run file, and the file's length and CRC-32 (for the journal's header;
+    None without ``checksum``).
 
     A file in jorb's own layout is read a piece at a time; any other is read and parsed whole,
     which also gives a damaged file's error its line and column.
     """
     try:
         with path.open("rb") as file:
-            pieces = read_pieces(file, path)
+            pieces = read_pieces(file, path, checksum=checksum)
             if pieces is not None:
                 run, length, crc = pieces
                 return run, (length, crc)
@@ -391,7 +392,7 @@ def _read_snapshot(path: Path) -> tuple[Run, tuple[int, int]]:
         raise RunFileError(f"{path}: is a directory, not a run file") from None
     except OSError as e:
         raise RunFileError(f"{path}: cannot read the run file ({e.strerror})") from None
-    return decode_run(data, path), (len(data), zlib.crc32(data))
+    return decode_run(data, path), (len(data), zlib.crc32(data) if checksum else None)
 
 
 def read_run(path: Path) -> Run:
@@ -402,7 +403,7 @@ def read_run(path: Path) -> Run:
     """
     with _no_cycle_collection():
         header, records, _ = read_journal(journal_path(path))
-        run, snapshot = _read_snapshot(path)
+        run, snapshot = _read_snapshot(path, checksum=header is not None)
         _replay(run, path, snapshot, header, records)
     return run
 

@@ -802,10 +802,10 @@ def test_a_compaction_between_a_readers_two_reads_is_neither_a_conflict_nor_torn
     reached, proceed = threading.Event(), threading.Event()
     real = checkpoint._read_snapshot
 
-    def between(path: Path) -> tuple[jorb.Run, tuple[int, int]]:
+    def between(path: Path, **options: bool) -> tuple[jorb.Run, tuple[int, int | None]]:
         reached.set()
         proceed.wait(STUCK)
-        return real(path)
+        return real(path, **options)
 
     at_three: list[bytes] = []
 

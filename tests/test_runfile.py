@@ -69,6 +69,10 @@ def test_pieces_read_exactly_what_a_whole_parse_reads(
     _same(run, checkpoint.decode_run(data, path))
     assert checkpoint.encode_run(run) == data  # and it writes back byte for byte
     assert run.jobs["2"].history[1] == {"from": "new", "to": "a"}  # as written by hand
+    with path.open("rb") as file:  # with no journal to match, no checksum is taken
+        unsummed = runfile.read_pieces(file, path, checksum=False)
+    assert unsummed is not None and unsummed[1:] == (len(data), None)
+    _same(unsummed[0], run)
 
 
 @pytest.mark.parametrize(
