@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import subprocess
 import sys
@@ -197,6 +198,31 @@ def test_hand_written_ids_move_the_counter_and_a_repeat_is_refused_from_any_piec
         path.write_bytes(data.replace(b'"id": "%s"' % second, b'"id": "%s"' % first))
         with pytest.raises(jorb.CorruptRunError, match=f"job id '{first.decode()}' appears twice"):
             jorb.Run.load(path)
+
+
+def test_a_loaded_run_goes_to_the_collectors_oldest_generation_unwalked(tmp_path: Path) -> None:
+    # Built with the collector paused, the jobs would all be "young": the first collection
+    # after the load would walk every one. They are handed to the oldest generation instead,
+    # and a process's own frozen objects stay frozen.
+    path = tmp_path / "run.json"
+    run = jorb.Run(path, {})
+    for i in range(50):
+        run.add_job({"i": i}, "a").history.append(("new", "a", T0, 0.5))
+    run.save()
+    gc.collect()
+    loaded = jorb.Run.load(path)
+    young = {id(obj) for obj in gc.get_objects(generation=0)}
+    oldest = {id(obj) for obj in gc.get_objects(generation=2)}
+    jobs = {id(job) for job in loaded.jobs.values()}
+    assert len(jobs) == 50 and not young & jobs and jobs <= oldest
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        jorb.Run.load(path)
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
 
 
 # -- writing: a run is encoded and written a chunk of jobs at a time ---------------------------
