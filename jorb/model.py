@@ -496,11 +496,11 @@ def _usual_job(raw: Any) -> Job | None:
     accept goes through the checks that name what is wrong (the corrupt-file tests hold both
     to the same verdicts). State names are interned: a million jobs share one ``"done"``.
     """
-    if type(raw) is not dict or not raw.keys() <= _JOB_FIELDS:
+    if type(raw) is not dict:
         return None
     try:
         job = Job(**raw)
-    except TypeError:  # no "id", "state" or "ctx"
+    except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
         return None
     not_before, history, errors = job.not_before, job.history, job.errors
     if not (
