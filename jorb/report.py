@@ -205,10 +205,13 @@ def timings(run: Run) -> dict[str, Timing]:
     for job in run.jobs.values():
         for entry in job.history:
             source, _, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
-            if _is_redrive(when, took, redriven):
+            if took == 0.0 and _is_redrive(when, took, redriven):  # (the call, only if it may be)
                 continue
-            if isinstance(took, int | float):
-                durations.setdefault(str(source), []).append(float(took))
+            if type(took) is float or isinstance(took, int | float):
+                values = durations.get(source)
+                if values is None:  # (a new state, or a name written in the file as a number)
+                    values = durations.setdefault(str(source), [])
+                values.append(float(took))
     return {state: _timing(values) for state, values in durations.items()}
 
 
@@ -353,7 +356,8 @@ def graph(run: Run) -> Graph:
         for entry in job.history:
             source, target, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
             edge = (str(source), str(target))
-            (redrives if _is_redrive(when, took, redriven) else edges)[edge] += 1
+            redrive = took == 0.0 and _is_redrive(when, took, redriven)
+            (redrives if redrive else edges)[edge] += 1
     names = state_names(run)
     for edge in [*edges, *redrives]:
         for name in edge:

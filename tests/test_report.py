@@ -265,3 +265,7 @@ def test_a_hand_written_entry_of_any_shape_does_not_stop_the_report(run: Run) ->
     assert timings["new"].count == before + 1 and "weird" not in timings
     edges = report.graph(run).edges
     assert edges[("new", "weird")] == 1 and edges[("weird", "weird")] == 1
+    # A state name written as a number is counted under its text, every time.
+    run.jobs["6"].history = [{"from": 7, "to": "x", "time": T0, "duration": 1.0}] * 2
+    run.jobs["5"].history.append(("7", "x", T0, 3.0))
+    assert report.timings(run)["7"] == report.Timing(3, 5 / 3, 1.0, 3.0, 5.0)
