@@ -132,7 +132,7 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
                 chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
             except TypeError as e:
                 raise TypeError(f"{_first_unwritable(docs)}: {e}") from None
-        del docs
+            del docs  # freed before the collector is back on: nothing left for it to walk
         # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
         # handed on as a view: a chunk is never copied).
         yield before
