@@ -443,6 +443,9 @@ class Processor:
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
+        for lane in self._lanes.values():
+            if lane.ready:
+                self._wake(lane)
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -489,6 +492,8 @@ class Processor:
             self._active -= 1
 
     def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
+        """Queue a job of the lane: ready, delayed, or waiting for its children. The caller
+        then wakes the lane (once, after queueing all it has: that is a call per job less)."""
         if lane.state.join and self._waits_for_kids(lane, job):
             return
         if job.not_before is not None and job.not_before > now:
@@ -498,7 +503,6 @@ class Processor:
                 self._arm_timer(now)
             return
         lane.ready.push(job)
-        self._wake(lane)
 
     def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
         """Put a job of a join state that still has open children aside until they end."""
@@ -669,7 +673,7 @@ class Processor:
                     self._enqueue(kid_lane, kid, now)
         for lane in self._lanes.values():
             if lane.ready:
-                self._wake(lane)  # slots were freed
+                self._wake(lane)  # slots were freed, jobs queued
         self._check_finished()
 
     def _place(self, job: Job, now: float) -> None:
@@ -691,6 +695,7 @@ class Processor:
             lane = self._lanes[waiting.state]
             lane.awaiting -= 1
             self._enqueue(lane, waiting, self._now())
+            self._wake(lane)
 
     def _children(self, parent: str) -> list[Child]:
         run = self._run
@@ -840,6 +845,7 @@ class Processor:
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
+                self._wake(lane)
         for parent in ended:
             self._child_ended(parent)
         if op == "resume":
