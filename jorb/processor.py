@@ -608,7 +608,7 @@ class Processor:
                 if lane.state.join and self._waits_for_kids(lane, job):
                     continue  # a child was redriven back to work since it was queued
                 lane.held += 1
-                if lane.ready:
+                if not lane.waking and lane.ready:  # (the test _wake starts with, without a call)
                     self._wake(lane)  # another worker for the rest, in case this exec waits
                 await self._attempt(lane, job, task)
         finally:
