@@ -665,7 +665,11 @@ class Processor:
         for lane, job, kids in settled:
             lane.held -= 1
             self._running.discard(job.id)
-            self._place(job, now)
+            next_lane = self._lanes.get(job.state)  # queue its next step, or note that it ended
+            if next_lane is not None:
+                self._enqueue(next_lane, job, now)
+            elif job.parent is not None and self._joins:
+                self._child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
                 self._running.discard(kid.id)
                 kid_lane = self._lanes.get(kid.state)
@@ -675,14 +679,6 @@ class Processor:
             if lane.ready:
                 self._wake(lane)  # slots were freed, jobs queued
         self._check_finished()
-
-    def _place(self, job: Job, now: float) -> None:
-        """A job's record is on disk: queue it, or note that it ended."""
-        lane = self._lanes.get(job.state)
-        if lane is not None:
-            self._enqueue(lane, job, now)
-        elif job.parent is not None and self._joins:
-            self._child_ended(job.parent)
 
     def _child_ended(self, parent: str) -> None:
         left = self._open_kids.get(parent, 0) - 1
