@@ -132,7 +132,7 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
                 chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
             except TypeError as e:
                 raise TypeError(f"{_first_unwritable(docs)}: {e}") from None
-        del docs
+            del docs  # freed before the collector is back on: nothing left for it to walk
         # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
         # handed on as a view: a chunk is never copied).
         yield before
@@ -709,10 +709,9 @@ class Store:
 
     def append(self, record: bytes) -> asyncio.Future[None]:
         """Queue one record; the future resolves when it (and its batch) is on disk."""
-        loop = asyncio.get_running_loop()
         run = self._run
         if self.failure is not None or run is None:
-            failed: asyncio.Future[None] = loop.create_future()
+            failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             failed.set_exception(
                 self.failure
                 or CheckpointError(f"{self.path}: append before begin() or after finish()")
@@ -721,7 +720,8 @@ class Store:
         self._pending.append(record)
         self._upto = run.seq  # the caller applied the record first: a later snapshot holds it
         batch = self._batch
-        if batch is None:
+        if batch is None:  # the first record of this turn (asking for the loop costs, once)
+            loop = asyncio.get_running_loop()
             batch = self._batch = loop.create_future()
             loop.call_soon(self._flush)
         return batch

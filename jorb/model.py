@@ -672,8 +672,30 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     """Apply one journal record to ``run`` (live or on replay)."""
     run.seq = record["seq"]
     op = record.get("op")
-    if op is None:
-        _apply_attempt(run, record)
+    if op is None:  # an exec's record, one per transition: applied here, without a call
+        job = run.jobs[record["job"]]
+        error = record.get("error")
+        if error is not None:
+            job.errors.setdefault(record["in"], []).append(error)
+        if "ctx" in record:
+            job.ctx = record["ctx"]
+        step = record.get("history")
+        if step is not None:  # the record's {"from", "to", "time", "duration"}, as a tuple
+            intern = sys.intern
+            job.history.append(
+                (intern(step["from"]), intern(step["to"]), step["time"], step["duration"])
+            )
+        job.state = sys.intern(record["to"])
+        # A success's record leaves these out: it resets them.
+        job.attempts = record.get("attempts", 0)
+        job.throttled = record.get("throttled", 0)
+        job.not_before = record.get("not_before")
+        kids = record.get("kids")
+        if kids:
+            for raw in kids:
+                kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
+                run.jobs[kid.id] = kid
+            run.next_id = max(run.next_id, record["next_id"])
         return
     if op == "add":
         for raw in record["jobs"]:
@@ -695,29 +717,3 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     else:
         raise CorruptRunError(f"journal record {record['seq']}: unknown op {op!r}")
     run.changes.append(record["change"])
-
-
-def _apply_attempt(run: Run, record: dict[str, Any]) -> None:
-    job = run.jobs[record["job"]]
-    error = record.get("error")
-    if error is not None:
-        job.errors.setdefault(record["in"], []).append(error)
-    if "ctx" in record:
-        job.ctx = record["ctx"]
-    step = record.get("history")
-    if step is not None:  # the record's {"from", "to", "time", "duration"}, as a tuple
-        intern = sys.intern
-        job.history.append(
-            (intern(step["from"]), intern(step["to"]), step["time"], step["duration"])
-        )
-    job.state = sys.intern(record["to"])
-    # A success's record leaves these out: it resets them.
-    job.attempts = record.get("attempts", 0)
-    job.throttled = record.get("throttled", 0)
-    job.not_before = record.get("not_before")
-    kids = record.get("kids")
-    if kids:
-        for raw in kids:
-            kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
-            run.jobs[kid.id] = kid
-        run.next_id = max(run.next_id, record["next_id"])

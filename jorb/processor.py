@@ -443,6 +443,9 @@ class Processor:
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
+        for lane in self._lanes.values():
+            if lane.ready:
+                self._wake(lane)
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -489,6 +492,8 @@ class Processor:
             self._active -= 1
 
     def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
+        """Queue a job of the lane: ready, delayed, or waiting for its children. The caller
+        then wakes the lane (once, after queueing all it has: that is a call per job less)."""
         if lane.state.join and self._waits_for_kids(lane, job):
             return
         if job.not_before is not None and job.not_before > now:
@@ -498,7 +503,6 @@ class Processor:
                 self._arm_timer(now)
             return
         lane.ready.push(job)
-        self._wake(lane)
 
     def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
         """Put a job of a join state that still has open children aside until they end."""
@@ -604,7 +608,7 @@ class Processor:
                 if lane.state.join and self._waits_for_kids(lane, job):
                     continue  # a child was redriven back to work since it was queued
                 lane.held += 1
-                if lane.ready:
+                if not lane.waking and lane.ready:  # (the test _wake starts with, without a call)
                     self._wake(lane)  # another worker for the rest, in case this exec waits
                 await self._attempt(lane, job, task)
         finally:
@@ -622,7 +626,7 @@ class Processor:
         lane.running += 1
         self._running.add(job.id)
         self._in_exec.add(task)
-        started = self._now()
+        started = self._clock() + self._offset  # self._now(), without a call (hot path)
         try:
             result = await executor.call(lane.state, args)
             error: Exception | None = None
@@ -661,7 +665,11 @@ class Processor:
         for lane, job, kids in settled:
             lane.held -= 1
             self._running.discard(job.id)
-            self._place(job, now)
+            next_lane = self._lanes.get(job.state)  # queue its next step, or note that it ended
+            if next_lane is not None:
+                self._enqueue(next_lane, job, now)
+            elif job.parent is not None and self._joins:
+                self._child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
                 self._running.discard(kid.id)
                 kid_lane = self._lanes.get(kid.state)
@@ -669,16 +677,8 @@ class Processor:
                     self._enqueue(kid_lane, kid, now)
         for lane in self._lanes.values():
             if lane.ready:
-                self._wake(lane)  # slots were freed
+                self._wake(lane)  # slots were freed, jobs queued
         self._check_finished()
-
-    def _place(self, job: Job, now: float) -> None:
-        """A job's record is on disk: queue it, or note that it ended."""
-        lane = self._lanes.get(job.state)
-        if lane is not None:
-            self._enqueue(lane, job, now)
-        elif job.parent is not None and self._joins:
-            self._child_ended(job.parent)
 
     def _child_ended(self, parent: str) -> None:
         left = self._open_kids.get(parent, 0) - 1
@@ -691,6 +691,7 @@ class Processor:
             lane = self._lanes[waiting.state]
             lane.awaiting -= 1
             self._enqueue(lane, waiting, self._now())
+            self._wake(lane)
 
     def _children(self, parent: str) -> list[Child]:
         run = self._run
@@ -717,7 +718,7 @@ class Processor:
         """Turn an exec's outcome into a record, apply it to the run, and return its bytes."""
         run = self._run
         assert run is not None and self._loop is not None
-        now = self._now()
+        now = self._clock() + self._offset  # self._now(), without a call (hot path)
         seq = run.seq + 1
         kids: list[Job] = []
         if error is None:
@@ -840,6 +841,7 @@ class Processor:
             lane = self._lanes.get(job.state)
             if lane is not None:
                 self._enqueue(lane, job, now)
+                self._wake(lane)
         for parent in ended:
             self._child_ended(parent)
         if op == "resume":

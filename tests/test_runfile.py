@@ -277,6 +277,33 @@ def test_a_job_that_cannot_be_written_midway_leaves_the_file_as_it_was(
     run.close()
 
 
+def test_encoding_a_run_sets_off_no_garbage_collection(tmp_path: Path) -> None:
+    # Each chunk's job documents (a dict per job and per history entry) are built with the
+    # cyclic GC off; freed before it is back on, they leave nothing that would start a
+    # collection walking them (which, in an exec, also pushed full collections of the run).
+    run = jorb.Run(tmp_path / "run.json")
+    for i in range(5 * checkpoint.ENCODE_CHUNK):
+        job = run.add_job({"i": i}, "done")
+        job.history = [("new", "a", T0, 0.5), ("a", "done", T0 + 1, 0.25)]
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)  # CPython's defaults, whatever the test runner set
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        for _ in checkpoint.encode_pieces(run):
+            pass
+    finally:
+        gc.callbacks.remove(count)
+        gc.set_threshold(*thresholds)
+    assert collections == []
+
+
 _PEAK_OF_A_SAVE = """
 import gc, sys
 from pathlib import Path
