@@ -401,11 +401,15 @@ def read_run(path: Path) -> Run:
     Safe while another process executes the run: the journal is read first (see the module
     docstring), so a compaction racing with this read is never mistaken for a conflict.
     """
+    settle = gc.isenabled() and gc.get_freeze_count() == 0
+    if settle:
+        gc.collect(1)  # the process's young garbage, freed before _settle_collector
     with _no_cycle_collection():
         header, records, _ = read_journal(journal_path(path))
         run, snapshot = _read_snapshot(path, checksum=header is not None)
         _replay(run, path, snapshot, header, records)
-        _settle_collector()
+        if settle:
+            _settle_collector()
     return run
 
 
@@ -433,13 +437,16 @@ def _settle_collector() -> None:
     youngest generation, so the first collection after the load (due at once) walked every
     one of them: 0.5 s of a 1M-job reopen, only to move them on to where long-lived objects
     go. ``gc.freeze()`` then ``gc.unfreeze()`` moves every tracked object of the process
-    there directly, without a walk; what is young and not the run's is only collected a
-    little later (at the next full collection). Not done if the process froze objects of its
-    own: ``unfreeze`` would thaw those too.
+    there directly, without a walk.
+
+    ``read_run`` calls it only when the collector is on (else nothing would walk them
+    anyway), not if the process froze objects of its own (``unfreeze`` would thaw them),
+    and after collecting the young generations before the load: whatever else the process
+    had made meanwhile is moved too, and the cyclic garbage among it would otherwise wait
+    for a full collection, which objects moved this way do not bring nearer.
     """
-    if gc.get_freeze_count() == 0:
-        gc.freeze()
-        gc.unfreeze()
+    gc.freeze()
+    gc.unfreeze()
 
 
 def open_run(path: Path, overall: dict[str, Any] | None) -> Run:

@@ -395,39 +395,46 @@ class Run:
         """Check job objects read from the run file and add them (``start``: the index of the
         first in the file's list); ``next_id`` moves past every numeric id.
 
-        A million jobs pass through here on a reopen, so the work per job is kept in C where
-        it can be: the usual jobs are built by one ``map``, added by one ``dict.update``, and
-        their ids are looked at one by one only where one is long enough to be a number at or
-        past ``next_id``.
+        A million jobs pass through here on a reopen, so for a list of usual jobs the work is
+        kept in C where it can be: built by one ``map``, added by one ``dict.update``, and
+        their ids looked at one by one only if one is long enough to be a number at or past
+        ``next_id``. A list with anything else in it is read a job at a time, so that the
+        first problem in it is the one reported.
         """
-        built: list[Job | None] = list(map(_usual_job, raws))
-        if None in built:  # an unusual or a bad one: the checks that name what is wrong
-            where = _where(self.path)
-            for index, job in enumerate(built):
-                if job is None:
-                    built[index] = _checked_job(raws[index], f"{where}: jobs[{start + index}]")
-        ready = cast("list[Job]", built)
-        ids = [job.id for job in ready]
-        jobs = self.jobs
-        size = len(jobs)
-        jobs.update(zip(ids, ready, strict=True))
-        if len(jobs) != size + len(ids):
-            earlier, seen = set(islice(jobs, size)), set()
+        built = list(map(_usual_job, raws))
+        if None in built:
+            self._read_one_by_one(raws, start)
+            return
+        jobs = cast("list[Job]", built)
+        ids = [job.id for job in jobs]
+        known = self.jobs
+        size = len(known)
+        known.update(zip(ids, jobs, strict=True))
+        if len(known) != size + len(ids):
+            earlier, seen = set(islice(known, size)), set()
             for ident in ids:
                 if ident in earlier or ident in seen:
                     raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
                 seen.add(ident)
-        if max(map(len, ids), default=0) >= len(str(self.next_id)):
-            self._count_past(ids)
+        if self.next_id < 1 or max(map(len, ids), default=0) >= len(str(self.next_id)):
+            for ident in ids:
+                self._count_past(ident)
 
-    def _count_past(self, ids: list[str]) -> None:
-        """Move ``next_id`` past every numeric id in ``ids``. (Not past "²", a digit int()
+    def _read_one_by_one(self, raws: list[Any], start: int) -> None:
+        where = _where(self.path)
+        for index, raw in enumerate(raws, start):
+            job = _usual_job(raw) or _checked_job(raw, f"{where}: jobs[{index}]")
+            if self.jobs.setdefault(job.id, job) is not job:
+                raise CorruptRunError(f"{where}: job id {job.id!r} appears twice")
+            self._count_past(job.id)
+
+    def _count_past(self, ident: str) -> None:
+        """Move ``next_id`` past ``ident`` if it is a number. (Not past "²", a digit int()
         refuses, nor a number of thousands of digits, past int()'s limit of 4300.)"""
-        for ident in ids:
-            if ident.isascii() and ident.isdigit() and len(ident) < 4000:
-                number = int(ident)
-                if number >= self.next_id:
-                    self.next_id = number + 1
+        if ident.isascii() and ident.isdigit() and len(ident) < 4000:
+            number = int(ident)
+            if number >= self.next_id:
+                self.next_id = number + 1
 
 
 def job_document(job: Job) -> dict[str, Any]:

@@ -208,8 +208,8 @@ def timings(run: Run) -> dict[str, Timing]:
             if took == 0.0 and _is_redrive(when, took, redriven):  # (the call, only if it may be)
                 continue
             if type(took) is float or isinstance(took, int | float):
-                values = durations.get(source)
-                if values is None:  # (a new state, or a name written in the file as a number)
+                values = durations.get(source) if type(source) is str else None
+                if values is None:  # a new state, or a name written in the file as another type
                     values = durations.setdefault(str(source), [])
                 values.append(float(took))
     return {state: _timing(values) for state, values in durations.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from jorb import JorbError, Run, StateError, report
@@ -269,3 +271,20 @@ def test_a_hand_written_entry_of_any_shape_does_not_stop_the_report(run: Run) ->
     run.jobs["6"].history = [{"from": 7, "to": "x", "time": T0, "duration": 1.0}] * 2
     run.jobs["5"].history.append(("7", "x", T0, 3.0))
     assert report.timings(run)["7"] == report.Timing(3, 5 / 3, 1.0, 3.0, 5.0)
+
+
+def test_timings_count_an_entry_whose_from_is_a_list_or_an_object_under_its_text(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.json"
+    run = Run(path, {})
+    job = run.add_job({}, "b")
+    job.history = [
+        {"from": ["a"], "to": "b", "time": T0, "duration": 1.0},
+        {"from": {"x": 1}, "to": "b", "time": T0, "duration": 2.0},
+    ]
+    run.save()
+    loaded = Run.load(path)  # it loads: the entries are kept as written
+    timings = report.timings(loaded)
+    assert timings["['a']"].total == 1.0 and timings["{'x': 1}"].total == 2.0
+    assert report.graph(loaded).edges[("['a']", "b")] == 1

@@ -6,6 +6,7 @@ import gc
 import json
 import subprocess
 import sys
+import weakref
 import zlib
 from pathlib import Path
 
@@ -223,6 +224,65 @@ def test_a_loaded_run_goes_to_the_collectors_oldest_generation_unwalked(tmp_path
         assert gc.get_freeze_count() == frozen
     finally:
         gc.unfreeze()
+
+
+def _saved(path: Path, ids: int, state: str = "a") -> bytes:
+    run = jorb.Run(path, {})
+    for i in range(ids):
+        run.add_job({"i": i}, state)
+    run.save()
+    return path.read_bytes()
+
+
+def test_a_hand_written_negative_next_id_still_moves_past_every_numeric_id(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.json"
+    doc = orjson.loads(_saved(path, 3))
+    doc["next_id"] = -1
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    loaded = jorb.Run.load(path)
+    assert loaded.next_id == 4  # as before: past "1", "2" and "3"
+    fresh = [loaded.add_job({"new": k}, "a").id for k in range(3)]
+    assert not set(fresh) & {"1", "2", "3"} and len(loaded.jobs) == 6
+
+
+def test_the_first_problem_in_the_file_is_the_one_reported(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    doc = orjson.loads(_saved(path, 5))
+    doc["jobs"][1]["id"] = "1"  # jobs[1] repeats jobs[0]'s id ...
+    doc["jobs"][4]["state"] = 5  # ... and jobs[4], later in the file, is malformed
+    path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+    with pytest.raises(jorb.CorruptRunError, match="job id '1' appears twice"):
+        jorb.Run.load(path)
+
+
+class _Node:
+    """Garbage only the cyclic collector frees (as a caught exception's traceback is)."""
+
+    link: _Node | None = None
+
+
+def test_loading_runs_over_and_over_does_not_keep_the_process_cyclic_garbage(
+    tmp_path: Path,
+) -> None:
+    # The collector's young generations are what frees a process's cyclic garbage as it
+    # goes; garbage moved to the oldest waits for a full collection, which objects moved
+    # there by gc.unfreeze() never bring nearer (they do not count toward one).
+    path = tmp_path / "run.json"
+    _saved(path, 20)
+    gc.collect()
+    refs = []
+    for _ in range(3):
+        node = _Node()
+        node.link = node
+        refs.append(weakref.ref(node))
+        del node
+        jorb.Run.load(path)
+    gc.collect(1)  # the young generations, as the collector runs them on its own
+    alive = sum(ref() is not None for ref in refs)
+    gc.collect()
+    assert alive == 0, f"{alive} of {len(refs)} garbage cycles left for a full collection"
 
 
 # -- writing: a run is encoded and written a chunk of jobs at a time ---------------------------
