@@ -179,11 +179,7 @@ def test_hand_written_ids_move_the_counter_and_a_repeat_is_refused_from_any_piec
     # ("99", as long) must move it, "0009" (longer, a smaller number) must not, nor "²".
     monkeypatch.setattr(runfile, "PIECE", piece)
     path = tmp_path / "run.json"
-    run = jorb.Run(path, {})
-    for i in range(40):
-        run.add_job({"i": i}, "a")
-    run.save()
-    data = path.read_bytes()
+    data = _saved(path, 40)
     for edits, counter in [({b"3": b"99"}, 100), ({b"3": b"0009", b"5": "²".encode()}, 41)]:
         edited = data
         for old, new in edits.items():
