@@ -417,7 +417,7 @@ class Run:
                     raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
                 seen.add(ident)
         # (An id shorter than next_id is a smaller number; one below 1 is hand-written, and
-        # its sign makes it longer than the ids it is below.)
+        # its sign makes it longer than ids that are past it.)
         if self.next_id < 1 or max(map(len, ids), default=0) >= len(str(self.next_id)):
             for ident in ids:
                 self._count_past(ident)
