@@ -304,7 +304,7 @@ def request(
             result: dict[str, Any] = answer["result"]
             return result
         if not is_locked(path):
-            _apply_offline(path)
+            _apply_offline(path, file)
             continue
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(
@@ -314,14 +314,23 @@ def request(
         time.sleep(POLL)  # waiting on another process's reply file: nothing to await
 
 
-def _apply_offline(path: Path) -> None:
-    """Take the lock and apply every waiting request directly to the file."""
+def _apply_offline(path: Path, mine: Path) -> None:
+    """Take the lock and apply every waiting request directly to the file.
+
+    If the run does not load (a damaged file, a journal conflict), the request ``mine`` is
+    withdrawn before the error goes up: the command reports a failure, so the next process
+    to open the run must not apply it. Holding the lock, nobody else is applying it now.
+    """
     try:
         store = Store(path)
     except RunLockedError:
         return  # someone took it meanwhile: they will apply it
     with store:
-        run = read_run(path)
+        try:
+            run = read_run(path)
+        except BaseException:
+            mine.unlink(missing_ok=True)
+            raise
         answers = apply_inbox(run)
         if answers:
             store.compact(run, finish=True)

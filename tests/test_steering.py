@@ -326,6 +326,25 @@ def test_with_no_process_commands_edit_the_file_and_a_pause_persists(live: Live)
     assert lines[-1] == "finished [('done', 3), ('parked', 1)]"
 
 
+def test_a_change_refused_because_the_run_does_not_load_is_never_applied(live: Live) -> None:
+    # The command says it failed, so the change must not be applied later by whoever opens
+    # the run once it is mended (a retried `jorb add` would add its jobs twice).
+    live.start().finish()
+    good = live.path.read_bytes()
+    live.path.write_bytes(b"{")
+    with pytest.raises(JorbError, match="not valid JSON"):
+        control.pause(live.path, "new")
+    with pytest.raises(JorbError, match="not valid JSON"):
+        control.add(live.path, [{"n": 0}])
+    assert not list(control.inbox_path(live.path).iterdir())
+    live.path.write_bytes(good)
+    assert control.add(live.path, [{"n": 7}]) == {"ids": ["1"]}  # only this one applies
+    run = jorb.Run.load(live.path)
+    assert run.paused == set() and {i: j.ctx for i, j in run.jobs.items()} == {"1": {"n": 7}}
+    assert [c["what"] for c in run.changes] == ["added 1 job(s) in 'new'"]
+    assert not list(control.inbox_path(live.path).iterdir())
+
+
 def test_a_pause_applied_live_survives_kill_9(live: Live) -> None:
     script = live.start("--jobs", 3, "--concurrency", 1)
     script.until(_started_by(0))
