@@ -423,9 +423,15 @@ class Processor:
                 f"{state!r} (jobs {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
                 for state, ids in sorted(unknown.items())
             )
+            if run.path is not None and run.path.exists():
+                fix = f"move the jobs (`jorb redrive {run.path} --from S --to T`)"
+            else:  # only in memory so far: nothing on disk to redrive
+                fix = "add the jobs in a declared state (`run.add_job(ctx, state=...)`)"
+            if "new" in unknown:
+                fix += "; `add_job` puts a job in 'new' unless it is given a state"
             raise StateError(
                 f"{run.path}: jobs are in states the script does not declare: {detail}. "
-                f"Declare them, or move the jobs (`jorb redrive {run.path} --from S --to T`)"
+                f"Declare them, or {fix}"
             )
 
     def _start_lanes(self) -> None:

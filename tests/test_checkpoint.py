@@ -200,10 +200,26 @@ def test_a_run_naming_undeclared_states_stops_before_any_work(make_run: MakeRun)
         ran.append(ctx)
         return ctx, "done"
 
-    with pytest.raises(jorb.StateError, match="'nowhere' \\(jobs 2\\)"):
+    with pytest.raises(jorb.StateError, match="'nowhere' \\(jobs 2\\)") as raised:
         process([jorb.State("a", exec=spy), DONE], run)
+    assert "jorb redrive" in str(raised.value) and "add_job" not in str(raised.value)
     assert ran == []
     assert run.path.read_bytes() == text  # type: ignore[union-attr]
+
+
+def test_jobs_added_in_an_undeclared_state_are_refused_with_the_fix_that_applies(
+    tmp_path: Path,
+) -> None:
+    # Never saved, so nothing on disk to redrive; and add_job's default state is "new".
+    run = jorb.Run.open(tmp_path / "run.json")
+    run.add_job({"url": "u"})
+    with pytest.raises(jorb.StateError, match="'new' \\(jobs 1\\)") as raised:
+        process([jorb.State("x", exec=lambda *a: None), DONE], run)
+    message = str(raised.value)
+    assert "jorb redrive" not in message
+    assert "run.add_job(ctx, state=...)" in message and "puts a job in 'new'" in message
+    assert not (tmp_path / "run.json").exists()
+    run.close()
 
 
 # -- the journal: torn ends tolerated, damage refused -----------------------------------------
