@@ -911,6 +911,8 @@ class Processor:
         message = (
             f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
             f"Ctrl-C again to stop at once"
+            if running
+            else "stopping: no exec is running; saving the run"
         )
         if self._listeners:
             self._note(message)  # a live display prints it above its bars

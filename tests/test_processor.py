@@ -712,3 +712,13 @@ def test_listeners_get_frozen_per_state_snapshots(make_run: MakeRun) -> None:
     assert after["done"].terminal and not work.terminal
     with pytest.raises(AttributeError):
         last.jobs = 0  # type: ignore[misc]
+
+
+def test_a_first_ctrl_c_with_no_exec_running_does_not_offer_to_wait_for_none(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    # (Every job waiting out a backoff or a delay, say: "waiting up to 30s for 0 running
+    # exec(s)" read as if something were running.)
+    processor = jorb.Processor(None, [jorb.State("a", exec=lambda *a: None), DONE], progress=False)
+    processor._on_signal()
+    assert capfd.readouterr().err == "\njorb: stopping: no exec is running; saving the run\n"
