@@ -290,6 +290,13 @@ class Run:
             self._holder.close()
             self._holder = None
 
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """``with jorb.Run.open(path) as run:`` releases the lock at the end of the block."""
+        self.close()
+
     # -- jobs ------------------------------------------------------------------------------
 
     def add_job(

@@ -52,6 +52,17 @@ def test_open_creates_a_run_then_reopens_it_with_its_own_overall(tmp_path: Path)
         again.close()
 
 
+def test_a_run_opened_in_a_with_block_is_released_at_its_end(tmp_path: Path) -> None:
+    path = tmp_path / "run.json"
+    with jorb.Run.open(path) as run:
+        run.add_job({"n": 1})
+        run.save()
+        with pytest.raises(jorb.RunLockedError):
+            jorb.Run.open(path)
+    with jorb.Run.open(path) as again:  # the lock was released: it reopens in this process
+        assert [job.ctx for job in again.jobs.values()] == [{"n": 1}]
+
+
 def test_add_job_defaults_to_state_new_and_counts_by_state(make_run: MakeRun) -> None:
     run = make_run()
     first = run.add_job({"n": 1})
