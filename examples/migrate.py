@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"inspect it:  {jorb_cli} status {shown}   (and: {jorb_cli} show {shown} JOB_ID)")
     if counts.get("push_failed"):
         print(f'redrive:     replace "state": "push_failed" with "state": "push" in {shown}, rerun')
+        print(f"or:          {jorb_cli} redrive {shown} --from push_failed --to push, rerun")
     if args.dry_run:
         print("dry run:     jobs wait in push; rerun without --dry-run to push them")
 
