@@ -317,9 +317,10 @@ def request(
 def _apply_offline(path: Path, mine: Path) -> None:
     """Take the lock and apply every waiting request directly to the file.
 
-    If the run does not load (a damaged file, a journal conflict), the request ``mine`` is
-    withdrawn before the error goes up: the command reports a failure, so the next process
-    to open the run must not apply it. Holding the lock, nobody else is applying it now.
+    If the run does not load (a damaged file, a journal conflict) or cannot be saved, the
+    request ``mine`` is withdrawn before the error goes up: the command reports a failure, so
+    the next process to open the run must not apply it. Holding the lock, nobody else is
+    applying it now.
     """
     try:
         store = Store(path)
@@ -328,11 +329,11 @@ def _apply_offline(path: Path, mine: Path) -> None:
     with store:
         try:
             run = read_run(path)
+            answers = apply_inbox(run)
+            if answers:
+                store.compact(run, finish=True)
         except BaseException:
             mine.unlink(missing_ok=True)
             raise
-        answers = apply_inbox(run)
-        if answers:
-            store.compact(run, finish=True)
         for file, answer in answers:
             reply(file, answer)

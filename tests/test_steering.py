@@ -326,7 +326,9 @@ def test_with_no_process_commands_edit_the_file_and_a_pause_persists(live: Live)
     assert lines[-1] == "finished [('done', 3), ('parked', 1)]"
 
 
-def test_a_change_refused_because_the_run_does_not_load_is_never_applied(live: Live) -> None:
+def test_a_change_refused_because_the_run_does_not_load_is_never_applied(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The command says it failed, so the change must not be applied later by whoever opens
     # the run once it is mended (a retried `jorb add` would add its jobs twice).
     live.start().finish()
@@ -338,6 +340,16 @@ def test_a_change_refused_because_the_run_does_not_load_is_never_applied(live: L
         control.add(live.path, [{"n": 0}])
     assert not list(control.inbox_path(live.path).iterdir())
     live.path.write_bytes(good)
+
+    # Nor one that loaded but could not be saved.
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise jorb.CheckpointError("no space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(control.Store, "compact", full)
+        with pytest.raises(jorb.CheckpointError, match="no space"):
+            control.pause(live.path, "new")
+    assert not list(control.inbox_path(live.path).iterdir())
     assert control.add(live.path, [{"n": 7}]) == {"ids": ["1"]}  # only this one applies
     run = jorb.Run.load(live.path)
     assert run.paused == set() and {i: j.ctx for i, j in run.jobs.items()} == {"1": {"n": 7}}
