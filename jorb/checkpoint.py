@@ -22,10 +22,13 @@ transition is bounded by the journal's (about twice the bytes of the records, am
 
 Order of writes, which is what makes every crash point safe: a compaction writes the new
 snapshot (rename) before it resets the journal, and records in a journal only ever have a seq
-at or below that of any snapshot written after them. So the journal is read *before* the run
-file: the file read second is the snapshot that journal continues, or a newer one holding all
-its records (``seq`` tells which records to skip). A crash between the rename and the reset
-leaves a new snapshot and an old journal whose records it already holds: not a conflict.
+at or below that of any snapshot written after them. So the journal is opened *before* the run
+file: the file opened second is the snapshot that journal continues, or a newer one holding all
+its records (``seq`` tells which records to skip). The journal's records are read after the
+snapshot, from the file opened first: a journal is only appended to until a compaction replaces
+it, so whatever it holds by then still continues its own snapshot. A crash between the rename
+and the reset leaves a new snapshot and an old journal whose records it already holds: not a
+conflict.
 """
 
 from __future__ import annotations
@@ -35,14 +38,16 @@ import contextlib
 import errno
 import fcntl
 import gc
+import io
+import itertools
 import os
 import re
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import orjson
 
@@ -78,6 +83,11 @@ JOURNAL_VERSION = 1
 #: ``COMPACT_RATIO`` times the snapshot's size.
 MIN_COMPACT_BYTES = 4 << 20
 COMPACT_RATIO = 1.0
+#: A journal record as parsed: a JSON object with an int "seq".
+Record = dict[str, Any]
+#: A journal's records with their line numbers, read and parsed as they are taken.
+Records = Generator[tuple[int, Record], None, None]
+
 #: How long to keep retrying the lock while only a momentary ``is_locked`` probe blocks it.
 LOCK_PATIENCE = 0.05
 
@@ -262,56 +272,96 @@ def _journal_header(length: int, crc: int, seq: int) -> bytes:
     return orjson.dumps(header) + b"\n"
 
 
-def read_journal(path: Path) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
-    """Header, whole records and the byte length they span (no journal: ``None, [], 0``).
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, Records]:
+    """The journal's header, and its whole records with their line numbers, each read and
+    parsed only as it is taken (no journal: ``None`` and none). Close the records (or take
+    them all) when done: they hold the journal open.
+
+    The journal is opened and its header read now: :func:`read_run` relies on that (the
+    records read later are from the journal opened first, whatever replaced it since; see
+    the module docstring). A journal may be as big as its snapshot, so its records are never
+    all in memory at once, as bytes or as objects (that was twice a run's memory on a resume
+    after a crash with a long journal).
 
     Only the end of a journal can be torn (a crash mid-append): an unterminated last line, or
-    a last line that does not parse, is dropped. Anything wrong before that is corruption.
+    a last line that does not parse, is dropped. Anything wrong before that is corruption,
+    raised when the records get that far.
     """
     try:
-        data = path.read_bytes()
+        file = path.open("rb")
     except FileNotFoundError:
-        return None, [], 0
+        return None, _none()
     except OSError as e:
         raise RunFileError(f"{path}: cannot read the journal ({e.strerror})") from None
-    return parse_journal(data, path)
+    return _header_and_records(_lines(file, path), path)
 
 
-def parse_journal(
-    data: bytes, path: Path
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]], int]:
+def parse_journal(data: bytes, path: Path) -> tuple[dict[str, Any] | None, Records]:
     """:func:`read_journal` on bytes already read."""
-    lines = data.split(b"\n")
-    tail = lines.pop()  # b"" when the journal ends with a whole record
-    good = len(data) - len(tail)
-    header: dict[str, Any] | None = None
-    records: list[dict[str, Any]] = []
-    for number, line in enumerate(lines, 1):
+    return _header_and_records(_lines(io.BytesIO(data), path), path)
+
+
+def _header_and_records(
+    lines: Generator[tuple[int, Any], None, None], path: Path
+) -> tuple[dict[str, Any] | None, Records]:
+    """The header, read and checked now, and the records after it, as they are taken."""
+    first = next(lines, None)
+    if first is None:
+        return None, _none()
+    try:
+        header = _check_header(first[1], path)
+    except BaseException:
+        lines.close()
+        raise
+    return header, _records(lines, path)
+
+
+def _none() -> Records:
+    yield from ()
+
+
+def _lines(file: BinaryIO, path: Path) -> Generator[tuple[int, Any], None, None]:
+    """(line number, parsed value) of each whole line of ``file``, the torn end dropped; the
+    file is closed at the end (or when the generator is closed)."""
+    with file:
         try:
-            value = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            if number == len(lines) and not tail:  # the last write was cut: not written
-                good -= len(line) + 1
-                break
-            raise CorruptRunError(
-                f"{path}: line {number} is not valid JSON, and more follows it, so this is not "
-                f"a torn last write. {_MOVE_ASIDE}"
-            ) from None
-        if header is None:
-            header = _check_header(value, path)
-            continue
-        seq = value.get("seq") if isinstance(value, dict) else None
-        if not isinstance(seq, int) or isinstance(seq, bool):
-            raise CorruptRunError(
-                f'{path}: line {number} is not a journal record (no "seq"). {_MOVE_ASIDE}'
-            )
-        if records and seq <= records[-1]["seq"]:
-            raise CorruptRunError(
-                f"{path}: line {number} has seq {seq}, not after {records[-1]['seq']}. "
-                f"{_MOVE_ASIDE}"
-            )
-        records.append(value)
-    return header, records, good
+            line, number = file.readline(), 0
+            while line:
+                following = file.readline()
+                number += 1
+                if not line.endswith(b"\n"):
+                    return  # an unterminated last line: a cut write
+                try:
+                    value = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    if not following:  # the last write was cut: not written
+                        return
+                    raise CorruptRunError(
+                        f"{path}: line {number} is not valid JSON, and more follows it, so this "
+                        f"is not a torn last write. {_MOVE_ASIDE}"
+                    ) from None
+                yield number, value
+                line = following
+        except OSError as e:
+            raise RunFileError(f"{path}: cannot read the journal ({e.strerror})") from None
+
+
+def _records(lines: Generator[tuple[int, Any], None, None], path: Path) -> Records:
+    """The records after the header, each checked to have a seq after the one before."""
+    last: int | None = None
+    with contextlib.closing(lines):  # (closing these closes the journal)
+        for number, value in lines:
+            seq = value.get("seq") if isinstance(value, dict) else None
+            if not isinstance(seq, int) or isinstance(seq, bool):
+                raise CorruptRunError(
+                    f'{path}: line {number} is not a journal record (no "seq"). {_MOVE_ASIDE}'
+                )
+            if last is not None and seq <= last:
+                raise CorruptRunError(
+                    f"{path}: line {number} has seq {seq}, not after {last}. {_MOVE_ASIDE}"
+                )
+            last = seq
+            yield number, value
 
 
 _MOVE_ASIDE = (
@@ -341,33 +391,38 @@ def _replay(
     path: Path,
     snapshot: tuple[int, int | None],
     header: dict[str, Any] | None,
-    records: list[dict[str, Any]],
+    records: Records,
 ) -> None:
-    """Apply the journal's records that the snapshot (its length and CRC-32) does not hold yet."""
+    """Apply the journal's records that the snapshot (its length and CRC-32) does not hold
+    yet, one at a time as they are parsed (every record is parsed, so damage anywhere in the
+    journal is reported even where the snapshot holds everything)."""
     jpath = journal_path(path)
-    pending = [r for r in records if r["seq"] > run.seq]
-    if header is None or not pending:
+    base = run.seq
+    pending = ((line, record) for line, record in records if record["seq"] > base)
+    first = next(pending, None)
+    if header is None or first is None:
         return  # no journal, or one whose every record is already folded into the snapshot
-    if header["seq"] != run.seq or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
+    if header["seq"] != base or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
+        unsaved = 1 + sum(1 for _ in pending)
         raise JournalConflictError(
             f"{path} was changed after its last process stopped uncleanly, but {jpath} still "
-            f"holds {len(pending)} transition(s) not saved in it; jorb will not guess which side "
+            f"holds {unsaved} transition(s) not saved in it; jorb will not guess which side "
             f"to keep, and has changed neither file. To keep the journal's work: restore {path} "
             f"as it was, run once (that folds the journal in), then make your edit again. To "
             f"keep your edit and let the journal's jobs run again: delete {jpath}."
         )
-    for expected, record in enumerate(pending, run.seq + 1):
+    for expected, (line, record) in enumerate(itertools.chain([first], pending), base + 1):
         if record["seq"] != expected:
             raise CorruptRunError(
-                f"{jpath}: record seq {record['seq']} follows seq {expected - 1}: records are "
-                f"missing. {_MOVE_ASIDE}"
+                f"{jpath}: line {line} has seq {record['seq']}, after seq {expected - 1}: "
+                f"records are missing. {_MOVE_ASIDE}"
             )
         try:
             apply_record(run, record)
         except (KeyError, TypeError, AttributeError, ValueError, RunFileError) as e:
             raise CorruptRunError(
-                f"{jpath}: record seq {record['seq']} does not fit the run file ({e}). "
-                f"{_MOVE_ASIDE}"
+                f"{jpath}: line {line}, record seq {record['seq']}, does not fit the run file "
+                f"({e}). {_MOVE_ASIDE}"
             ) from None
 
 
@@ -398,16 +453,17 @@ def _read_snapshot(path: Path, *, checksum: bool = True) -> tuple[Run, tuple[int
 def read_run(path: Path) -> Run:
     """Load ``path`` and replay its journal; raises a RunFileError saying what is wrong.
 
-    Safe while another process executes the run: the journal is read first (see the module
+    Safe while another process executes the run: the journal is opened first (see the module
     docstring), so a compaction racing with this read is never mistaken for a conflict.
     """
     settle = gc.isenabled() and gc.get_freeze_count() == 0
     if settle:
         gc.collect(1)  # the process's young garbage, freed before _settle_collector
     with _no_cycle_collection():
-        header, records, _ = read_journal(journal_path(path))
-        run, snapshot = _read_snapshot(path, checksum=header is not None)
-        _replay(run, path, snapshot, header, records)
+        header, records = read_journal(journal_path(path))
+        with contextlib.closing(records):
+            run, snapshot = _read_snapshot(path, checksum=header is not None)
+            _replay(run, path, snapshot, header, records)
         if settle:
             _settle_collector()
     return run

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import gc
 import os
 import threading
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -239,9 +241,9 @@ def crashed(make_run: MakeRun, monkeypatch: pytest.MonkeyPatch) -> Iterator[jorb
 
 def _replayed(path: Path, records: int) -> bytes:
     """What loading gives with only the first ``records`` journal records."""
-    _, all_records, _ = read_journal(journal_path(path))
+    _, all_records = read_journal(journal_path(path))
     run = checkpoint.decode_run(path.read_bytes(), path)
-    for record in all_records[:records]:
+    for _, record in list(all_records)[:records]:
         apply_record(run, record)
     return encode_run(run)
 
@@ -289,7 +291,7 @@ def test_a_garbage_last_line_is_a_torn_write_and_is_dropped(crashed: jorb.Run) -
         (lambda lines: [*lines[:3], b'{"seq": "x"}', *lines[3:]], "line 4 is not a journal"),
         (
             lambda lines: lines[:2] + lines[3:4] + lines[2:3] + lines[4:],
-            "line 4 has seq 2, not after 3",
+            "line 3 has seq 3, after seq 1: records are missing",
         ),
         (lambda lines: lines[:2] + lines[3:], "records are missing"),
         (lambda lines: [b'{"journal": 1}', *lines[1:]], 'header has no integer "seq"'),
@@ -401,7 +403,8 @@ def test_a_crash_between_the_snapshot_rename_and_the_journal_reset_is_not_a_conf
     assert run.path is not None
     with pytest.raises(jorb.CheckpointError):
         process(STATES, run)
-    header, records, _ = read_journal(journal_path(run.path))
+    header, parsed = read_journal(journal_path(run.path))
+    records = [record for _, record in parsed]
     snapshot = jorb.checkpoint.decode_run(run.path.read_bytes(), run.path)
     assert header is not None and header["seq"] < snapshot.seq, "an old journal, a new file"
     assert records and all(r["seq"] <= snapshot.seq for r in records)
@@ -726,8 +729,8 @@ def test_a_jobs_next_exec_and_its_childrens_first_start_only_once_on_disk(
     late: list[str] = []
 
     def durable_record(found: Callable[[dict[str, Any]], bool]) -> bool:
-        _, records, _ = parse_journal(journal.read_bytes()[: on_disk[0]], journal)
-        return any(found(record) for record in records)
+        _, records = parse_journal(journal.read_bytes()[: on_disk[0]], journal)
+        return any(found(record) for _, record in records)
 
     async def a(app: Any, overall: Ctx, ctx: Ctx) -> Any:
         ctx["a"] = True
@@ -789,6 +792,38 @@ def test_records_settled_during_a_write_share_the_next_write_and_fsync(
 
 
 # -- races and edges of the writer ---------------------------------------------------------------
+
+
+def test_a_long_journal_is_replayed_without_holding_its_records(tmp_path: Path) -> None:
+    # A journal may grow as big as its snapshot before a compaction; a resume after a crash
+    # then held every record as objects at once (and the journal's bytes): twice the run's
+    # memory, and more. Replay now reads and applies one record at a time.
+    path = tmp_path / "run.json"
+    run = jorb.Run.open(path)
+    for i in range(2000):
+        run.add_job({"key": f"r{i}", "pad": "x" * 50}, "a")
+    store = run._holder
+    assert store is not None
+
+    async def three_passes() -> None:
+        store.begin(run)
+        for _ in range(3):
+            for job in list(run.jobs.values()):
+                await store.append(_move(run, job, "a"))
+
+    asyncio.run(three_passes())
+    store.close()  # as a crash leaves it: the journal not folded in
+    journal = journal_path(path).stat().st_size
+    gc.collect()
+    tracemalloc.start()
+    try:
+        loaded = jorb.Run.load(path)
+        after, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert loaded.seq == 6000 and encode_run(loaded) == encode_run(run)
+    beyond = peak - after
+    assert beyond < journal / 2, f"{beyond:,} B beyond the run for a {journal:,} B journal"
 
 
 def _move(run: jorb.Run, job: jorb.Job, to: str = "done") -> bytes:
