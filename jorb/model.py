@@ -208,6 +208,7 @@ class Run:
         "changes",
         "declared",
         "jobs",
+        "kicks",
         "next_id",
         "overall",
         "path",
@@ -230,6 +231,8 @@ class Run:
         self.paused: set[str] = set()
         #: Changes applied from the command line: what, when, and the request id.
         self.changes: list[dict[str, Any]] = []
+        #: Jobs created by kicks, by (state whose exec kicked, state the new job started in).
+        self.kicks: dict[tuple[str, str], int] = {}
         #: Sequence number of the last journal record folded into this snapshot.
         self.seq = 0
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
@@ -352,7 +355,7 @@ class Run:
     def to_document(self, *, jobs: bool = True) -> dict[str, Any]:
         """The run as the JSON document of its file (encode it with ``default=json_default``);
         with ``jobs=False``, its ``"jobs"`` list left empty."""
-        return {
+        doc = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "seq": self.seq,
@@ -361,8 +364,11 @@ class Run:
             "states": self.declared,
             "paused": sorted(self.paused),
             "changes": self.changes,
-            "jobs": [job_document(job) for job in self.jobs.values()] if jobs else [],
         }
+        if self.kicks:  # (a run without kicks keeps the file's shape as it was)
+            doc["kicks"] = [{"by": a, "into": b, "jobs": n} for (a, b), n in self.kicks.items()]
+        doc["jobs"] = [job_document(job) for job in self.jobs.values()] if jobs else []
+        return doc
 
     @classmethod
     def from_document(cls, doc: Any, path: Path | None) -> Run:
@@ -396,6 +402,10 @@ class Run:
         run.paused = set(paused)
         run.changes = _check(doc, "changes", list, where, [])
         run.next_id = _check(doc, "next_id", int, where, 1)
+        for kick in _check(doc, "kicks", list, where, []):
+            if not isinstance(kick, dict) or not isinstance(kick.get("jobs"), int):
+                raise CorruptRunError(f'{where}: "kicks" must list {{"by", "into", "jobs"}}')
+            run.kicks[(str(kick.get("by")), str(kick.get("into")))] = kick["jobs"]
         return run
 
     def read_jobs(self, raws: list[Any], start: int = 0) -> None:
@@ -708,9 +718,13 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         job.not_before = record.get("not_before")
         kids = record.get("kids")
         if kids:
+            kicks = run.kicks
+            source = step["from"] if step is not None else record.get("in", job.state)
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                edge = (source, kid.state)
+                kicks[edge] = kicks.get(edge, 0) + 1
             run.next_id = max(run.next_id, record["next_id"])
         return
     if op == "add":

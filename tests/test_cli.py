@@ -191,7 +191,7 @@ def test_graph_as_mermaid_and_dot(finished: Path) -> None:
     assert "    s2 -->|4| s3" in mermaid  # upload -> done
     dot = cli("graph", finished, "--format", "dot")
     assert '    "edit" -> "done" [label="5"];' in dot
-    assert '    "edit" -> "failed" [label="1"];' in dot
+    assert '    "edit" -> "failed" [label="1", color=red];' in dot  # a give-up
     assert CliRunner().invoke(app, ["graph", str(finished), "-f", "png"]).exit_code == 2
 
 
