@@ -386,6 +386,7 @@ def show(
 class Format(enum.StrEnum):
     mermaid = "mermaid"
     dot = "dot"
+    svg = "svg"
 
 
 @app.command()
@@ -393,15 +394,61 @@ class Format(enum.StrEnum):
 def graph(
     runfile: RunFile,
     format: Annotated[
-        Format, typer.Option("--format", "-f", help="Mermaid flowchart or Graphviz DOT.")
+        Format,
+        typer.Option("--format", "-f", help="Mermaid flowchart, Graphviz DOT, or an SVG picture."),
     ] = Format.mermaid,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="States and edges (with counts, timings) as JSON.")
+    ] = False,
 ) -> None:
-    """The observed state graph: states as nodes, transitions as edges with counts.
+    """The workflow graph: states with their jobs and median exec time; transitions, kicks and
+    redrives as edges with counts; give-ups and the states they lead to in red.
 
-    Pipe it on: `jorb graph run.json -f dot | dot -Tsvg > graph.svg`.
+    `jorb graph run.json -f svg > graph.svg` draws it without any other program.
     """
     g = report.graph(Run.load(runfile))
+    if as_json:
+        _print_json(report.graph_document(g))
+        return
+    if format is Format.svg:
+        from . import svg
+
+        typer.echo(svg.draw(g), nl=False)
+        return
     typer.echo(report.to_dot(g) if format is Format.dot else report.to_mermaid(g), nl=False)
+
+
+@app.command("report")
+@_friendly
+def html_report(
+    runfile: RunFile,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write it (default: RUNFILE with .html).",
+            metavar="FILE",
+        ),
+    ] = None,
+) -> None:
+    """Write an HTML report of the run (graph, throughput, durations, errors) that opens offline.
+
+    Needs plotly: `pip install 'jorb[report]'`. Works on a run in progress too.
+    """
+    from . import report_html
+
+    run = Run.load(runfile)
+    target = output or runfile.with_suffix(".html")
+    page = report_html.render(run)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(page, encoding="utf-8")
+    os.replace(temporary, target)
+    typer.echo(f"wrote {target} ({len(page.encode()) / 1e6:.1f} MB)")
+
+
+def _print_json(doc: Any) -> None:
+    sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 # -- changing --------------------------------------------------------------------------------

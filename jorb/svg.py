@@ -22,7 +22,7 @@ from .report import Graph, seconds
 __all__ = ["draw"]
 
 NODE_HEIGHT = 44
-H_GAP = 110
+H_GAP = 80
 V_GAP = 34
 MARGIN = 24
 #: Average width of a character at the 13px font used, to size boxes without measuring text.
@@ -205,7 +205,12 @@ def _route(a: _Box, b: _Box, kind: str, loops: int) -> tuple[str, tuple[float, f
         x3, y3 = b.x, b.y + NODE_HEIGHT / 2 + shift
         bend = max(40.0, (x3 - x0) / 2)
         x1, x2 = x0 + bend, x3 - bend
-        mid = ((x0 + 3 * x1 + 3 * x2 + x3) / 8, (y0 + y3) / 2)
+        # The label a third of the way along: edges that leave one state fan out there.
+        t, u = 0.35, 0.65
+        mid = (
+            u**3 * x0 + 3 * u * u * t * x1 + 3 * u * t * t * x2 + t**3 * x3,
+            (u**3 + 3 * u * u * t) * y0 + (3 * u * t * t + t**3) * y3,
+        )
         return f"M{x0:.1f},{y0:.1f} C{x1:.1f},{y0:.1f} {x2:.1f},{y3:.1f} {x3:.1f},{y3:.1f}", mid, 0
     if a is b:  # a loop onto itself, above the box
         x0, x3, y = a.x + a.width * 0.35, a.x + a.width * 0.65, a.y
