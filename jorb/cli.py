@@ -17,6 +17,7 @@ import gc
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -445,6 +446,42 @@ def html_report(
     temporary.write_text(page, encoding="utf-8")
     os.replace(temporary, target)
     typer.echo(f"wrote {target} ({len(page.encode()) / 1e6:.1f} MB)")
+
+
+@app.command()
+@_friendly
+def watch(
+    runfile: RunFile,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", help="Seconds between reads of the journal.", min=0.01),
+    ] = 0.5,
+) -> None:
+    """The live table of a run that another process is executing, until that process stops.
+
+    Read-only: it follows the run file and its journal and never takes the run's lock. What
+    it cannot know (running execs, concurrency) shows as `-`; done, errors and rates count
+    from when the watch began. Not on a terminal, it prints a status line every 5 seconds.
+    """
+    from . import progress
+    from .watch import Watcher
+
+    watcher = Watcher(runfile)
+    listener = progress.make_progress(console)
+    status = watcher.poll()
+    listener.start(status)
+    try:
+        while not watcher.ended:
+            time.sleep(interval)
+            status = watcher.poll()
+            listener.update(status)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop(status)
+        watcher.close()
+    if not watcher.running() and not report.is_complete(watcher.run):
+        typer.echo(f"jorb: no process is running {runfile} (not complete)", err=True)
 
 
 def _print_json(doc: Any) -> None:

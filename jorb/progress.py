@@ -382,7 +382,8 @@ def _lane_row(row: StateStatus, rate: float | None, elapsed: float, stalled: boo
             (f"{row.waiting:,}", ""),
             (f"{row.delayed:,}", ""),
             (f"{row.awaiting:,}", ""),
-            (f"{row.running:,}/{row.concurrency:,}", ""),
+            # (no concurrency: a watcher's row, which cannot know what runs)
+            (f"{row.running:,}/{row.concurrency:,}" if row.concurrency else "-", ""),
             (f"{row.done:,}", ""),
             (f"{row.errors:,}", "red" if row.errors else ""),
             speed,
@@ -454,7 +455,8 @@ def plain_line(status: Status, speed: Speed | None = None) -> str:
             words.append(f"{row.delayed:,} delayed")
         if row.awaiting:
             words.append(f"{row.awaiting:,} awaiting children")
-        words.append(f"{row.running:,} running")
+        if row.concurrency or row.running:
+            words.append(f"{row.running:,} running")
         words.append(f"{row.done:,} done")
         if row.errors:
             words.append(f"{row.errors:,} errors")

@@ -181,12 +181,13 @@ def test_render_before_throughput_is_known_and_when_complete() -> None:
     table = rows(text(render(STATUS)))
     assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "-", "≤4.5/s"]
     assert table["total"][-1] == "-"
-    done = Status((StateStatus("new", False, 0, done=5), StateStatus("done", True, 5)), 5, 5, 1, 5)
+    new = StateStatus("new", False, 0, done=5, concurrency=2)
+    done = Status((new, StateStatus("done", True, 5)), 5, 5, 1, 5)
     screen = text(render(done, Speed((2.0, None), 2.0)))
     assert screen.splitlines()[0].endswith(
         "5/5 jobs finished (100%) · 5 transitions · 0:00:01 elapsed · complete"
     )
-    assert rows(screen)["new"] == ["0", "0", "0", "0/0", "5", "0", "2.0/s"]  # nothing left: no eta
+    assert rows(screen)["new"] == ["0", "0", "0", "0/2", "5", "0", "2.0/s"]  # nothing left: no eta
 
 
 def test_the_runs_eta_waits_for_the_slowest_state() -> None:
@@ -220,7 +221,7 @@ def test_plain_line_reads_as_one_log_line() -> None:
 
 def snapshot(elapsed: float, done: int, finished: int) -> Status:
     rows_ = (
-        StateStatus("new", False, 100 - done, waiting=100 - done, done=done),
+        StateStatus("new", False, 100 - done, waiting=100 - done, done=done, concurrency=1),
         StateStatus("done", True, finished),
     )
     return Status(rows_, 100, finished, elapsed, done)
@@ -296,7 +297,7 @@ def test_live_progress_draws_frames_and_leaves_the_last_one() -> None:
     screen = out.getvalue()
     assert "jorb: state 'new' is paused" in screen
     last = screen[screen.rindex("jorb 20/100") :]
-    assert rows(last)["new"] == ["80", "80", "0", "0/0", "20", "0", "10.0/s", "0:00:08"]
+    assert rows(last)["new"] == ["80", "80", "0", "0/1", "20", "0", "10.0/s", "0:00:08"]
     assert rows(last)["total"][-2:] == ["10.0/s", "0:00:08"]
 
 
@@ -474,7 +475,7 @@ def test_a_join_waiting_on_a_paused_state_shows_no_eta() -> None:
 def test_the_plain_line_counts_the_jobs_each_state_gave_up_on() -> None:
     status = Status(
         (
-            StateStatus("push", False, 5, waiting=5, done=40, failed=3),
+            StateStatus("push", False, 5, waiting=5, done=40, failed=3, concurrency=4),
             StateStatus("done", True, 40),
         ),
         48,
