@@ -46,7 +46,7 @@ app = typer.Typer(
         "the change to the running process and return once it is applied."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -154,10 +154,18 @@ def _options(
 
 @app.command()
 @_friendly
-def status(runfile: RunFile) -> None:
+def status(
+    runfile: RunFile,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The same facts as one JSON object.")
+    ] = False,
+) -> None:
     """Per-state counts, errors and timings, and whether the run is complete."""
     run = Run.load(runfile)
     rows = report.states(run)
+    if as_json:
+        _print_json(_status_document(run, rows, runfile))
+        return
     console.print(_headline(run, rows, runfile), soft_wrap=True)
     console.print()
     console.print(_state_table(rows))
@@ -174,6 +182,22 @@ def status(runfile: RunFile) -> None:
             who = f"  ({change['who']})" if change.get("who") else ""
             text = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
             console.print(text, markup=False, soft_wrap=True)
+
+
+def _status_document(run: Run, rows: list[report.StateReport], path: Path) -> dict[str, Any]:
+    def timing(t: report.Timing | None) -> dict[str, Any] | None:
+        return None if t is None else dataclasses.asdict(t)
+
+    return {
+        "path": str(path),
+        "complete": report.is_complete(run),
+        "jobs": len(run.jobs),
+        "finished": sum(row.jobs for row in rows if row.terminal),
+        "executing": is_locked(path),
+        "states": [{**dataclasses.asdict(row), "timing": timing(row.timing)} for row in rows],
+        "errors": [dataclasses.asdict(summary) for summary in report.errors(run)],
+        "changes": run.changes,
+    }
 
 
 def _state_table(rows: list[report.StateReport]) -> Table:
@@ -330,12 +354,30 @@ def show(
     job_id: Annotated[
         str, typer.Argument(help="The job's id.", metavar="JOB_ID", show_default=False)
     ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The job, its history, parent and children as JSON.")
+    ] = False,
 ) -> None:
     """One job: its ctx, history, errors with tracebacks, parent and children."""
     run = Run.load(runfile)
     detail = report.job_detail(run, job_id)
     job = detail.job
     steps = report.history(run, job)
+    if as_json:
+        doc = {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
+        doc["history"] = [dataclasses.asdict(step) for step in steps]
+        parent = detail.parent
+        doc["parent"] = (
+            None
+            if job.parent is None
+            else {
+                "id": job.parent,
+                "state": parent.state if parent is not None else None,
+            }
+        )
+        doc["children"] = [{"id": kid.id, "state": kid.state} for kid in detail.children]
+        _print_json(doc)
+        return
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
