@@ -42,9 +42,10 @@ def render(run: Run, *, now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = report.states(run, now)
     g = report.graph(run)
+    line = report.timeline(run)
     charts = [
-        ("throughput", "Execs done per second, per state", _throughput(go, run)),
-        ("errors", "Failed attempts per second, per state", _errors(go, run)),
+        ("throughput", "Execs done per second, per state", _throughput(go, line)),
+        ("errors", "Failed attempts per second, per state", _errors(go, line)),
         ("durations", "How long execs took, per state", _durations(go, run)),
     ]
     scripts = []
@@ -99,8 +100,7 @@ def render(run: Run, *, now: float | None = None) -> str:
 # -- charts ------------------------------------------------------------------------------------
 
 
-def _throughput(go: Any, run: Run) -> Any:
-    line = report.timeline(run)
+def _throughput(go: Any, line: report.Timeline | None) -> Any:
     if line is None:
         return None
     figure = go.Figure()
@@ -119,8 +119,7 @@ def _throughput(go: Any, run: Run) -> Any:
     return figure
 
 
-def _errors(go: Any, run: Run) -> Any:
-    line = report.timeline(run)
+def _errors(go: Any, line: report.Timeline | None) -> Any:
     if line is None or not line.errors:
         return None
     figure = go.Figure()

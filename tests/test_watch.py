@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import jorb
+from jorb import report_html
 from jorb.watch import Watcher
 
 JORB = str(Path(sys.executable).with_name("jorb"))
@@ -98,6 +99,8 @@ def test_a_watcher_follows_the_journal_without_ever_taking_the_lock(
         ("done", 0),
         ("failed", 0),
     ]
+    page = report_html.render(jorb.Run.load(path))  # the report of a run in progress, too
+    assert "not complete: 0 of 2 jobs in terminal states" in page
 
     os.write(fd, b"x")  # one of the two finishes (done or, for 2, failed after no retry)
     settle(lambda: watcher.poll().finished == 1)
