@@ -220,6 +220,13 @@ def test_bars_in_a_terminal_show_a_row_per_state_with_moving_counts(
     assert {int(m[1]) for line in above if (m := re.fullmatch(r"printed (\d+)", line))} == wanted
     logged = {int(m[1]) for line in above if (m := re.fullmatch(r"INFO logged (\d+)", line))}
     assert logged == wanted
+    # jorb's own records (the script's basicConfig shows them): each job given up on, above.
+    gave_up = re.compile(
+        r"WARNING job \d+ gave up in work after attempt 1 \(ValueError: job (\d+) is bad\); "
+        r"moved to failed"
+    )
+    given_up = {int(m[1]) for m in map(gave_up.fullmatch, above) if m}
+    assert given_up == {5, 10}
     assert lines[header[0] - 1].startswith("jorb 12/12 jobs finished (100%)")
 
 
