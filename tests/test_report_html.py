@@ -104,3 +104,13 @@ def test_jorb_report_writes_the_file_beside_the_run_by_default(
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"wrote {tmp_path / 'm.html'} (")
     assert "<svg" in (tmp_path / "m.html").read_text()
+
+
+def test_a_run_that_never_executed_still_has_a_report(tmp_path: Path) -> None:
+    run = jorb.Run(tmp_path / "run.json")
+    run.add_job({})
+    page = report_html.render(run)
+    assert "never executed" in page
+    assert page.count("nothing to show yet") == 3  # no chart without a transition
+    assert "no errors recorded" in page
+    assert 'data-state="new"' in page  # the graph still shows where the job is
