@@ -141,3 +141,45 @@ def test_jorb_watch_prints_status_lines_until_the_run_ends(running: tuple[Path, 
     assert out == ""
     last = rest.splitlines()[-1]
     assert " 2/2 finished" in last and "| done 1 | failed 1" in last, rest
+
+
+def test_a_watcher_loads_the_run_again_when_the_journal_is_compacted(
+    tmp_path: Path, gate: tuple[Path, int]
+) -> None:
+    fifo, fd = gate
+    # The same run, compacted at every commit (the journal replaced each time).
+    script = SCRIPT.replace(
+        "import jorb\n",
+        "import jorb, jorb.checkpoint\n"
+        "jorb.checkpoint.MIN_COMPACT_BYTES = jorb.checkpoint.COMPACT_RATIO = 0\n",
+    ).replace("for n in (1, 2):", "for n in (1, 3, 4, 5):")
+    (tmp_path / "live.py").write_text(script)
+    path = tmp_path / "run.json"
+    process = subprocess.Popen(
+        [sys.executable, "live.py", path.name, str(fifo)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        assert len([process.stdout.readline() for _ in range(2)]) == 2  # b's two slots taken
+        watcher = Watcher(path)
+        for finished in (1, 2, 3):
+            os.write(fd, b"x")
+            settle(lambda n=finished: watcher.poll().finished == n)  # type: ignore[misc]
+            rows = {row.name: row.jobs for row in watcher.status().states}
+            assert rows["done"] == finished and rows["a"] + rows["b"] == 4 - finished
+        assert watcher.reloads >= 3  # each compaction replaced the journal it was reading
+        os.write(fd, b"x")
+        settle(lambda: watcher.poll() is not None and watcher.ended)
+        final = {row.name: row.jobs for row in watcher.status().states}
+        assert final == {"a": 0, "b": 0, "done": 4, "failed": 0}
+        watcher.close()
+        _, err = process.communicate(timeout=STUCK)
+        assert process.returncode == 0, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
