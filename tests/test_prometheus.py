@@ -57,10 +57,17 @@ def test_a_scrape_during_the_run_agrees_with_the_run_file(tmp_path: Path) -> Non
     worker.start()
     try:
         deadline = time.monotonic() + STUCK
-        while (
-            exporter.port == 0
-            or scrape(exporter.port).get("jorb_execs_running", {}).get("store") != 2
-        ):  # settle: both store slots taken, the other 3 waiting, nothing else can move
+
+        def held() -> bool:  # fetch worked off, both store slots taken: nothing can move now
+            if exporter.port == 0:
+                return False
+            now = scrape(exporter.port)
+            return (
+                now.get("jorb_jobs", {}).get("fetch") == 0
+                and now.get("jorb_execs_running", {}).get("store") == 2
+            )
+
+        while not held():
             assert time.monotonic() < deadline, "the run never got to store"
             time.sleep(0.01)
         metrics = scrape(exporter.port)
