@@ -404,6 +404,7 @@ def _total_row(status: Status, speed: Speed) -> _Row:
     unfinished = status.jobs - status.finished
     eta = _run_eta(status, speed)
     errors = sum(row.errors for row in lanes)
+    known = any(row.concurrency for row in lanes) or not lanes  # (not for a watcher)
     label = "total"
     while any(row.name == label for row in status.states):  # a state of the user's own name
         label = f"({label})"
@@ -415,7 +416,7 @@ def _total_row(status: Status, speed: Speed) -> _Row:
             (f"{sum(row.waiting for row in lanes):,}", ""),
             (f"{sum(row.delayed for row in lanes):,}", ""),
             (f"{sum(row.awaiting for row in lanes):,}", ""),
-            (f"{sum(row.running for row in lanes):,}", ""),
+            (f"{sum(row.running for row in lanes):,}" if known else "-", ""),
             (f"{sum(row.done for row in lanes):,}", ""),
             (f"{errors:,}", "red" if errors else ""),
             (_per_second(speed.finished), ""),

@@ -501,3 +501,18 @@ def test_a_narrowed_window_has_the_whole_old_frame_erased() -> None:
     # The cursor goes up over every row the old lines now take, not one per line.
     rows_now = sum(-(-len(line.rstrip()) // 40) or 1 for line in frame)
     assert moves.count("\x1b[1A") == rows_now - 1 > len(frame) - 1
+
+
+def test_a_watchers_rows_show_what_they_cannot_know_as_a_dash() -> None:
+    # jorb watch's rows have no concurrency: it cannot tell which jobs are running.
+    status = Status(
+        (StateStatus("new", False, 5, waiting=5, done=3), StateStatus("done", True, 3)),
+        8,
+        3,
+        2.0,
+        3,
+    )
+    table = rows(text(render(status)))
+    assert table["new"][:5] == ["5", "5", "0", "-", "3"]
+    assert table["total"][:5] == ["8", "5", "0", "-", "3"]
+    assert "running" not in plain_line(status)
