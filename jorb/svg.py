@@ -52,22 +52,26 @@ def draw(g: Graph, *, element_id: str = "jorb-graph") -> str:
     width = max((b.x + b.width for b in boxes.values()), default=0) + MARGIN
     bottom = max((b.y + NODE_HEIGHT for b in boxes.values()), default=0)
     out: list[str] = []
+    labels: list[str] = []
+    taken = [(b.x, b.y, b.x + b.width, b.y + NODE_HEIGHT) for b in boxes.values()]
     loops = 0
-    edges = _edges(g)
-    for kind, a, b, label in edges:
-        path, where, below = _route(boxes[a], boxes[b], kind, loops)
+    for kind, a, b, label in _edges(g):
+        curve, below = _route(boxes[a], boxes[b], kind, loops)
         loops += below
         colour = _COLOURS[kind]
         dash = {"kick": ' stroke-dasharray="7 4"', "redrive": ' stroke-dasharray="2 4"'}.get(
             kind, ""
         )
+        (x0, y0), (x1, y1), (x2, y2), (x3, y3) = curve
+        path = f"M{x0:.1f},{y0:.1f} C{x1:.1f},{y1:.1f} {x2:.1f},{y2:.1f} {x3:.1f},{y3:.1f}"
         out.append(
             f'<g class="edge {kind}" data-from={quoteattr(a)} data-to={quoteattr(b)}>'
             f"<title>{escape(f'{a} → {b}: {label}')}</title>"
             f'<path d="{path}" fill="none" stroke="{colour}" stroke-width="1.6"{dash} '
-            f'marker-end="url(#{element_id}-{kind})"/>'
-            f"{_label(where, label, colour)}</g>"
+            f'marker-end="url(#{element_id}-{kind})"/></g>'
         )
+        labels.append(_label(_place(curve, label, taken), label, colour))
+    out.extend(labels)  # over every edge, so that no line crosses a count
     height = bottom + MARGIN + 26 * loops
     errors = g.error_states
     for name, terminal, jobs in g.nodes:
@@ -197,37 +201,54 @@ def _edges(g: Graph) -> list[tuple[str, str, str, str]]:
     return edges
 
 
-def _route(a: _Box, b: _Box, kind: str, loops: int) -> tuple[str, tuple[float, float], int]:
-    """An edge's path, where its label goes, and whether it arcs below the columns (1/0)."""
+Point = tuple[float, float]
+Curve = tuple[Point, Point, Point, Point]
+
+
+def _route(a: _Box, b: _Box, kind: str, loops: int) -> tuple[Curve, int]:
+    """An edge's cubic curve, and whether it arcs below the columns (1, else 0)."""
     shift = {"kick": 7.0, "redrive": -7.0}.get(kind, 0.0)  # two edges between the same states
     if b.rank > a.rank:
         x0, y0 = a.x + a.width, a.y + NODE_HEIGHT / 2 + shift
         x3, y3 = b.x, b.y + NODE_HEIGHT / 2 + shift
         bend = max(40.0, (x3 - x0) / 2)
-        x1, x2 = x0 + bend, x3 - bend
-        # The label a third of the way along: edges that leave one state fan out there.
-        t, u = 0.35, 0.65
-        mid = (
-            u**3 * x0 + 3 * u * u * t * x1 + 3 * u * t * t * x2 + t**3 * x3,
-            (u**3 + 3 * u * u * t) * y0 + (3 * u * t * t + t**3) * y3,
-        )
-        return f"M{x0:.1f},{y0:.1f} C{x1:.1f},{y0:.1f} {x2:.1f},{y3:.1f} {x3:.1f},{y3:.1f}", mid, 0
+        return ((x0, y0), (x0 + bend, y0), (x3 - bend, y3), (x3, y3)), 0
     if a is b:  # a loop onto itself, above the box
         x0, x3, y = a.x + a.width * 0.35, a.x + a.width * 0.65, a.y
-        top = y - 40
-        path = (
-            f"M{x0:.1f},{y:.1f} C{x0 - 20:.1f},{top:.1f} {x3 + 20:.1f},{top:.1f} {x3:.1f},{y:.1f}"
-        )
-        return path, ((x0 + x3) / 2, y - 32), 0
+        return ((x0, y), (x0 - 20, y - 40), (x3 + 20, y - 40), (x3, y)), 0
     # Backwards, or within a column: under both boxes, lower for each such edge.
     x0, y0 = a.x + a.width / 2 + shift, a.y + NODE_HEIGHT
     x3, y3 = b.x + b.width / 2 + shift, b.y + NODE_HEIGHT
     depth = max(y0, y3) + 30 + 18 * loops
-    path = f"M{x0:.1f},{y0:.1f} C{x0:.1f},{depth:.1f} {x3:.1f},{depth:.1f} {x3:.1f},{y3:.1f}"
-    return path, ((x0 + x3) / 2, (y0 + y3) / 8 + depth * 0.75), 1
+    return ((x0, y0), (x0, depth), (x3, depth), (x3, y3)), 1
 
 
-def _label(where: tuple[float, float], text: str, colour: str) -> str:
+def _place(curve: Curve, text: str, taken: list[tuple[float, float, float, float]]) -> Point:
+    """Where on the curve the label goes: the middle, or the nearest point along it where it
+    covers no state and no other label; the spot is then taken."""
+    half = (len(text) * 6.4 + 8) / 2
+    first = None
+    for t in (0.5, 0.38, 0.62, 0.28, 0.72, 0.2, 0.8):
+        u = 1 - t
+        x, y = (
+            u**3 * p0 + 3 * u * u * t * p1 + 3 * u * t * t * p2 + t**3 * p3
+            for p0, p1, p2, p3 in zip(*curve, strict=True)
+        )
+        box = (x - half, y - 9, x + half, y + 7)
+        first = first or (x, y, box)
+        if not any(_overlap(box, other) for other in taken):
+            taken.append(box)
+            return x, y
+    assert first is not None
+    taken.append(first[2])
+    return first[0], first[1]
+
+
+def _overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _label(where: Point, text: str, colour: str) -> str:
     x, y = where
     width = len(text) * 6.4 + 8
     return (
