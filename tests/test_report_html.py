@@ -114,3 +114,29 @@ def test_a_run_that_never_executed_still_has_a_report(tmp_path: Path) -> None:
     assert page.count("nothing to show yet") == 3  # no chart without a transition
     assert "no errors recorded" in page
     assert 'data-state="new"' in page  # the graph still shows where the job is
+
+
+def test_the_graphs_labels_cover_no_state_and_no_other_label(example: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    from jorb import svg
+
+    run = jorb.Run.load(example.parent / "runs" / "migrate.json")
+    drawing = ET.fromstring(svg.draw(report.graph(run)))
+    ns = "{http://www.w3.org/2000/svg}"
+
+    def box(rect: ET.Element) -> tuple[float, float, float, float]:
+        x, y = float(rect.get("x", 0)), float(rect.get("y", 0))
+        return x, y, x + float(rect.get("width", 0)), y + float(rect.get("height", 0))
+
+    nodes = [box(r) for g in drawing.iter(f"{ns}g") if "node" in g.get("class", "") for r in g]
+    nodes = [b for b in nodes if b[2] > b[0]]  # (the rects; titles and texts have no width)
+    labels = [box(r) for r in drawing.findall(f"{ns}rect")]  # the labels sit at the top level
+    assert len(nodes) == 15 and len(labels) == len(drawing.findall(f"{ns}g[@class]")) - 15
+
+    def overlap(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for i, label in enumerate(labels):
+        assert not any(overlap(label, node) for node in nodes)
+        assert not any(overlap(label, other) for other in labels[i + 1 :])
