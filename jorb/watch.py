@@ -22,7 +22,9 @@ seen since it started, and so does ``elapsed``.
 from __future__ import annotations
 
 import os
+import re
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -31,10 +33,14 @@ from typing import Any, BinaryIO
 import orjson
 
 from .checkpoint import journal_path, lock_path
+from .errors import JorbError
 from .model import Run, apply_record
 from .status import StateStatus, Status
 
 __all__ = ["Watcher"]
+
+#: A journal line framed with its checksum: eight hex digits of CRC-32, a space, the record.
+_FRAMED = re.compile(rb"[0-9a-f]{8} ")
 
 
 class Watcher:
@@ -160,6 +166,10 @@ class Watcher:
         for line in lines:
             if not line.strip():
                 continue
+            if _FRAMED.match(line):  # a line with its CRC-32 in front
+                line, crc = line[9:], line[:8]
+                if b"%08x" % zlib.crc32(line) != crc:
+                    return False
             try:
                 record = orjson.loads(line)
             except orjson.JSONDecodeError:
@@ -177,12 +187,13 @@ class Watcher:
         return (stat.st_dev, stat.st_ino) == self._journal_id
 
     def _apply(self, record: dict[str, Any]) -> bool:
+        """Apply a record and count what it did; False if it does not fit (load again)."""
         run = self.run
-        ids = _touched(record)
-        before = {i: run.jobs[i].state for i in ids if i in run.jobs}
         try:
+            ids = _touched(record)
+            before = {i: run.jobs[i].state for i in ids if i in run.jobs}
             apply_record(run, record)
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, JorbError):
             return False
         counts = self._counts
         for ident in ids:
@@ -192,7 +203,12 @@ class Watcher:
             job = run.jobs.get(ident)
             if job is not None:
                 counts[job.state] += 1
-        if record.get("op") is None:
+        ok = record.get("ok")
+        if ok is not None:  # a batch of plain successes
+            for item in ok:
+                self._done[before.get(str(item[0]), "")] += 1
+            self._transitions += len(ok)
+        elif record.get("op") is None:
             self._transitions += 1
             source = record.get("in") or before.get(record["job"], "")
             if "error" in record:
@@ -207,6 +223,8 @@ class Watcher:
 def _touched(record: dict[str, Any]) -> list[str]:
     """Ids of the jobs a record may move or create."""
     op = record.get("op")
+    if "ok" in record:  # a batch of plain successes: [id, to, ctx, time, duration] each
+        return [str(item[0]) for item in record["ok"]]
     if op is None:
         kids = record.get("kids") or ()
         return [str(record["job"]), *(str(_field(kid, "id")) for kid in kids)]
