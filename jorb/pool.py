@@ -46,6 +46,12 @@ _HEADER = struct.Struct("!I")  # each message: its length, then a pickle
 _REPLY = struct.Struct("!qqq")  # fork server -> coordinator: reaped pid, its wait status, new pid
 _REQUEST = struct.Struct("!q")  # coordinator -> fork server: the pid to reap first (0: none)
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
+_CHUNK = 1 << 18  # bytes read from a worker at once
+_DEPTH = 4  # calls sent to one worker at most: the one it runs, and the next ones
+
+
+def _load(worker: _Worker) -> int:
+    return len(worker.calls)
 
 
 class ProcessPool:
@@ -64,9 +70,9 @@ class ProcessPool:
         "_closing",
         "_control",
         "_execs",
-        "_idle",
         "_loop",
         "_pending",
+        "_ready",
         "_requests",
         "_server",
         "_workers",
@@ -96,7 +102,7 @@ class ProcessPool:
         self._execs: dict[str, Any] = {}
         self._async: set[str] = set()
         self._workers: dict[int, _Worker] = {}  # by their socket's descriptor
-        self._idle: deque[_Worker] = deque()
+        self._ready: list[_Worker] = []  # started, alive
         self._pending: deque[_Call] = deque()
         self._requests: deque[tuple[_Worker | None, _Worker]] = deque()  # (dead, new), sent
         self._broken: JorbError | None = None
@@ -105,7 +111,7 @@ class ProcessPool:
     def __repr__(self) -> str:
         if self._server is None:
             return f"<ProcessPool workers={self.workers} (not started)>"
-        busy = sum(w.call is not None for w in self._workers.values())
+        busy = sum(len(w.calls) for w in self._workers.values())
         return (
             f"<ProcessPool workers={self.workers} busy={busy} queued={len(self._pending)} "
             f"server={self._server}>"
@@ -147,7 +153,7 @@ class ProcessPool:
             raise
         self._loop.add_reader(control.fileno(), self._on_reply)
         for worker in self._workers.values():
-            self._loop.add_reader(worker.fd, self._on_message, worker)
+            self._loop.add_reader(worker.fd, self._on_readable, worker)
 
     def _await_ready(self, worker: _Worker) -> None:
         try:
@@ -156,7 +162,7 @@ class ProcessPool:
             raise JorbError(f"a ProcessPool worker ({worker.pid}) died while starting") from e
         if kind == "app":
             raise JorbError(f"the ProcessPool's app factory failed in a worker:\n{value}")
-        self._idle.append(worker)
+        self._ready.append(worker)
 
     async def call(self, state: State, args: tuple[Any, ...]) -> Any:
         """Run one attempt of ``state``'s exec in a worker; ``args[0]`` (the app) stays here."""
@@ -177,11 +183,13 @@ class ProcessPool:
             ) from e
         except asyncio.CancelledError:
             call.future.cancel()
-            if call.worker is None:
+            worker = call.worker
+            if worker is None:
                 with contextlib.suppress(ValueError):
                     self._pending.remove(call)
-            else:
-                self._kill(call.worker)  # a cancelled exec does not run on in its worker
+            elif worker.calls and worker.calls[0] is call:
+                self._kill(worker)  # a cancelled exec does not run on in its worker
+            # (One still queued in a worker's socket runs, unseen: its answer is dropped.)
             raise
 
     def close(self) -> None:
@@ -191,13 +199,13 @@ class ProcessPool:
         for worker in self._workers.values():
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(worker.fd)
-            if worker.call is not None:
-                worker.call.future.cancel()
+            for call in worker.calls:
+                call.future.cancel()
             worker.sock.close()
         for call in self._pending:
             call.future.cancel()
         self._workers.clear()
-        self._idle.clear()
+        self._ready.clear()
         self._pending.clear()
         if control is not None:
             if loop is not None and not loop.is_closed():
@@ -209,17 +217,34 @@ class ProcessPool:
         self._server = self._control = None
 
     def _dispatch(self) -> None:
-        """Hand queued calls to idle workers."""
-        while self._pending and self._idle:
-            worker, call = self._idle.popleft(), self._pending.popleft()
-            worker.call, call.worker = call, worker
+        """Hand queued calls to the least busy workers, up to ``_DEPTH`` each.
+
+        A worker holds its next calls in its socket while it runs one, so it goes on working
+        while this process is busy elsewhere (writing the run file, say).
+        """
+        pending, ready = self._pending, self._ready
+        while pending and ready:
+            worker = min(ready, key=_load)
+            if len(worker.calls) >= _DEPTH:
+                return
+            call = pending.popleft()
+            if call.future.done():
+                continue  # cancelled while it waited
+            call.worker = worker
+            worker.calls.append(call)
             try:
                 _send(worker.sock, call.payload)
             except OSError:
-                continue  # it died: its reader sees the end of its socket and fails the call
-            if call.timeout is not None:
-                assert self._loop is not None
-                call.timer = self._loop.call_later(call.timeout, self._overrun, call)
+                ready.remove(worker)  # it died: its reader sees its socket end, and settles
+                continue
+            if len(worker.calls) == 1:
+                self._begin(call)
+
+    def _begin(self, call: _Call) -> None:
+        """``call`` is starting in its worker (its predecessors there are done): time it."""
+        if call.timeout is not None:
+            assert self._loop is not None
+            call.timer = self._loop.call_later(call.timeout, self._overrun, call)
 
     def _overrun(self, call: _Call) -> None:
         if not call.future.done() and call.worker is not None:
@@ -257,33 +282,58 @@ class ProcessPool:
         dead, worker = self._requests.popleft()
         worker.pid = pid
         if not block and self._loop is not None:
-            self._loop.add_reader(worker.fd, self._on_message, worker)
-        if dead is not None and dead.call is not None:
-            call, dead.call = dead.call, None
+            self._loop.add_reader(worker.fd, self._on_readable, worker)
+        if dead is not None and dead.calls:
+            call = dead.calls.popleft()  # (the one it was running: the others are requeued)
             if call.timer is not None:
                 call.timer.cancel()
             if not call.future.done():
                 call.future.set_exception(WorkerLost(_describe_death(dead.pid, status)))
 
-    def _on_message(self, worker: _Worker) -> None:
+    def _on_readable(self, worker: _Worker) -> None:
+        """Read what the worker sent, and handle every whole message in it.
+
+        All of them in this turn of the loop, so the answers that piled up while this process
+        was busy (writing the run file, say) settle together, into one commit.
+        """
         try:
-            kind, value = pickle.loads(_recv(worker.sock))
-        except (EOFError, OSError, pickle.UnpicklingError):
+            data = worker.sock.recv(_CHUNK, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
             self._lost(worker)
             return
+        buffer = worker.buffer
+        buffer += data
+        start, end = 0, len(buffer)
+        while end - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            if end - start - _HEADER.size < size:
+                break
+            begin = start + _HEADER.size
+            start = begin + size
+            try:
+                message = pickle.loads(memoryview(buffer)[begin:start])
+            except Exception:  # (a class the worker's answer needs cannot be imported here)
+                message = ("error", _flatten(sys.exc_info()[1] or JorbError("unreadable")))
+            self._on_message(worker, *message)
+        del buffer[:start]
+
+    def _on_message(self, worker: _Worker, kind: str, value: Any) -> None:
         if kind == "ready":
-            self._idle.append(worker)
+            self._ready.append(worker)
             self._dispatch()
             return
         if kind == "app":  # its app factory raised: no worker of this pool will do better
             self._broken = JorbError(f"the ProcessPool's app factory failed in a worker:\n{value}")
             self._fail_all(self._broken)
             return
-        call, worker.call = worker.call, None
-        self._idle.append(worker)
+        call = worker.calls.popleft()
+        if worker.calls:
+            self._begin(worker.calls[0])
         self._dispatch()
-        if call is None:
-            return
         if call.timer is not None:
             call.timer.cancel()
         if call.future.done():
@@ -294,7 +344,10 @@ class ProcessPool:
             call.future.set_exception(_rebuild(value))
 
     def _lost(self, worker: _Worker) -> None:
-        """A worker's socket ended: it is dead. Replace it; its call fails once it is reaped."""
+        """A worker's socket ended: it is dead. Replace it; its call fails once it is reaped.
+
+        The calls queued behind that one never started: they go back to the front of the queue.
+        """
         if worker.gone:
             return
         worker.gone = True
@@ -303,20 +356,28 @@ class ProcessPool:
         worker.sock.close()
         self._workers.pop(worker.fd, None)
         with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
+            self._ready.remove(worker)
+        while len(worker.calls) > 1:
+            call = worker.calls.pop()
+            call.worker = None
+            if call.timer is not None:
+                call.timer.cancel()
+            self._pending.appendleft(call)
         if self._closing or self._broken is not None:
             return
         try:
             self._request(worker)
         except OSError:
             self._fail_all(WorkerLost("the pool's fork server process died"))
+            return
+        self._dispatch()
 
     def _fail_all(self, error: JorbError) -> None:
         """The pool cannot go on (its fork server died, its app factory fails): say so."""
         if self._broken is None:
             self._broken = error
-        calls = [*self._pending, *(w.call for w in self._workers.values() if w.call)]
-        calls += [dead.call for dead, _ in self._requests if dead is not None and dead.call]
+        calls = [*self._pending, *(c for w in self._workers.values() for c in w.calls)]
+        calls += [c for dead, _ in self._requests if dead is not None for c in dead.calls]
         self._pending.clear()
         for call in calls:
             if not call.future.done():
@@ -326,13 +387,14 @@ class ProcessPool:
 class _Worker:
     """The coordinator's view of one worker process."""
 
-    __slots__ = ("call", "fd", "gone", "pid", "sock")
+    __slots__ = ("buffer", "calls", "fd", "gone", "pid", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.pid = 0  # known once the fork server answers
-        self.call: _Call | None = None  # the exec it runs
+        self.calls: deque[_Call] = deque()  # sent to it: the first runs, the others wait
+        self.buffer = bytearray()  # what it sent that is not a whole message yet
         self.gone = False  # its socket ended (it is dead, perhaps not reaped yet)
 
 
