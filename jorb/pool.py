@@ -11,7 +11,8 @@ already holds every exec in memory, lambdas and closures included; only a state'
 
 Lifetimes: the pool starts with ``exec`` and ends with it. A worker runs the app factory once,
 then execs one at a time: ``def`` execs directly, ``async def`` ones on the worker's own event
-loop. A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
+loop. The coordinator sends a worker up to ``_DEPTH`` calls, so it has its next one at hand while
+the coordinator is busy, and reads every answer waiting in a worker's socket at once. A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
 reaped it, and is replaced. A timeout kills the worker running the exec (SIGKILL); the attempt
 ends once the process is gone. The fork server and the workers ignore SIGINT (Ctrl-C lets their
 execs finish within the processor's grace), and on Linux die with their parent

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import os
 import queue
+import select
 import signal
 import socket
 import subprocess
@@ -26,6 +27,7 @@ from typing import IO, Any
 import dask
 import pytest
 from conftest import DONE, STUCK, MakeRun, errors_of, process
+from scripts.harness import Proc
 from test_pool import alive, wait_gone
 
 import jorb
@@ -347,3 +349,39 @@ def test_the_canonical_script_runs_on_a_local_cluster_and_leaves_nothing(tmp_pat
     pids = {int(job.ctx["pid"]) for job in run.jobs.values()}
     assert len(pids) >= 1 and os.getpid() not in pids
     wait_gone(pids)  # the local cluster's workers ended with the script
+
+
+def test_a_coordinator_killed_mid_run_resumes_on_the_cluster_to_the_end(
+    cluster: Cluster, tmp_path: Path, gate: tuple[Path, int]
+) -> None:
+    fifo, fd = gate
+    path = tmp_path / "pooled.json"
+    os.mkfifo(f"{path}.starts")
+    starts = os.open(f"{path}.starts", os.O_RDWR)  # (the execs' lines arrive here)
+    lines: list[str] = []
+
+    def wait_starts(count: int) -> None:
+        while len(lines) < count:
+            ready, _, _ = select.select([starts], [], [], STUCK)
+            assert ready, f"only {len(lines)} execs started"
+            lines.extend(os.read(starts, 4096).decode().splitlines())
+
+    proc = Proc(tmp_path, "pooled.py", path, 12, fifo, cluster.address)
+    try:
+        wait_starts(2)  # two execs are mid-run on the cluster, held at the gate
+        os.write(fd, b"xxxx")  # let four finish
+        wait_starts(6)
+        assert proc.kill() == -signal.SIGKILL
+
+        # Its two tasks still hold two of the cluster's four threads (Dask cannot stop a task):
+        # they and the resumed run's execs all pass the gate.
+        os.write(fd, b"x" * 30)
+        proc = Proc(tmp_path, "pooled.py", path, 12, fifo, cluster.address)
+        proc.finish(timeout=60)
+    finally:
+        proc.stop()
+        os.close(starts)
+    run = jorb.Run.load(path)
+    assert run.counts() == {"done": 12}, errors_of(run)
+    seen = [int(n) for n in Path(f"{path}.effects").read_text().split()]
+    assert sorted(set(seen)) == list(range(12))  # every job's work was done

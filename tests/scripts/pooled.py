@@ -1,11 +1,13 @@
 """A jorb script in the canonical shape (no ``__main__`` guard) whose CPU-bound execs run in a
 ProcessPool, for the pool's kill, interrupt and resume tests.
 
-python pooled.py RUN JOBS GATE
+python pooled.py RUN JOBS GATE [DASK_ADDRESS]
 
 Each exec prints ``start JOB PID PPID`` (its worker and the fork server), then reads one byte
 from the FIFO GATE before it finishes (the test decides when execs may end), appends its job's
-number to RUN.effects and moves the job to ``done``.
+number to RUN.effects and moves the job to ``done``. With a Dask scheduler's address the execs
+run in a ``jorb.dask.DaskPool`` on that cluster, and write their lines into the FIFO RUN.starts
+(a Dask worker's stdout is not the script's).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import jorb
 
 run_path, jobs, gate = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+dask = sys.argv[4] if len(sys.argv) > 4 else None
 
 
 def make_app():
@@ -24,7 +27,13 @@ def make_app():
 
 def crunch(app, overall, ctx):
     # One write, so two workers' lines never interleave on the shared pipe.
-    os.write(1, f"start {ctx['i']} {os.getpid()} {os.getppid()}\n".encode())
+    line = f"start {ctx['i']} {os.getpid()} {os.getppid()}\n".encode()
+    if overall["dask"]:
+        fd = os.open(run_path + ".starts", os.O_WRONLY)
+        os.write(fd, line)
+        os.close(fd)
+    else:
+        os.write(1, line)
     total = sum(i * i for i in range(20_000))  # some pure-Python work
     with open(gate, "rb", buffering=0) as fifo:  # (one byte, not a buffer full)
         fifo.read(1)
@@ -34,13 +43,18 @@ def crunch(app, overall, ctx):
     return ctx, "done"
 
 
-pool = jorb.ProcessPool(2, app=make_app)
+if dask:
+    import jorb.dask
+
+    pool = jorb.dask.DaskPool(dask, app=make_app)
+else:
+    pool = jorb.ProcessPool(2, app=make_app)
 states = [
     jorb.State("new", exec=crunch, concurrency=2, pool=pool),
     jorb.State("done", terminal=True),
 ]
 
-run = jorb.Run.open(run_path)
+run = jorb.Run.open(run_path, overall={"dask": bool(dask)})
 if not run.jobs:
     for i in range(jobs):
         run.add_job({"i": i})
