@@ -84,7 +84,7 @@ else:
 workers = os.cpu_count() or 1
 states = [
     # More slots than workers, so a worker never waits for the run file's commit.
-    jorb.State("new", exec=render, concurrency=4 * workers, pool=pool),
+    jorb.State("new", exec=render, concurrency=16 * workers, pool=pool),
     jorb.State("done", terminal=True),
 ]
 

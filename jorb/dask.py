@@ -62,10 +62,10 @@ class DaskPool:
     ``async def``) run once on each Dask worker; what it returns is the ``app`` the execs
     there receive. Workers need jorb installed (``pip install 'jorb[dask]'``).
 
-    A Dask task costs far more than a millisecond exec, so the pool keeps two tasks per worker
-    thread in flight and sends the attempts that wait meanwhile together, as one task that
-    runs them one after the other. Give its states a ``concurrency`` well above the cluster's
-    thread count (8x, say) so there is something to send.
+    A Dask task costs far more than a millisecond exec, so the pool keeps one task per worker
+    thread in flight and sends the attempts that wait meanwhile together, as tasks that run
+    several one after the other. Give its states a ``concurrency`` well above the cluster's
+    thread count (8 to 32 times) so there is something to send.
     """
 
     __slots__ = (
@@ -105,7 +105,7 @@ class DaskPool:
         self._plugin = ""
         self._queue: deque[_Attempt] = deque()  # waiting to be sent
         self._in_flight = 0  # tasks sent, not back
-        self._limit = 2  # tasks in flight at most: two per worker thread
+        self._limit = 1  # tasks in flight at most: one per worker thread
 
     def __repr__(self) -> str:
         if self._client is None:
@@ -136,7 +136,7 @@ class DaskPool:
             ]
             if failed:
                 raise JorbError(f"the DaskPool's app factory failed on a worker: {failed[0]}")
-            self._limit = 2 * max(1, sum(self._client.nthreads().values()))
+            self._limit = max(1, sum(self._client.nthreads().values()))
         except BaseException:
             self.close()
             raise
@@ -183,7 +183,8 @@ class DaskPool:
         assert loop is not None, "the pool is not started"
         attempt = _Attempt(state.name, args[1:], loop.create_future())
         self._queue.append(attempt)
-        self._send()
+        if len(self._queue) == 1:  # the first to wait: send at the end of this turn of the
+            loop.call_soon(self._send)  # loop, with the others that come in the meantime
         try:
             if state.timeout is None:
                 return await attempt.future

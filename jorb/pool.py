@@ -11,12 +11,15 @@ already holds every exec in memory, lambdas and closures included; only a state'
 
 Lifetimes: the pool starts with ``exec`` and ends with it. A worker runs the app factory once,
 then execs one at a time: ``def`` execs directly, ``async def`` ones on the worker's own event
-loop. The coordinator sends a worker up to ``_DEPTH`` calls, so it has its next one at hand while
-the coordinator is busy, and reads every answer waiting in a worker's socket at once. A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
-reaped it, and is replaced. A timeout kills the worker running the exec (SIGKILL); the attempt
-ends once the process is gone. The fork server and the workers ignore SIGINT (Ctrl-C lets their
-execs finish within the processor's grace), and on Linux die with their parent
-(``PR_SET_PDEATHSIG``), so neither Ctrl-C nor ``kill -9`` of the script leaves one behind.
+loop. The coordinator sends a worker up to ``_DEPTH`` calls, so it has its next one at hand
+while the coordinator is busy, and reads every answer waiting in a worker's socket at once.
+
+A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
+reaped it, and is replaced; the calls queued behind that exec go to other workers. A timeout
+kills the worker running the exec (SIGKILL); the attempt ends once the process is gone. The
+fork server and the workers ignore SIGINT (Ctrl-C lets their execs finish within the
+processor's grace), and on Linux die with their parent (``PR_SET_PDEATHSIG``), so neither
+Ctrl-C nor ``kill -9`` of the script leaves one behind.
 """
 
 from __future__ import annotations
