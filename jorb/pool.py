@@ -71,6 +71,7 @@ class ProcessPool:
     __slots__ = (
         "_async",
         "_broken",
+        "_calls",
         "_closing",
         "_control",
         "_execs",
@@ -111,6 +112,7 @@ class ProcessPool:
         self._requests: deque[tuple[_Worker | None, _Worker]] = deque()  # (dead, new), sent
         self._broken: JorbError | None = None
         self._closing = False
+        self._calls = 0  # calls made: the next one's number
 
     def __repr__(self) -> str:
         if self._server is None:
@@ -174,7 +176,11 @@ class ProcessPool:
             raise self._broken
         loop = self._loop
         assert loop is not None, "the pool is not started"
-        call = _Call(_dumps((state.name, args[1:])), loop.create_future(), state.timeout)
+        self._calls += 1
+        ident = self._calls
+        call = _Call(
+            ident, _dumps((ident, state.name, args[1:])), loop.create_future(), state.timeout
+        )
         self._pending.append(call)
         self._dispatch()
         try:
@@ -193,7 +199,9 @@ class ProcessPool:
                     self._pending.remove(call)
             elif worker.calls and worker.calls[0] is call:
                 self._kill(worker)  # a cancelled exec does not run on in its worker
-            # (One still queued in a worker's socket runs, unseen: its answer is dropped.)
+            elif not worker.gone:  # queued in its socket: the worker is to skip it
+                with contextlib.suppress(OSError):
+                    _send(worker.sock, _dumps((call.ident, None, None)))
             raise
 
     def close(self) -> None:
@@ -405,9 +413,12 @@ class _Worker:
 class _Call:
     """One exec attempt sent (or waiting to be sent) to a worker."""
 
-    __slots__ = ("future", "overran", "payload", "timeout", "timer", "worker")
+    __slots__ = ("future", "ident", "overran", "payload", "timeout", "timer", "worker")
 
-    def __init__(self, payload: bytes, future: asyncio.Future[Any], timeout: float | None) -> None:
+    def __init__(
+        self, ident: int, payload: bytes, future: asyncio.Future[Any], timeout: float | None
+    ) -> None:
+        self.ident = ident
         self.payload = payload
         self.future = future
         self.timeout = timeout
@@ -485,11 +496,13 @@ def _serve_execs(
             _send(sock, _dumps(("app", traceback.format_exc())))
             os._exit(1)
         _send(sock, _dumps(("ready", None)))
-        while True:
-            try:
-                name, args = pickle.loads(_recv(sock))
-            except (EOFError, OSError):
-                break
+        inbox = _Inbox(sock)
+        while inbox.receive():
+            ident, name, args = inbox.calls.popleft()
+            if ident in inbox.skipped:  # cancelled before its turn came: not run
+                inbox.skipped.discard(ident)
+                _send(sock, _dumps(("skipped", None)))
+                continue
             try:
                 if name in async_names:
                     loop = loop or asyncio.new_event_loop()
@@ -509,6 +522,52 @@ def _serve_execs(
     except BaseException:
         pass
     os._exit(0)
+
+
+class _Inbox:
+    """A worker's side of its socket: the calls sent to it, and the ones it must skip."""
+
+    __slots__ = ("buffer", "calls", "skipped", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = bytearray()
+        self.calls: deque[tuple[int, str, tuple[Any, ...]]] = deque()
+        self.skipped: set[int] = set()
+
+    def receive(self) -> bool:
+        """Read what has arrived (waiting for a call if none is at hand); False at the end.
+
+        Read before each call, so a skip sent while the call waited in the socket is seen.
+        """
+        flags = socket.MSG_DONTWAIT if self.calls else 0
+        while True:
+            try:
+                data = self.sock.recv(_CHUNK, flags)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            self.buffer += data
+            self._decode()
+            flags = socket.MSG_DONTWAIT  # (now: only what else is already there)
+
+    def _decode(self) -> None:
+        buffer, start = self.buffer, 0
+        while len(buffer) - start >= _HEADER.size:
+            (size,) = _HEADER.unpack_from(buffer, start)
+            if len(buffer) - start - _HEADER.size < size:
+                break
+            begin = start + _HEADER.size
+            start = begin + size
+            ident, name, args = pickle.loads(memoryview(buffer)[begin:start])
+            if name is None:
+                self.skipped.add(ident)
+            else:
+                self.calls.append((ident, name, args))
+        del buffer[:start]
 
 
 def _become_child(parent: int, deathsig: Callable[[], None]) -> None:

@@ -436,3 +436,36 @@ def test_ctrl_c_lets_running_execs_finish_then_no_pool_process_is_left(
     assert sorted(effects(path)) == sorted(
         int(j.ctx["i"]) for j in run.jobs.values() if j.state == "done"
     )
+
+
+def test_a_call_cancelled_while_queued_in_a_worker_never_runs() -> None:
+    started, release = FORK.Event(), FORK.Event()
+    ran = FORK.Array("i", 4)
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        ran[ctx["i"]] = 1
+        if ctx["i"] == 1:
+            started.set()
+            release.wait(STUCK)
+        return ctx, "done"
+
+    state = jorb.State("new", exec=work)
+    pool = jorb.ProcessPool(1)
+
+    async def scenario() -> list[Any]:
+        pool.start([state])
+        try:
+            first = asyncio.create_task(pool.call(state, (None, {}, {"i": 1})))
+            second = asyncio.create_task(pool.call(state, (None, {}, {"i": 2})))
+            assert await asyncio.to_thread(started.wait, STUCK)  # 1 runs, 2 waits behind it
+            assert "busy=2" in repr(pool)  # (both are in the worker's hands)
+            second.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await second  # (its skip is sent to the worker as it is cancelled)
+            release.set()
+            return [await first, await pool.call(state, (None, {}, {"i": 3}))]
+        finally:
+            pool.close()
+
+    assert asyncio.run(scenario()) == [({"i": 1}, "done"), ({"i": 3}, "done")]
+    assert list(ran) == [0, 1, 0, 1]  # the cancelled call was skipped, the worker went on
