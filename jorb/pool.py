@@ -11,8 +11,10 @@ already holds every exec in memory, lambdas and closures included; only a state'
 
 Lifetimes: the pool starts with ``exec`` and ends with it. A worker runs the app factory once,
 then execs one at a time: ``def`` execs directly, ``async def`` ones on the worker's own event
-loop. The coordinator sends a worker up to ``_DEPTH`` calls, so it has its next one at hand
-while the coordinator is busy, and reads every answer waiting in a worker's socket at once.
+loop. The coordinator sends a worker its next calls before it needs them (about 20 ms of work,
+by the average exec, at least one), so it goes on working while the coordinator is busy (an
+fsync, a turn of a busy machine's scheduler), and reads every answer waiting in a socket at
+once. A call queued behind a slow exec waits for it (its timeout starts when it starts).
 
 A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
 reaped it, and is replaced; the calls queued behind that exec go to other workers. A timeout
@@ -28,12 +30,14 @@ import asyncio
 import contextlib
 import gc
 import inspect
+import math
 import os
 import pickle
 import signal
 import socket
 import struct
 import sys
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -51,7 +55,8 @@ _REPLY = struct.Struct("!qqq")  # fork server -> coordinator: reaped pid, its wa
 _REQUEST = struct.Struct("!q")  # coordinator -> fork server: the pid to reap first (0: none)
 _PROTOCOL = pickle.HIGHEST_PROTOCOL
 _CHUNK = 1 << 18  # bytes read from a worker at once
-_DEPTH = 4  # calls sent to one worker at most: the one it runs, and the next ones
+_DEPTH = 64  # calls sent to one worker at most: the one it runs, and the next ones...
+_QUEUED = 0.02  # ...as many as take about this many seconds (by the average exec), 2 at least
 
 
 def _load(worker: _Worker) -> int:
@@ -74,12 +79,14 @@ class ProcessPool:
         "_calls",
         "_closing",
         "_control",
+        "_depth",
         "_execs",
         "_loop",
         "_pending",
         "_ready",
         "_requests",
         "_server",
+        "_took",
         "_workers",
         "app",
         "workers",
@@ -113,6 +120,8 @@ class ProcessPool:
         self._broken: JorbError | None = None
         self._closing = False
         self._calls = 0  # calls made: the next one's number
+        self._took = _QUEUED  # seconds an exec takes, on average (a moving one)
+        self._depth = 2  # calls a worker is sent at most, from that average
 
     def __repr__(self) -> str:
         if self._server is None:
@@ -163,7 +172,7 @@ class ProcessPool:
 
     def _await_ready(self, worker: _Worker) -> None:
         try:
-            kind, value = pickle.loads(_recv(worker.sock))
+            kind, value, _ = pickle.loads(_recv(worker.sock))
         except (EOFError, OSError) as e:
             raise JorbError(f"a ProcessPool worker ({worker.pid}) died while starting") from e
         if kind == "app":
@@ -229,7 +238,7 @@ class ProcessPool:
         self._server = self._control = None
 
     def _dispatch(self) -> None:
-        """Hand queued calls to the least busy workers, up to ``_DEPTH`` each.
+        """Hand queued calls to the least busy workers, up to ``self._depth`` each.
 
         A worker holds its next calls in its socket while it runs one, so it goes on working
         while this process is busy elsewhere (writing the run file, say).
@@ -237,7 +246,7 @@ class ProcessPool:
         pending, ready = self._pending, self._ready
         while pending and ready:
             worker = min(ready, key=_load)
-            if len(worker.calls) >= _DEPTH:
+            if len(worker.calls) >= self._depth:
                 return
             call = pending.popleft()
             if call.future.done():
@@ -329,11 +338,12 @@ class ProcessPool:
             try:
                 message = pickle.loads(memoryview(buffer)[begin:start])
             except Exception:  # (a class the worker's answer needs cannot be imported here)
-                message = ("error", _flatten(sys.exc_info()[1] or JorbError("unreadable")))
+                error = sys.exc_info()[1] or JorbError("unreadable")
+                message = ("error", _flatten(error), 0.0)
             self._on_message(worker, *message)
         del buffer[:start]
 
-    def _on_message(self, worker: _Worker, kind: str, value: Any) -> None:
+    def _on_message(self, worker: _Worker, kind: str, value: Any, took: float) -> None:
         if kind == "ready":
             self._ready.append(worker)
             self._dispatch()
@@ -345,6 +355,9 @@ class ProcessPool:
         call = worker.calls.popleft()
         if worker.calls:
             self._begin(worker.calls[0])
+        if kind != "skipped":  # how long execs take, on average: how many to queue
+            self._took = 0.9 * self._took + 0.1 * took
+            self._depth = max(2, min(_DEPTH, math.ceil(_QUEUED / max(self._took, 1e-6))))
         self._dispatch()
         if call.timer is not None:
             call.timer.cancel()
@@ -493,16 +506,17 @@ def _serve_execs(
                     loop = asyncio.new_event_loop()
                     app = loop.run_until_complete(app)
         except BaseException:
-            _send(sock, _dumps(("app", traceback.format_exc())))
+            _send(sock, _dumps(("app", traceback.format_exc(), 0.0)))
             os._exit(1)
-        _send(sock, _dumps(("ready", None)))
+        _send(sock, _dumps(("ready", None, 0.0)))
         inbox = _Inbox(sock)
         while inbox.receive():
             ident, name, args = inbox.calls.popleft()
             if ident in inbox.skipped:  # cancelled before its turn came: not run
                 inbox.skipped.discard(ident)
-                _send(sock, _dumps(("skipped", None)))
+                _send(sock, _dumps(("skipped", None, 0.0)))
                 continue
+            began = time.perf_counter()
             try:
                 if name in async_names:
                     loop = loop or asyncio.new_event_loop()
@@ -510,14 +524,14 @@ def _serve_execs(
                 else:
                     result = execs[name](app, *args)
                 try:
-                    answer = _dumps(("ok", result))
+                    answer = _dumps(("ok", result, time.perf_counter() - began))
                 except Exception as e:
                     raise ExecResultError(
                         f"the exec's answer cannot be sent back from its worker process ({e}); "
                         f"return plain data: (ctx, next_state[, kicks])"
                     ) from None
             except BaseException as e:
-                answer = _dumps(("error", _flatten(e)))
+                answer = _dumps(("error", _flatten(e), time.perf_counter() - began))
             _send(sock, answer)
     except BaseException:
         pass
