@@ -10,7 +10,10 @@ run it, one after the other in each round so that all three see the same neighbo
 - *threads*: ``State(..., concurrency=C)``, the execs in the processor's threads;
 - *process*: the same with ``pool=jorb.ProcessPool(W)``;
 - *dask*: ``pool=jorb.dask.DaskPool(address)`` on a local cluster of W single-threaded workers
-  (``python -m jorb.dask W``), started once, before the rounds; its start is not timed.
+  (``python -m jorb.dask W``), started once, before the rounds; its start is not timed;
+- *bare*: no jorb at all, the same work through ``concurrent.futures.ProcessPoolExecutor(W)``
+  (``map``, chunks of 16): what W processes can do on this machine at this moment, the ceiling
+  the others are read against when the neighbours leave less than W cores.
 
 For each: throughput (execs/s of wall time), *cores used* (CPU seconds of every process
 involved, the processor's and the pool's, over the wall time) and *overhead per exec* (that CPU
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import os
 import statistics
 import subprocess
@@ -43,6 +47,21 @@ DURABLE = True
 def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
     ctx["sum"] = sum(i * i for i in range(overall["loops"]))
     return ctx, "done"
+
+
+def bare(loops: int) -> int:
+    return sum(i * i for i in range(loops))
+
+
+def bare_run(n: int, loops: int, workers: int) -> tuple[float, float]:
+    """The work without jorb, in a ProcessPoolExecutor: (wall seconds, CPU seconds)."""
+    with concurrent.futures.ProcessPoolExecutor(workers) as executor:
+        list(executor.map(bare, [loops] * workers))  # (started before the clock)
+        cpu = own_cpu()
+        start = time.perf_counter()
+        list(executor.map(bare, [loops] * n, chunksize=16))
+        wall = time.perf_counter() - start
+    return wall, own_cpu() - cpu  # (its processes are reaped: their CPU time is ours)
 
 
 def noop(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
@@ -170,13 +189,16 @@ def main() -> None:
         from jorb.dask import DaskPool
 
     loops, exec_cpu = calibrate(args.ms)
-    modes = ["threads", "process"] + ([] if args.no_dask else ["dask"])
+    modes = ["threads", "process"] + ([] if args.no_dask else ["dask"]) + ["bare"]
     cluster, address = (None, "") if args.no_dask else start_cluster(args.workers)
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     trips: list[tuple[float, float]] = []
     try:
         for _ in range(args.runs):
             for mode in modes:
+                if mode == "bare":
+                    samples[mode].append(bare_run(args.n, loops, args.workers))
+                    continue
                 pool: Any = None
                 if mode == "process":
                     pool = jorb.ProcessPool(args.workers)
@@ -203,23 +225,29 @@ def main() -> None:
         rate = median([args.n / wall for wall, _ in samples[mode]])
         cores = median([cpu / wall for wall, cpu in samples[mode]])
         overhead = median([(cpu / args.n - exec_cpu) * 1e6 for _, cpu in samples[mode]])
-        ratios = [
-            (args.n / wall) / (args.n / twall)
-            for (wall, _), (twall, _) in zip(samples[mode], samples["threads"], strict=True)
-        ]
+        ratios = _ratios(samples[mode], samples["threads"])
+        of_bare = _ratios(samples[mode], samples["bare"])
         results[mode] = {
             "execs_per_s": rate,
             "cores": cores,
             "overhead_us": overhead,
             "vs_threads": median(ratios),
+            "vs_bare": median(of_bare),
         }
         rows.append(
-            [mode, f"{rate:,.0f}", f"{median(ratios):.2f}×", f"{cores:.2f}", f"{overhead:.0f}"]
+            [
+                mode,
+                f"{rate:,.0f}",
+                f"{median(ratios):.2f}×",
+                f"{median(of_bare):.2f}×",
+                f"{cores:.2f}",
+                f"{overhead:.0f}",
+            ]
         )
     trip_cpu, trip_wall = median([t[0] for t in trips]), median([t[1] for t in trips])
     results["round_trip"] = {"cpu_us": trip_cpu, "wall_us": trip_wall}
     markdown = table(
-        ["executor", "execs/s", "vs threads", "cores used", "overhead µs/exec"], rows
+        ["executor", "execs/s", "vs threads", "vs bare", "cores used", "overhead µs/exec"], rows
     ) + (
         f"\n\nexec: {exec_cpu * 1e3:.2f} ms of CPU; {args.workers} workers, concurrency "
         f"{args.concurrency}; thread baseline {base:,.0f} execs/s (median of {args.runs}).\n"
@@ -227,6 +255,11 @@ def main() -> None:
         f"per call."
     )
     report("cpu_bound", results, markdown, args.json)
+
+
+def _ratios(these: list[tuple[float, float]], base: list[tuple[float, float]]) -> list[float]:
+    """Throughput over the base's, round by round (measured minutes apart at most)."""
+    return [bwall / wall for (wall, _), (bwall, _) in zip(these, base, strict=True)]
 
 
 if __name__ == "__main__":
