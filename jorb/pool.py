@@ -232,7 +232,12 @@ class ProcessPool:
         if control is not None:
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(control.fileno())
-            control.close()  # the fork server kills and reaps its workers, then exits
+            # "Stop" (a request without a socket): the fork server kills and reaps its workers
+            # and exits. (Not only the socket's end: a copy of ours lives on in the processes
+            # of a pool started after this one.)
+            with contextlib.suppress(OSError):
+                control.sendall(_REQUEST.pack(0))
+            control.close()
         if server is not None:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(server, 0)

@@ -320,6 +320,36 @@ def test_a_pool_serves_one_exec_after_another(make_run: MakeRun) -> None:
     assert "not started" in repr(pool)
 
 
+def test_two_pools_and_local_states_in_one_processor(make_run: MakeRun) -> None:
+    def where(step: str, to: str) -> Any:
+        def exec_(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+            ctx[step] = os.getpid()
+            return ctx, to
+
+        return exec_
+
+    async def local(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        ctx["local"] = os.getpid()
+        return ctx, "done"
+
+    states = [
+        jorb.State("new", exec=where("first", "second"), pool=jorb.ProcessPool(1)),
+        jorb.State("second", exec=where("second", "thread"), pool=jorb.ProcessPool(1)),
+        jorb.State("thread", exec=where("thread", "local")),
+        jorb.State("local", exec=local),
+        DONE,
+    ]
+    run = make_run([{"i": i} for i in range(4)])
+
+    process(states, run)  # (and the pools are closed, last first, without a hang)
+
+    assert run.counts() == {"done": 4}, errors_of(run)
+    for job in run.jobs.values():
+        ctx = job.ctx
+        assert ctx["thread"] == ctx["local"] == os.getpid()
+        assert len({ctx["first"], ctx["second"], os.getpid()}) == 3
+
+
 def test_lambdas_and_closures_work_since_nothing_pickles_the_exec(make_run: MakeRun) -> None:
     suffix = "!"  # (a closure: pickle would refuse it; a forked worker already has it)
     states = [
