@@ -351,26 +351,68 @@ def test_the_canonical_script_runs_on_a_local_cluster_and_leaves_nothing(tmp_pat
     wait_gone(pids)  # the local cluster's workers ended with the script
 
 
+class Starts:
+    """The FIFO ``pooled.py``'s execs write ``start JOB PID PPID`` lines into, on a cluster."""
+
+    def __init__(self, run_path: Path) -> None:
+        os.mkfifo(f"{run_path}.starts")
+        self.fd = os.open(f"{run_path}.starts", os.O_RDWR)  # (never blocks a writer's open)
+        self.lines: list[str] = []
+
+    def wait(self, count: int, timeout: float = STUCK) -> None:
+        """Block until ``count`` execs have started."""
+        while len(self.lines) < count:
+            ready, _, _ = select.select([self.fd], [], [], timeout)
+            assert ready, f"only {len(self.lines)} execs started"
+            self.lines.extend(os.read(self.fd, 4096).decode().splitlines())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    found, todo = set(), [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            with contextlib.suppress(OSError):
+                kids = {int(k) for k in (task / "children").read_text().split()}
+                todo.extend(kids - found)
+                found |= kids
+    return found
+
+
+def test_a_coordinator_killed_mid_run_leaves_no_local_cluster_behind(
+    tmp_path: Path, gate: tuple[Path, int]
+) -> None:
+    fifo, fd = gate
+    path = tmp_path / "pooled.json"
+    starts = Starts(path)
+    proc = Proc(tmp_path, "pooled.py", path, 12, fifo, "local")
+    try:
+        starts.wait(2, timeout=60)  # (a local cluster takes a while to start on a busy machine)
+        cluster = descendants(proc.pid)  # `python -m jorb.dask` and its worker processes
+        assert len(cluster) >= 2
+        assert proc.kill() == -signal.SIGKILL
+        os.write(fd, b"xx")  # (the two execs held at the gate may end, if their worker lives)
+        wait_gone(cluster, timeout=60)  # the cluster saw its script's pipe close, and ended
+    finally:
+        proc.stop()
+        starts.close()
+
+
 def test_a_coordinator_killed_mid_run_resumes_on_the_cluster_to_the_end(
     cluster: Cluster, tmp_path: Path, gate: tuple[Path, int]
 ) -> None:
     fifo, fd = gate
     path = tmp_path / "pooled.json"
-    os.mkfifo(f"{path}.starts")
-    starts = os.open(f"{path}.starts", os.O_RDWR)  # (the execs' lines arrive here)
-    lines: list[str] = []
-
-    def wait_starts(count: int) -> None:
-        while len(lines) < count:
-            ready, _, _ = select.select([starts], [], [], STUCK)
-            assert ready, f"only {len(lines)} execs started"
-            lines.extend(os.read(starts, 4096).decode().splitlines())
+    starts = Starts(path)
 
     proc = Proc(tmp_path, "pooled.py", path, 12, fifo, cluster.address)
     try:
-        wait_starts(2)  # two execs are mid-run on the cluster, held at the gate
+        starts.wait(2)  # two execs are mid-run on the cluster, held at the gate
         os.write(fd, b"xxxx")  # let four finish
-        wait_starts(6)
+        starts.wait(6)
         assert proc.kill() == -signal.SIGKILL
 
         # Its two tasks still hold two of the cluster's four threads (Dask cannot stop a task):
@@ -380,7 +422,7 @@ def test_a_coordinator_killed_mid_run_resumes_on_the_cluster_to_the_end(
         proc.finish(timeout=60)
     finally:
         proc.stop()
-        os.close(starts)
+        starts.close()
     run = jorb.Run.load(path)
     assert run.counts() == {"done": 12}, errors_of(run)
     seen = [int(n) for n in Path(f"{path}.effects").read_text().split()]

@@ -1,7 +1,7 @@
 """A jorb script in the canonical shape (no ``__main__`` guard) whose CPU-bound execs run in a
 ProcessPool, for the pool's kill, interrupt and resume tests.
 
-python pooled.py RUN JOBS GATE [DASK_ADDRESS]
+python pooled.py RUN JOBS GATE [DASK_ADDRESS | local]
 
 Each exec prints ``start JOB PID PPID`` (its worker and the fork server), then reads one byte
 from the FIFO GATE before it finishes (the test decides when execs may end), appends its job's
@@ -46,7 +46,7 @@ def crunch(app, overall, ctx):
 if dask:
     import jorb.dask
 
-    pool = jorb.dask.DaskPool(dask, app=make_app)
+    pool = jorb.dask.DaskPool(None if dask == "local" else dask, app=make_app)
 else:
     pool = jorb.ProcessPool(2, app=make_app)
 states = [
