@@ -51,6 +51,8 @@ __all__ = ["DaskPool"]
 _LOCAL_ENV = {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
 #: The most attempts one task carries.
 _MOST = 64
+#: Seconds the first attempt to queue waits for others to go in the same task.
+_GATHER = 0.002
 
 
 class DaskPool:
@@ -183,8 +185,8 @@ class DaskPool:
         assert loop is not None, "the pool is not started"
         attempt = _Attempt(state.name, args[1:], loop.create_future())
         self._queue.append(attempt)
-        if len(self._queue) == 1:  # the first to wait: send at the end of this turn of the
-            loop.call_soon(self._send)  # loop, with the others that come in the meantime
+        if len(self._queue) == 1:  # the first to wait: send it in a moment, with the others
+            loop.call_later(_GATHER, self._send)  # that come in the meantime
         try:
             if state.timeout is None:
                 return await attempt.future
