@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="rounds (medians are reported)")
     parser.add_argument("--ms", type=float, default=1.0, help="CPU milliseconds per exec")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--no-dask", action="store_true", help="threads and ProcessPool only")
     parser.add_argument("--no-fsync", action="store_true", help="durable=False")
     parser.add_argument("--json", action="store_true")

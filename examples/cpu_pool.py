@@ -83,8 +83,8 @@ else:
     pool = jorb.ProcessPool(app=Renderer)  # one worker per core
 workers = os.cpu_count() or 1
 states = [
-    # More slots than workers, so a worker never waits for the run file's commit.
-    jorb.State("new", exec=render, concurrency=16 * workers, pool=pool),
+    # Many more slots than workers: each is held until its job's transition is on disk.
+    jorb.State("new", exec=render, concurrency=64 * workers, pool=pool),
     jorb.State("done", terminal=True),
 ]
 

@@ -69,7 +69,7 @@ class ProcessPool:
     ``pool = jorb.ProcessPool(app=make_app)`` runs one worker per core; ``app`` is a
     zero-argument callable (plain or ``async def``) run once in each worker process, and what
     it returns is the ``app`` those execs receive. Give a pooled state a ``concurrency`` well
-    above the pool's workers (16 times them for millisecond execs), so workers always have
+    above the pool's workers (64 times them for millisecond execs), so workers always have
     their next calls at hand.
     One pool may serve several states of one processor; it starts and stops with each exec.
     """
