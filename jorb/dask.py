@@ -67,7 +67,7 @@ class DaskPool:
     A Dask task costs far more than a millisecond exec, so the pool keeps one task per worker
     thread in flight and sends the attempts that wait meanwhile together, as tasks that run
     several one after the other. Give its states a ``concurrency`` well above the cluster's
-    thread count (8 to 32 times) so there is something to send.
+    thread count (32 to 64 times) so there is something to send.
     """
 
     __slots__ = (
