@@ -40,7 +40,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from distributed.protocol import pickle as dask_pickle
 
 from .errors import ExecResultError, JorbError, StateError, TimedOut, WorkerLost
-from .pool import _flatten, _rebuild
+from .pool import _flatten, _hold_clock, _rebuild
 
 if TYPE_CHECKING:
     from .states import State
@@ -185,6 +185,7 @@ class DaskPool:
         assert loop is not None, "the pool is not started"
         attempt = _Attempt(state.name, args[1:], loop.create_future())
         self._queue.append(attempt)
+        _hold_clock(loop, +1)
         if len(self._queue) == 1:  # the first to wait: send it in a moment, with the others
             loop.call_later(_GATHER, self._send)  # that come in the meantime
         try:
@@ -200,6 +201,8 @@ class DaskPool:
             with contextlib.suppress(ValueError):
                 self._queue.remove(attempt)
             raise
+        finally:
+            _hold_clock(loop, -1)
 
     def _send(self) -> None:
         """Send what waits, as tasks of several attempts, while fewer than the limit fly."""

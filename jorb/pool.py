@@ -193,6 +193,7 @@ class ProcessPool:
         )
         self._pending.append(call)
         self._dispatch()
+        _hold_clock(loop, +1)
         try:
             return await call.future
         except WorkerLost as e:
@@ -213,6 +214,8 @@ class ProcessPool:
                 with contextlib.suppress(OSError):
                     _send(worker.sock, _dumps((call.ident, None, None)))
             raise
+        finally:
+            _hold_clock(loop, -1)
 
     def close(self) -> None:
         """End every worker and the fork server, and wait until they are gone."""
@@ -588,6 +591,13 @@ class _Inbox:
             else:
                 self.calls.append((ident, name, args))
         del buffer[:start]
+
+
+def _hold_clock(loop: asyncio.AbstractEventLoop, by: int) -> None:
+    """Count a call in a worker as work in flight for ``jorb.testing``'s virtual clock, which
+    must not jump ahead (and fire timeouts) while a real process works."""
+    if hasattr(loop, "threads_busy"):
+        loop.threads_busy += by
 
 
 def _become_child(parent: int, deathsig: Callable[[], None]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DONE, STUCK, MakeRun, errors_of, process
+from conftest import DONE, STUCK, MakeRun, errors_of, process, process_fake_clock
 from scripts.harness import Proc
 
 import jorb
@@ -499,3 +499,19 @@ def test_a_call_cancelled_while_queued_in_a_worker_never_runs() -> None:
 
     assert asyncio.run(scenario()) == [({"i": 1}, "done"), ({"i": 3}, "done")]
     assert list(ran) == [0, 1, 0, 1]  # the cancelled call was skipped, the worker went on
+
+
+def test_on_the_virtual_clock_a_pooled_exec_is_waited_for_in_real_time(
+    make_run: MakeRun,
+) -> None:
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        ctx["work"] = sum(range(200_000))  # real time, which the virtual clock must not skip
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [jorb.State("new", exec=work, timeout=1.0, on_error="failed", pool=pool), DONE]
+    run = make_run([{"i": i} for i in range(3)])
+
+    process_fake_clock(states, run)
+
+    assert run.counts() == {"done": 3}, errors_of(run)  # no timeout fired by a jumping clock
