@@ -35,12 +35,16 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import distributed
-from distributed.diagnostics.plugin import WorkerPlugin
-from distributed.protocol import pickle as dask_pickle
+try:
+    import distributed
+    from distributed.diagnostics.plugin import WorkerPlugin
+    from distributed.protocol import pickle as dask_pickle
+except ImportError as e:  # pragma: no cover - the extra is installed wherever tests run
+    raise ImportError(f"jorb.dask needs Dask: pip install 'jorb[dask]' ({e})") from e
 
 from .errors import ExecResultError, JorbError, StateError, TimedOut, WorkerLost
-from .pool import _flatten, _hold_clock, _rebuild
+from .forkserver import flatten, rebuild
+from .pool import hold_clock
 
 if TYPE_CHECKING:
     from .states import State
@@ -185,7 +189,7 @@ class DaskPool:
         assert loop is not None, "the pool is not started"
         attempt = _Attempt(state.name, args[1:], loop.create_future())
         self._queue.append(attempt)
-        _hold_clock(loop, +1)
+        hold_clock(loop, +1)
         if len(self._queue) == 1:  # the first to wait: send it in a moment, with the others
             loop.call_later(_GATHER, self._send)  # that come in the meantime
         try:
@@ -202,7 +206,7 @@ class DaskPool:
                 self._queue.remove(attempt)
             raise
         finally:
-            _hold_clock(loop, -1)
+            hold_clock(loop, -1)
 
     def _send(self) -> None:
         """Send what waits, as tasks of several attempts, while fewer than the limit fly."""
@@ -250,7 +254,7 @@ class DaskPool:
                 if kind == "ok":
                     attempt.future.set_result(pickle.loads(value))
                 else:
-                    attempt.future.set_exception(_rebuild(value))
+                    attempt.future.set_exception(rebuild(value))
         if self._client is not None:
             self._send()
 
@@ -339,7 +343,7 @@ def _run_batch(plugin: str, items: list[tuple[str, tuple[Any, ...]]]) -> list[An
                     f"return plain data: (ctx, next_state[, kicks])"
                 ) from None
         except BaseException as e:
-            answers.append(("error", _flatten(e)))
+            answers.append(("error", flatten(e)))
     return answers
 
 

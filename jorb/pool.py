@@ -22,39 +22,47 @@ kills the worker running the exec (SIGKILL); the attempt ends once the process i
 fork server and the workers ignore SIGINT (Ctrl-C lets their execs finish within the
 processor's grace), and on Linux die with their parent (``PR_SET_PDEATHSIG``), so neither
 Ctrl-C nor ``kill -9`` of the script leaves one behind.
+
+This module is the coordinator's side; the fork server's and the workers' is ``jorb.forkserver``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
-import inspect
 import math
 import os
 import pickle
 import signal
 import socket
-import struct
 import sys
-import time
-import traceback
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
-from .errors import ExecResultError, JorbError, StateError, TimedOut, WorkerLost
+from .errors import JorbError, StateError, TimedOut, WorkerLost
+from .forkserver import (
+    CHUNK,
+    HEADER,
+    REPLY,
+    REQUEST,
+    deathsig_setter,
+    describe_death,
+    dumps,
+    flatten,
+    quiet_fork_warning,
+    rebuild,
+    recv,
+    recv_exactly,
+    send,
+    serve_forks,
+)
 
 if TYPE_CHECKING:
     from .states import State
 
 __all__ = ["ProcessPool"]
 
-_HEADER = struct.Struct("!I")  # each message: its length, then a pickle
-_REPLY = struct.Struct("!qqq")  # fork server -> coordinator: reaped pid, its wait status, new pid
-_REQUEST = struct.Struct("!q")  # coordinator -> fork server: the pid to reap first (0: none)
-_PROTOCOL = pickle.HIGHEST_PROTOCOL
-_CHUNK = 1 << 18  # bytes read from a worker at once
 _DEPTH = 64  # calls sent to one worker at most: the one it runs, and the next ones...
 _QUEUED = 0.02  # ...as many as take about this many seconds (by the average exec), 2 at least
 
@@ -149,12 +157,12 @@ class ProcessPool:
         self._broken, self._closing = None, False
         control, theirs = socket.socketpair()
         parent = os.getpid()
-        deathsig = _deathsig_setter()  # (made here: nothing is imported after a fork)
-        with _quiet_fork_warning():
+        deathsig = deathsig_setter()  # (made here: nothing is imported after a fork)
+        with quiet_fork_warning():
             pid = os.fork()
         if pid == 0:  # the fork server: never returns
             control.close()
-            _serve_forks(theirs, parent, deathsig, self._execs, self._async, self.app)
+            serve_forks(theirs, parent, deathsig, self._execs, self._async, self.app)
         theirs.close()
         self._server, self._control = pid, control
         try:
@@ -173,7 +181,7 @@ class ProcessPool:
 
     def _await_ready(self, worker: _Worker) -> None:
         try:
-            kind, value, _ = pickle.loads(_recv(worker.sock))
+            kind, value, _ = pickle.loads(recv(worker.sock))
         except (EOFError, OSError) as e:
             raise JorbError(f"a ProcessPool worker ({worker.pid}) died while starting") from e
         if kind == "app":
@@ -189,11 +197,11 @@ class ProcessPool:
         self._calls += 1
         ident = self._calls
         call = _Call(
-            ident, _dumps((ident, state.name, args[1:])), loop.create_future(), state.timeout
+            ident, dumps((ident, state.name, args[1:])), loop.create_future(), state.timeout
         )
         self._pending.append(call)
         self._dispatch()
-        _hold_clock(loop, +1)
+        hold_clock(loop, +1)
         try:
             return await call.future
         except WorkerLost as e:
@@ -212,10 +220,10 @@ class ProcessPool:
                 self._kill(worker)  # a cancelled exec does not run on in its worker
             elif not worker.gone:  # queued in its socket: the worker is to skip it
                 with contextlib.suppress(OSError):
-                    _send(worker.sock, _dumps((call.ident, None, None)))
+                    send(worker.sock, dumps((call.ident, None, None)))
             raise
         finally:
-            _hold_clock(loop, -1)
+            hold_clock(loop, -1)
 
     def close(self) -> None:
         """End every worker and the fork server, and wait until they are gone."""
@@ -239,7 +247,7 @@ class ProcessPool:
             # and exits. (Not only the socket's end: a copy of ours lives on in the processes
             # of a pool started after this one.)
             with contextlib.suppress(OSError):
-                control.sendall(_REQUEST.pack(0))
+                control.sendall(REQUEST.pack(0))
             control.close()
         if server is not None:
             with contextlib.suppress(ChildProcessError):
@@ -263,7 +271,7 @@ class ProcessPool:
             call.worker = worker
             worker.calls.append(call)
             try:
-                _send(worker.sock, call.payload)
+                send(worker.sock, call.payload)
             except OSError:
                 ready.remove(worker)  # it died: its reader sees its socket end, and settles
                 continue
@@ -293,7 +301,7 @@ class ProcessPool:
         assert self._control is not None and self._loop is not None
         ours, theirs = socket.socketpair()
         worker = _Worker(ours)
-        socket.send_fds(self._control, [_REQUEST.pack(dead.pid if dead else 0)], [theirs.fileno()])
+        socket.send_fds(self._control, [REQUEST.pack(dead.pid if dead else 0)], [theirs.fileno()])
         theirs.close()
         self._requests.append((dead, worker))
         self._workers[worker.fd] = worker
@@ -302,13 +310,13 @@ class ProcessPool:
         """The fork server reaped a worker and forked another."""
         assert self._control is not None
         try:
-            data = _recv_exactly(self._control, _REPLY.size)
+            data = recv_exactly(self._control, REPLY.size)
         except (EOFError, OSError) as e:
             if block:
                 raise JorbError("the ProcessPool's fork server died while starting") from e
             self._fail_all(WorkerLost("the pool's fork server process died"))
             return
-        _, status, pid = _REPLY.unpack(data)
+        _, status, pid = REPLY.unpack(data)
         dead, worker = self._requests.popleft()
         worker.pid = pid
         if not block and self._loop is not None:
@@ -318,7 +326,7 @@ class ProcessPool:
             if call.timer is not None:
                 call.timer.cancel()
             if not call.future.done():
-                call.future.set_exception(WorkerLost(_describe_death(dead.pid, status)))
+                call.future.set_exception(WorkerLost(describe_death(dead.pid, status)))
 
     def _on_readable(self, worker: _Worker) -> None:
         """Read what the worker sent, and handle every whole message in it.
@@ -327,7 +335,7 @@ class ProcessPool:
         was busy (writing the run file, say) settle together, into one commit.
         """
         try:
-            data = worker.sock.recv(_CHUNK, socket.MSG_DONTWAIT)
+            data = worker.sock.recv(CHUNK, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return
         except OSError:
@@ -338,17 +346,17 @@ class ProcessPool:
         buffer = worker.buffer
         buffer += data
         start, end = 0, len(buffer)
-        while end - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            if end - start - _HEADER.size < size:
+        while end - start >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer, start)
+            if end - start - HEADER.size < size:
                 break
-            begin = start + _HEADER.size
+            begin = start + HEADER.size
             start = begin + size
             try:
                 message = pickle.loads(memoryview(buffer)[begin:start])
             except Exception:  # (a class the worker's answer needs cannot be imported here)
                 error = sys.exc_info()[1] or JorbError("unreadable")
-                message = ("error", _flatten(error), 0.0)
+                message = ("error", flatten(error), 0.0)
             self._on_message(worker, *message)
         del buffer[:start]
 
@@ -375,7 +383,7 @@ class ProcessPool:
         if kind == "ok":
             call.future.set_result(value)
         else:
-            call.future.set_exception(_rebuild(value))
+            call.future.set_exception(rebuild(value))
 
     def _lost(self, worker: _Worker) -> None:
         """A worker's socket ended: it is dead. Replace it; its call fails once it is reaped.
@@ -449,277 +457,8 @@ class _Call:
         self.overran = False
 
 
-# -- the fork server's and the workers' side ----------------------------------------------------
-
-
-def _serve_forks(
-    control: socket.socket,
-    parent: int,
-    deathsig: Callable[[], None],
-    execs: dict[str, Any],
-    async_names: set[str],
-    factory: Callable[[], Any] | None,
-) -> NoReturn:
-    """The fork server: fork a worker per request, reap the dead. Exits when its socket ends."""
-    children: set[int] = set()
-    me = os.getpid()
-    try:
-        _become_child(parent, deathsig)
-        gc.freeze()  # the script's objects are never collected here: their pages stay shared
-        while True:
-            message, fds, _, _ = socket.recv_fds(control, _REQUEST.size, 1)
-            if len(message) != _REQUEST.size or len(fds) != 1:
-                break  # the coordinator closed its end (or is gone)
-            (dead,) = _REQUEST.unpack(message)
-            status = 0
-            if dead in children:
-                _, status = os.waitpid(dead, 0)
-                children.discard(dead)
-            pid = os.fork()
-            if pid == 0:
-                control.close()
-                sock = socket.socket(fileno=fds[0])
-                _serve_execs(sock, me, deathsig, execs, async_names, factory)
-            os.close(fds[0])
-            children.add(pid)
-            control.sendall(_REPLY.pack(dead, status, pid))
-    except BaseException:
-        pass
-    finally:
-        for pid in children:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-        for pid in children:
-            with contextlib.suppress(OSError):
-                os.waitpid(pid, 0)
-        os._exit(0)
-
-
-def _serve_execs(
-    sock: socket.socket,
-    parent: int,
-    deathsig: Callable[[], None],
-    execs: dict[str, Any],
-    async_names: set[str],
-    factory: Callable[[], Any] | None,
-) -> NoReturn:
-    """A worker: make the app, then run one exec per message until the coordinator is gone."""
-    try:
-        _become_child(parent, deathsig)
-        loop: asyncio.AbstractEventLoop | None = None
-        try:
-            app = None
-            if factory is not None:
-                app = factory()
-                if inspect.isawaitable(app):
-                    loop = asyncio.new_event_loop()
-                    app = loop.run_until_complete(app)
-        except BaseException:
-            _send(sock, _dumps(("app", traceback.format_exc(), 0.0)))
-            os._exit(1)
-        _send(sock, _dumps(("ready", None, 0.0)))
-        inbox = _Inbox(sock)
-        while inbox.receive():
-            ident, name, args = inbox.calls.popleft()
-            if ident in inbox.skipped:  # cancelled before its turn came: not run
-                inbox.skipped.discard(ident)
-                _send(sock, _dumps(("skipped", None, 0.0)))
-                continue
-            began = time.perf_counter()
-            try:
-                if name in async_names:
-                    loop = loop or asyncio.new_event_loop()
-                    result = loop.run_until_complete(execs[name](app, *args))
-                else:
-                    result = execs[name](app, *args)
-                try:
-                    answer = _dumps(("ok", result, time.perf_counter() - began))
-                except Exception as e:
-                    raise ExecResultError(
-                        f"the exec's answer cannot be sent back from its worker process ({e}); "
-                        f"return plain data: (ctx, next_state[, kicks])"
-                    ) from None
-            except BaseException as e:
-                answer = _dumps(("error", _flatten(e), time.perf_counter() - began))
-            _send(sock, answer)
-    except BaseException:
-        pass
-    os._exit(0)
-
-
-class _Inbox:
-    """A worker's side of its socket: the calls sent to it, and the ones it must skip."""
-
-    __slots__ = ("buffer", "calls", "skipped", "sock")
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.buffer = bytearray()
-        self.calls: deque[tuple[int, str, tuple[Any, ...]]] = deque()
-        self.skipped: set[int] = set()
-
-    def receive(self) -> bool:
-        """Read what has arrived (waiting for a call if none is at hand); False at the end.
-
-        Read before each call, so a skip sent while the call waited in the socket is seen.
-        """
-        flags = socket.MSG_DONTWAIT if self.calls else 0
-        while True:
-            try:
-                data = self.sock.recv(_CHUNK, flags)
-            except BlockingIOError:
-                return True
-            except OSError:
-                return False
-            if not data:
-                return False
-            self.buffer += data
-            self._decode()
-            flags = socket.MSG_DONTWAIT  # (now: only what else is already there)
-
-    def _decode(self) -> None:
-        buffer, start = self.buffer, 0
-        while len(buffer) - start >= _HEADER.size:
-            (size,) = _HEADER.unpack_from(buffer, start)
-            if len(buffer) - start - _HEADER.size < size:
-                break
-            begin = start + _HEADER.size
-            start = begin + size
-            ident, name, args = pickle.loads(memoryview(buffer)[begin:start])
-            if name is None:
-                self.skipped.add(ident)
-            else:
-                self.calls.append((ident, name, args))
-        del buffer[:start]
-
-
-def _hold_clock(loop: asyncio.AbstractEventLoop, by: int) -> None:
+def hold_clock(loop: asyncio.AbstractEventLoop, by: int) -> None:
     """Count a call in a worker as work in flight for ``jorb.testing``'s virtual clock, which
     must not jump ahead (and fire timeouts) while a real process works."""
     if hasattr(loop, "threads_busy"):
         loop.threads_busy += by
-
-
-def _become_child(parent: int, deathsig: Callable[[], None]) -> None:
-    """Die with ``parent``; leave Ctrl-C to the script; forget its signal handling."""
-    deathsig()
-    if os.getppid() != parent:  # it died before we could ask to die with it
-        os._exit(0)
-    with contextlib.suppress(ValueError):
-        signal.set_wakeup_fd(-1)  # (the script's event loop's, shared with it since the fork)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-
-
-def _deathsig_setter() -> Callable[[], None]:
-    """A function that makes the calling process get SIGKILL when its parent dies (Linux)."""
-    if not sys.platform.startswith("linux"):
-        return lambda: None
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return lambda: None
-    set_pdeathsig = 1  # PR_SET_PDEATHSIG
-
-    def deathsig() -> None:
-        prctl(set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-
-    return deathsig
-
-
-@contextlib.contextmanager
-def _quiet_fork_warning() -> Any:
-    # Python 3.12+ warns about fork() in a process with threads (the script's own, say). The
-    # fork server runs no Python that another thread could have left half-done: it only forks.
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*fork")
-        yield
-
-
-# -- messages ------------------------------------------------------------------------------------
-
-
-def _dumps(value: Any) -> bytes:
-    return pickle.dumps(value, _PROTOCOL)
-
-
-def _send(sock: socket.socket, data: bytes) -> None:
-    sock.sendall(_HEADER.pack(len(data)) + data)
-
-
-def _recv(sock: socket.socket) -> bytes:
-    (size,) = _HEADER.unpack(_recv_exactly(sock, _HEADER.size))
-    return _recv_exactly(sock, size)
-
-
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
-    data = sock.recv(size)
-    if len(data) == size:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size:
-        if not data:
-            raise EOFError
-        data = sock.recv(size - got)
-        parts.append(data)
-        got += len(data)
-    return b"".join(parts)
-
-
-def _flatten(error: BaseException) -> tuple[bytes | None, str, str, str]:
-    """An exception as it can travel: itself pickled if it survives that, its text anyway."""
-    text = "".join(traceback.format_exception(error))
-    data: bytes | None
-    try:
-        data = _dumps(error)
-        pickle.loads(data)  # (an exception whose __init__ needs other arguments fails here)
-    except Exception:
-        data = None
-    kind = type(error)
-    name = kind.__qualname__
-    if kind.__module__ != "builtins":
-        name = f"{kind.__module__}.{name}"
-    try:
-        message = str(error)
-    except Exception:
-        message = ""
-    return data, name, message, text
-
-
-def _rebuild(value: tuple[bytes | None, str, str, str]) -> BaseException:
-    data, name, message, text = value
-    error: BaseException | None = None
-    if data is not None:
-        with contextlib.suppress(Exception):
-            error = pickle.loads(data)
-    if not isinstance(error, BaseException):
-        error = JorbError(f"{name}: {message} (the exception itself could not leave its worker)")
-    if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt... in a worker
-        error = JorbError(f"the exec raised {name}: {message}")
-    error.__cause__ = _RemoteTraceback(text)
-    return error
-
-
-class _RemoteTraceback(Exception):
-    """The traceback an exception had in its worker process, shown as its cause."""
-
-    def __str__(self) -> str:
-        return f'\n"""\n{self.args[0]}"""'
-
-
-def _describe_death(pid: int, status: int) -> str:
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        with contextlib.suppress(ValueError):
-            return f"its worker process ({pid}) was killed by {signal.Signals(sig).name}"
-        return f"its worker process ({pid}) was killed by signal {sig}"
-    if os.WIFEXITED(status):
-        return f"its worker process ({pid}) exited with status {os.WEXITSTATUS(status)}"
-    return f"its worker process ({pid}) died"
