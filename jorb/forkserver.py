@@ -148,8 +148,10 @@ class _Inbox:
 
         Read before each call, so a skip sent while the call waited in the socket is seen.
         """
-        flags = socket.MSG_DONTWAIT if self.calls else 0
         while True:
+            # With a call at hand, only what is already there; without one, wait. (A skip can
+            # come alone: one for a call the coordinator did not know had started.)
+            flags = socket.MSG_DONTWAIT if self.calls else 0
             try:
                 data = self.sock.recv(CHUNK, flags)
             except BlockingIOError:
@@ -160,7 +162,6 @@ class _Inbox:
                 return False
             self.buffer += data
             self._decode()
-            flags = socket.MSG_DONTWAIT  # (now: only what else is already there)
 
     def _decode(self) -> None:
         buffer, start = self.buffer, 0

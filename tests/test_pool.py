@@ -515,3 +515,37 @@ def test_on_the_virtual_clock_a_pooled_exec_is_waited_for_in_real_time(
     process_fake_clock(states, run)
 
     assert run.counts() == {"done": 3}, errors_of(run)  # no timeout fired by a jumping clock
+
+
+def test_a_skip_that_comes_too_late_leaves_the_worker_running() -> None:
+    # The worker started call 2 before the coordinator read call 1's answer: the coordinator
+    # still takes 2 for queued, so cancelling it sends a skip, which the worker sees alone,
+    # after 2 ran. It must go on with the next call, not stumble on the lone skip.
+    second_started, release = FORK.Event(), FORK.Event()
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["i"] == 2:
+            second_started.set()
+            release.wait(STUCK)
+        return {**ctx, "pid": os.getpid()}, "done"
+
+    state = jorb.State("new", exec=work)
+    pool = jorb.ProcessPool(1)
+
+    async def scenario() -> list[Any]:
+        pool.start([state])
+        try:
+            first = asyncio.create_task(pool.call(state, (None, {}, {"i": 1})))
+            second = asyncio.create_task(pool.call(state, (None, {}, {"i": 2})))
+            await asyncio.sleep(0)  # (both tasks send their calls)
+            assert second_started.wait(STUCK)  # (blocking the loop: 1's answer stays unread)
+            second.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await second
+            release.set()
+            return [await first, await pool.call(state, (None, {}, {"i": 3}))]
+        finally:
+            pool.close()
+
+    (one, _), (three, _) = asyncio.run(scenario())
+    assert one["pid"] == three["pid"]  # the same worker answered call 3
