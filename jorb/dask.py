@@ -128,6 +128,7 @@ class DaskPool:
         if self._client is not None:
             raise JorbError(f"{self!r} is already in use by another exec; give each its own pool")
         self._loop = asyncio.get_running_loop()
+        self._in_flight = 0
         self._plugin = f"jorb-{uuid.uuid4().hex}"
         plugin = _Plugin(self.app, {s.name: (s.exec, s.is_async) for s in states})
         _check_sendable(plugin)
@@ -243,10 +244,9 @@ class DaskPool:
         try:
             answers = sent.result()
         except BaseException as e:
-            lost = _lost(e)
             for attempt in batch:
                 if not attempt.future.done():
-                    attempt.future.set_exception(lost)
+                    attempt.future.set_exception(_lost(e))  # (one error object each)
         else:
             for attempt, (kind, value) in zip(batch, answers, strict=True):
                 if attempt.future.done():
