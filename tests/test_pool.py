@@ -549,3 +549,22 @@ def test_a_skip_that_comes_too_late_leaves_the_worker_running() -> None:
 
     (one, _), (three, _) = asyncio.run(scenario())
     assert one["pid"] == three["pid"]  # the same worker answered call 3
+
+
+def test_a_killed_fork_server_fails_what_remains_and_never_hangs(make_run: MakeRun) -> None:
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["i"] == 2:
+            os.kill(os.getppid(), signal.SIGKILL)  # the fork server (its workers die with it)
+            spin_until(lambda: False)
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [jorb.State("new", exec=work, retries=2, backoff=0, pool=pool), DONE]
+    run = make_run([{"i": i} for i in range(5)])
+
+    process(states, run)  # returns: every job ended somewhere
+
+    assert run.jobs["1"].state == run.jobs["2"].state == "done"
+    assert {run.jobs[i].state for i in "345"} == {"failed"}
+    for i in "345":  # (job 3 also lost its worker; then nothing could run any more)
+        assert "the pool's fork server process died" in errors_of(run)[i][-1]
