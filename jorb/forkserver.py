@@ -186,9 +186,15 @@ def _become_child(parent: int, deathsig: Callable[[], None]) -> None:
         os._exit(0)
     with contextlib.suppress(ValueError):
         signal.set_wakeup_fd(-1)  # (the script's event loop's, shared with it since the fork)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C is the coordinator's to handle. A handler that does nothing, not SIG_IGN: a
+    # program an exec starts (``subprocess.run``) gets the default back, where SIG_IGN stays.
+    signal.signal(signal.SIGINT, _ignore)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    pass
 
 
 def deathsig_setter() -> Callable[[], None]:

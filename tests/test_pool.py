@@ -14,6 +14,8 @@ import multiprocessing
 import os
 import select
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -568,3 +570,19 @@ def test_a_killed_fork_server_fails_what_remains_and_never_hangs(make_run: MakeR
     assert {run.jobs[i].state for i in "345"} == {"failed"}
     for i in "345":  # (job 3 also lost its worker; then nothing could run any more)
         assert "the pool's fork server process died" in errors_of(run)[i][-1]
+
+
+def test_a_program_an_exec_starts_can_still_be_interrupted(make_run: MakeRun) -> None:
+    probe = "import signal; print(signal.getsignal(signal.SIGINT) is signal.default_int_handler)"
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+        ctx["default"] = out.stdout.strip()
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=work, pool=jorb.ProcessPool(1)), DONE]
+    run = make_run([{"i": 0}])
+
+    process(states, run)
+
+    assert run.jobs["1"].ctx["default"] == "True"  # not SIG_IGN inherited from the worker
