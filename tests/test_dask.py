@@ -184,7 +184,7 @@ def crunch(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
     counter = Counter.__new__(Counter)
     counter.path = overall["counter"]
     with counter:
-        spin_until(lambda: counter.most >= 3)  # (the first execs wait, busy, for a third)
+        spin_until(lambda: counter.most >= 3, 30)  # (the first execs wait, busy, for a third)
         ctx["work"] = sum(range(50_000))
     with app["lock"]:
         ctx["pid"], ctx["app"] = os.getpid(), app["pid"]
@@ -410,7 +410,7 @@ def test_a_coordinator_killed_mid_run_resumes_on_the_cluster_to_the_end(
 
     proc = Proc(tmp_path, "pooled.py", path, 12, fifo, cluster.address)
     try:
-        starts.wait(2)  # two execs are mid-run on the cluster, held at the gate
+        starts.wait(2, timeout=60)  # two execs mid-run on the cluster, held at the gate
         os.write(fd, b"xxxx")  # let four finish
         starts.wait(6)
         assert proc.kill() == -signal.SIGKILL
