@@ -158,6 +158,9 @@ class ProcessPool:
         control, theirs = socket.socketpair()
         parent = os.getpid()
         deathsig = deathsig_setter()  # (made here: nothing is imported after a fork)
+        for stream in (sys.stdout, sys.stderr):  # (or a worker could write it out again)
+            with contextlib.suppress(Exception):
+                stream.flush()
         with quiet_fork_warning():
             pid = os.fork()
         if pid == 0:  # the fork server: never returns
