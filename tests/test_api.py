@@ -23,6 +23,7 @@ EXPORTS = {
     "State",
     "Rate",
     "Processor",
+    "ProcessPool",
     # status snapshots for listeners
     "Status",
     "StateStatus",
@@ -37,6 +38,7 @@ EXPORTS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
 }
 
@@ -49,6 +51,7 @@ ERRORS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
 }
 
@@ -92,7 +95,7 @@ def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
 
 
 def test_importing_jorb_does_not_import_rich_or_typer() -> None:
-    heavy = ("rich", "typer", "plotly", "prometheus_client")
+    heavy = ("rich", "typer", "dask", "distributed", "plotly", "prometheus_client")
     check = (
         "import jorb, jorb.testing, jorb.report, jorb.svg, sys; "
         f"heavy = sorted(m for m in {heavy!r} if m in sys.modules); "
