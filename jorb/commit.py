@@ -1,5 +1,18 @@
-"""The commit path: settle an attempt into one journal record, apply it, append it, and when its
-group commit is on disk free the slot and start what comes next."""
+"""The commit path: settle an attempt into a journal record, apply it, append it, and when its
+group commit is on disk start what comes next.
+
+Plain successes (an exec that returned ``(ctx, next_state)`` with nothing unusual) settled during
+one turn of the event loop become ONE record, ``{"seq": n, "ok": [[id, to, ctx, time, duration],
+...]}``: one ``orjson.dumps``, one ``apply_record`` and one append for the lot, built when the
+turn's group commit is written (``Store.prepare``). Anything else (errors, kicks, rate limits)
+becomes a record of its own at once. Either way ``model.apply_record`` applies it, the same
+function replay uses.
+
+A settled attempt frees its slot at once; the job's next step and its children wait for its
+record to be on disk. What a crash can make run again is then bounded by the execs running plus
+the transitions settled and not yet on disk, at most ``Processor(max_pending=...)``: each lane
+stops starting execs while its share of that many is waiting for the disk.
+"""
 
 from __future__ import annotations
 
@@ -20,43 +33,149 @@ if TYPE_CHECKING:
     from .processor import Processor
 
 _LINE = orjson.OPT_APPEND_NEWLINE
+_NO_KIDS: tuple[Job, ...] = ()
+# A settled attempt in a group commit: its lane, its job, the kids it made, whether it holds
+# its slot until the commit is on disk.
+_Settled = tuple["Lane", Job, tuple[Job, ...] | list[Job], bool]
 
 
 class Commits:
     """Settles attempts and follows their group commits.
 
-    ``commits.settle_and_queue(lane, job, result, error, started)`` after every exec; the slot
-    it held is freed, and the job's next step queued, once its record is durable.
+    ``commits.settle(lane, job, result, error, started)`` after every exec; the job's next step
+    is queued once its record is durable.
     """
 
-    __slots__ = ("batch", "batch_jobs", "proc", "transitions")
+    __slots__ = ("batch", "batch_jobs", "ok", "ok_settled", "proc", "transitions")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
         self.transitions = 0
         self.batch: asyncio.Future[None] | None = None  # the group commit being filled
-        self.batch_jobs: list[tuple[Lane, Job, list[Job]]] = []  # settled into it
+        self.batch_jobs: list[_Settled] = []  # settled into it
+        self.ok: list[list[Any]] = []  # plain successes settled, not yet in a record
+        self.ok_settled: list[tuple[Lane, Job]] = []  # their lanes and jobs
 
     def __repr__(self) -> str:
-        return f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)}>"
+        return (
+            f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)} "
+            f"ok={len(self.ok)}>"
+        )
 
-    def settle_and_queue(
+    def settle(
         self, lane: Lane, job: Job, result: Any, error: Exception | None, started: float
     ) -> None:
-        """Settle an attempt and queue its record for the next group commit."""
+        """Settle an attempt and queue its transition for the next commit.
+
+        A plain success that leaves the state frees its slot at once. Anything else keeps it
+        until its record is on disk (a retry or a job staying in its state then competes for
+        the slot as it always did: by priority, then arrival).
+        """
+        lane.unsynced += 1
+        if error is None and type(result) is tuple and len(result) == 2:
+            ctx, to = result
+            proc = self.proc
+            if type(ctx) is dict and type(to) is str and to in proc.states:
+                now = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
+                ok = self.ok
+                if not ok:
+                    store = proc._store
+                    assert store is not None
+                    store.pending()  # written at the end of this turn, by prepare()
+                ok.append([job.id, to, ctx, now, now - started])
+                self.ok_settled.append((lane, job))
+                lane.done += 1
+                if to != lane.state.name:  # counted where it goes now, applied at the flush
+                    lanes = proc._lanes
+                    lane.held -= 1
+                    lane.jobs -= 1
+                    lanes.active -= 1
+                    lanes.count_in(to)
+                if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
+                    assert proc._loop is not None
+                    lane.rate.succeeded(proc._loop.time())
+                return
+        self._settle_one(lane, job, result, error, started, True)
+
+    def prepare(self) -> None:
+        """Write the plain successes settled this turn as one record (the store calls this
+        first thing in each flush)."""
+        ok, settled = self.ok, self.ok_settled
+        if not ok:
+            return
+        self.ok, self.ok_settled = [], []
+        proc = self.proc
+        run, store = proc._run, proc._store
+        assert run is not None and store is not None
+        record = {"seq": run.seq + 1, "ok": ok}
+        try:
+            data = orjson.dumps(record, option=_LINE)
+        except TypeError:  # a returned ctx holds something JSON cannot represent
+            ok, settled = self._weed(ok, settled)
+            if not ok:
+                return
+            record = {"seq": run.seq + 1, "ok": ok}
+            data = orjson.dumps(record, option=_LINE)
+        apply_record(run, record)
+        self.transitions += len(ok)
+        holds: list[_Settled] = [
+            (lane, job, _NO_KIDS, job.state == lane.state.name) for lane, job in settled
+        ]
+        self._join(store.append(data), holds)
+
+    def _weed(
+        self, ok: list[list[Any]], settled: list[tuple[Lane, Job]]
+    ) -> tuple[list[list[Any]], list[tuple[Lane, Job]]]:
+        """Settle the successes whose ctx is not JSON as the errors they are; keep the rest."""
+        kept, kept_settled = [], []
+        for entry, (lane, job) in zip(ok, settled, strict=True):
+            try:
+                orjson.dumps(entry[2])
+            except TypeError as e:
+                lane.done -= 1
+                holds = entry[1] == lane.state.name
+                if not holds:  # settle counted it moved (and freed its slot): it stays, failed
+                    lanes = self.proc._lanes
+                    lanes.count_out(entry[1])
+                    lane.jobs += 1
+                    lanes.active += 1
+                error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
+                self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
+                continue
+            kept.append(entry)
+            kept_settled.append((lane, job))
+        return kept, kept_settled
+
+    def _settle_one(
+        self,
+        lane: Lane,
+        job: Job,
+        result: Any,
+        error: Exception | None,
+        started: float,
+        holds: bool,
+    ) -> None:
+        """Settle an attempt into a record of its own and append it; ``holds``: whether its
+        slot stays taken until the record is on disk."""
         store = self.proc._store
         assert store is not None
-        data, kids = self.settle(lane, job, result, error, started)
+        data, kids = self._record(lane, job, result, error, started)
         running = self.proc._lanes.running
         for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
             running.add(kid.id)
-        batch = store.append(data)
+        self._join(store.append(data), [(lane, job, kids, holds)])
+
+    def _join(
+        self,
+        batch: asyncio.Future[None],
+        settled: list[_Settled],
+    ) -> None:
         if batch is not self.batch:  # the first record of a new group commit
             self.batch, self.batch_jobs = batch, []
             batch.add_done_callback(functools.partial(self._committed, self.batch_jobs))
-        self.batch_jobs.append((lane, job, kids))
+        self.batch_jobs += settled
 
-    def settle(
+    def _record(
         self, lane: Lane, job: Job, result: Any, error: Exception | None, started: float
     ) -> tuple[bytes, list[Job]]:
         """Turn an exec's outcome into a record, apply it to the run, and return its bytes."""
@@ -122,9 +241,12 @@ class Commits:
         return state.retry_delay(job.attempts + 1, random.random())
 
     def _committed(
-        self, settled: list[tuple[Lane, Job, list[Job]]], batch: asyncio.Future[None]
+        self,
+        settled: list[_Settled],
+        batch: asyncio.Future[None],
     ) -> None:
-        """A group commit is on disk: free its slots; its jobs' next steps and kids may start."""
+        """A group commit is on disk: its jobs' next steps and kids may start, and the slots
+        still held for them are freed."""
         proc = self.proc
         finished = proc._finished
         failure = batch.exception()  # (nothing cancels a batch: no worker awaits it)
@@ -135,8 +257,10 @@ class Commits:
         lanes = proc._lanes
         by_name, running = lanes.by_name, lanes.running
         now = proc._now()
-        for lane, job, kids in settled:
-            lane.held -= 1
+        for lane, job, kids, holds in settled:
+            lane.unsynced -= 1
+            if holds:
+                lane.held -= 1
             running.discard(job.id)
             next_lane = by_name.get(job.state)  # queue its next step, or note that it ended
             if next_lane is not None:

@@ -700,6 +700,19 @@ def _check(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any
 def apply_record(run: Run, record: dict[str, Any]) -> None:
     """Apply one journal record to ``run`` (live or on replay)."""
     run.seq = record["seq"]
+    ok = record.get("ok")
+    if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
+        jobs, intern = run.jobs, sys.intern
+        for ident, to, ctx, when, duration in ok:
+            job = jobs[ident]
+            to = intern(to)
+            job.history.append((job.state, to, when, duration))
+            job.ctx = ctx
+            job.state = to
+            # A success resets these (see the exec record below).
+            job.attempts = job.throttled = 0
+            job.not_before = None
+        return
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]

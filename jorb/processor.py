@@ -90,6 +90,7 @@ class Processor:
         status_interval: float = 0.2,
         poll_interval: float = 0.25,
         executor: Executor | None = None,
+        max_pending: int = 4096,
     ) -> None:
         #: The app context given to every exec.
         self.app = app
@@ -109,6 +110,11 @@ class Processor:
         self.status_interval = status_interval
         #: Seconds between two looks at the run's inbox for changes from the command line.
         self.poll_interval = poll_interval
+        if type(max_pending) is not int or max_pending < 1:
+            raise JorbError(f"max_pending must be an int >= 1, not {max_pending!r}")
+        #: At most this many settled transitions wait for the disk at once, across the run:
+        #: with the running execs, what a crash can make run again (see README, Durability).
+        self.max_pending = max_pending
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -261,6 +267,7 @@ class Processor:
         self._check_states(run)
         self._run, self._store = run, store
         store.begin(run)  # every added job, change and the declarations reach disk here
+        store.prepare = self._commits.prepare  # plain successes go out as one record per flush
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
         # The loop's clock, so a fake loop clock fakes history times too (read directly when
@@ -270,12 +277,15 @@ class Processor:
         self._offset = time.time() - self._clock()
         self._started = time.monotonic()
         unlimited: dict[str, Rate] = {}
+        lanes = sum(not state.terminal for state in self.states.values())
+        budget = max(1, self.max_pending // max(1, lanes))  # each lane's share
         for name, state in self.states.items():
             if state.terminal:
                 self._lanes.counts[name] = 0
             else:
                 rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                self._lanes.by_name[name] = Lane(state, rate, name in run.paused, self._order)
+                paused = name in run.paused
+                self._lanes.by_name[name] = Lane(state, rate, paused, self._order, budget)
         return answers
 
     def _check_states(self, run: Run) -> None:
@@ -440,6 +450,7 @@ class Processor:
         if store is not None:
             with contextlib.suppress(JorbError):
                 await store.drain()
+            store.prepare = None
             store.finish()
             if store.failure is not None:
                 raise store.failure
