@@ -34,16 +34,17 @@ if TYPE_CHECKING:
 
 _LINE = orjson.OPT_APPEND_NEWLINE
 _NO_KIDS: tuple[Job, ...] = ()
-# A settled attempt in a group commit: its lane, its job, the kids it made, whether it holds
-# its slot until the commit is on disk.
-_Settled = tuple["Lane", Job, tuple[Job, ...] | list[Job], bool]
+# Attempts settled into a group commit: their lane, their jobs, the kids they made, and whether
+# their slots are still held until it is on disk (True; False: freed at settle; None: held by
+# those that stayed in the lane's state, the rest freed).
+_Settled = tuple["Lane", list[Job], tuple[Job, ...] | list[Job], bool | None]
 
 
 class Commits:
     """Settles attempts and follows their group commits.
 
-    ``commits.settle(lane, job, result, error, started)`` after every exec; the job's next step
-    is queued once its record is durable.
+    ``commits.settle(lane, job, result, error, started)`` after an exec (or ``settle_ok`` for a
+    batch of plain successes); the job's next step is queued once its record is durable.
     """
 
     __slots__ = ("batch", "batch_jobs", "ok", "ok_settled", "proc", "transitions")
@@ -54,7 +55,7 @@ class Commits:
         self.batch: asyncio.Future[None] | None = None  # the group commit being filled
         self.batch_jobs: list[_Settled] = []  # settled into it
         self.ok: list[list[Any]] = []  # plain successes settled, not yet in a record
-        self.ok_settled: list[tuple[Lane, Job]] = []  # their lanes and jobs
+        self.ok_settled: list[tuple[Lane, list[Job]]] = []  # their lanes and jobs, in order
 
     def __repr__(self) -> str:
         return (
@@ -65,37 +66,54 @@ class Commits:
     def settle(
         self, lane: Lane, job: Job, result: Any, error: Exception | None, started: float
     ) -> None:
-        """Settle an attempt and queue its transition for the next commit.
-
-        A plain success that leaves the state frees its slot at once. Anything else keeps it
-        until its record is on disk (a retry or a job staying in its state then competes for
-        the slot as it always did: by priority, then arrival).
-        """
-        lane.unsynced += 1
+        """Settle one attempt and queue its transition for the next commit."""
         if error is None and type(result) is tuple and len(result) == 2:
             ctx, to = result
             proc = self.proc
             if type(ctx) is dict and type(to) is str and to in proc.states:
                 now = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
-                ok = self.ok
-                if not ok:
-                    store = proc._store
-                    assert store is not None
-                    store.pending()  # written at the end of this turn, by prepare()
-                ok.append([job.id, to, ctx, now, now - started])
-                self.ok_settled.append((lane, job))
-                lane.done += 1
-                if to != lane.state.name:  # counted where it goes now, applied at the flush
-                    lanes = proc._lanes
-                    lane.held -= 1
-                    lane.jobs -= 1
-                    lanes.active -= 1
-                    lanes.count_in(to)
-                if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
-                    assert proc._loop is not None
-                    lane.rate.succeeded(proc._loop.time())
+                self.settle_ok(lane, [[job.id, to, ctx, now, now - started]], [job])
                 return
+        lane.unsynced += 1
         self._settle_one(lane, job, result, error, started, True)
+
+    def settle_ok(self, lane: Lane, entries: list[list[Any]], jobs: list[Job]) -> None:
+        """Settle plain successes of ``lane`` (``[id, to, ctx, time, duration]`` each): they go
+        out as one record with the turn's others, when its group commit is written.
+
+        A plain success that leaves the state frees its slot at once. Anything else keeps it
+        until its record is on disk (a retry or a job staying in its state then competes for
+        the slot as it always did: by priority, then arrival).
+        """
+        proc = self.proc
+        n = len(entries)
+        lane.unsynced += n
+        lane.done += n
+        if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
+            assert proc._loop is not None
+            now = proc._loop.time()
+            for _ in range(n):
+                lane.rate.succeeded(now)
+        ok = self.ok
+        if not ok:
+            store = proc._store
+            assert store is not None
+            store.pending()  # written at the end of this turn, by prepare()
+        ok += entries
+        self.ok_settled.append((lane, jobs))
+        name = lane.state.name
+        moved: dict[str, int] = {}
+        for entry in entries:
+            to = entry[1]
+            if to != name:
+                moved[to] = moved.get(to, 0) + 1
+        if moved:  # counted where they go now (applied at the flush); their slots are free
+            lanes = proc._lanes
+            for to, k in moved.items():
+                lane.held -= k
+                lane.jobs -= k
+                lanes.active -= k
+                lanes.count_many(to, k)
 
     def prepare(self) -> None:
         """Write the plain successes settled this turn as one record (the store calls this
@@ -118,32 +136,36 @@ class Commits:
             data = orjson.dumps(record, option=_LINE)
         apply_record(run, record)
         self.transitions += len(ok)
-        holds: list[_Settled] = [
-            (lane, job, _NO_KIDS, job.state == lane.state.name) for lane, job in settled
-        ]
-        self._join(store.append(data), holds)
+        self._join(store.append(data), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
 
     def _weed(
-        self, ok: list[list[Any]], settled: list[tuple[Lane, Job]]
-    ) -> tuple[list[list[Any]], list[tuple[Lane, Job]]]:
+        self, ok: list[list[Any]], settled: list[tuple[Lane, list[Job]]]
+    ) -> tuple[list[list[Any]], list[tuple[Lane, list[Job]]]]:
         """Settle the successes whose ctx is not JSON as the errors they are; keep the rest."""
-        kept, kept_settled = [], []
-        for entry, (lane, job) in zip(ok, settled, strict=True):
-            try:
-                orjson.dumps(entry[2])
-            except TypeError as e:
-                lane.done -= 1
-                holds = entry[1] == lane.state.name
-                if not holds:  # settle counted it moved (and freed its slot): it stays, failed
-                    lanes = self.proc._lanes
-                    lanes.count_out(entry[1])
-                    lane.jobs += 1
-                    lanes.active += 1
-                error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
-                self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
-                continue
-            kept.append(entry)
-            kept_settled.append((lane, job))
+        kept: list[list[Any]] = []
+        kept_settled = []
+        entries = iter(ok)
+        for lane, jobs in settled:
+            group = []
+            for job in jobs:
+                entry = next(entries)
+                try:
+                    orjson.dumps(entry[2])
+                except TypeError as e:
+                    lane.done -= 1
+                    holds = entry[1] == lane.state.name
+                    if not holds:  # settle_ok counted it moved and freed its slot: it stays
+                        lanes = self.proc._lanes
+                        lanes.count_out(entry[1])
+                        lane.jobs += 1
+                        lanes.active += 1
+                    error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
+                    self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
+                    continue
+                kept.append(entry)
+                group.append(job)
+            if group:
+                kept_settled.append((lane, group))
         return kept, kept_settled
 
     def _settle_one(
@@ -163,7 +185,7 @@ class Commits:
         running = self.proc._lanes.running
         for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
             running.add(kid.id)
-        self._join(store.append(data), [(lane, job, kids, holds)])
+        self._join(store.append(data), [(lane, [job], kids, holds)])
 
     def _join(
         self,
@@ -255,18 +277,24 @@ class Commits:
                 finished.set_exception(failure)
             return  # the run cannot checkpoint: the exec stops (nothing more may start)
         lanes = proc._lanes
-        by_name, running = lanes.by_name, lanes.running
+        by_name, running, joins = lanes.by_name, lanes.running, proc._joins
         now = proc._now()
-        for lane, job, kids, holds in settled:
-            lane.unsynced -= 1
-            if holds:
-                lane.held -= 1
-            running.discard(job.id)
-            next_lane = by_name.get(job.state)  # queue its next step, or note that it ended
-            if next_lane is not None:
-                lanes.enqueue(next_lane, job, now)
-            elif job.parent is not None and proc._joins:
-                proc._waiting.child_ended(job.parent)
+        for lane, jobs, kids, holds in settled:
+            lane.unsynced -= len(jobs)
+            name = lane.state.name
+            for job in jobs:
+                running.discard(job.id)
+                state = job.state
+                if holds or (holds is None and state == name):
+                    lane.held -= 1
+                next_lane = by_name.get(state)  # queue its next step, or note that it ended
+                if next_lane is not None:
+                    if job.not_before is None and not job.priority and not next_lane.state.join:
+                        next_lane.ready.plain.append(job)  # (what enqueue does, without a call)
+                    else:
+                        lanes.enqueue(next_lane, job, now)
+                elif job.parent is not None and joins:
+                    proc._waiting.child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
                 running.discard(kid.id)
                 kid_lane = by_name.get(kid.state)

@@ -160,6 +160,15 @@ class Lanes:
             lane.jobs += 1
             self.active += 1
 
+    def count_many(self, state: str, n: int) -> None:
+        """``count_in(state)`` ``n`` times."""
+        lane = self.by_name.get(state)
+        if lane is None:
+            self.counts[state] += n
+        else:
+            lane.jobs += n
+            self.active += n
+
     def count_out(self, state: str) -> None:
         lane = self.by_name.get(state)
         if lane is None:
@@ -270,14 +279,18 @@ class Lanes:
                     take = 1  # its execs wait: each worker takes one (wake sent enough)
                 else:
                     take = min(len(ready), limit - lane.held, lane.budget - lane.unsynced)
-                jobs = []
-                for _ in range(take):
-                    job = ready.pop()
-                    if join and proc._waiting.waits_for_kids(lane, job):
-                        continue  # a child was redriven back to work since it was queued
-                    jobs.append(job)
-                if not jobs:
-                    continue
+                if not join and not ready.ranked:  # the usual case: priority 0, no fan-in
+                    plain = ready.plain
+                    jobs = [plain.popleft() for _ in range(take)]
+                else:
+                    jobs = []
+                    for _ in range(take):
+                        job = ready.pop()
+                        if join and proc._waiting.waits_for_kids(lane, job):
+                            continue  # a child was redriven back to work since it was queued
+                        jobs.append(job)
+                    if not jobs:
+                        continue
                 lane.held += len(jobs)
                 if not lane.waking and ready:  # (the test wake starts with, without a call)
                     self.wake(lane)  # another worker for the rest, in case these execs wait
@@ -289,24 +302,26 @@ class Lanes:
         """Run the execs of ``jobs`` (their slots are taken) one after the other, and settle
         each. An exec that returns without waiting is driven inline; at the first that waits,
         the jobs not started yet go back to the lane (other workers take them) and this
-        worker waits for it."""
+        worker waits for it. Plain successes are settled together, once per batch."""
         proc = self.proc
         run, executor = proc._run, proc._executor
         assert run is not None and executor is not None
         running = self.running
-        running.update(job.id for job in jobs)
+        running.update([job.id for job in jobs])
         # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after. One round trip for all.
         if len(jobs) == 1:
             copies = [orjson.loads(orjson.dumps(jobs[0].ctx))]
         else:
             copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
-        state, app, overall = lane.state, proc.app, run.overall
-        settle, call = proc._commits.settle, executor.call
+        state, app, overall, join = lane.state, proc.app, run.overall, lane.state.join
+        commits, call, states = proc._commits, executor.call, proc.states
         clock, offset = proc._clock, proc._offset
+        ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
+        ok_jobs: list[Job] = []
         for i, job in enumerate(jobs):
             args: tuple[Any, ...] = (app, overall, copies[i])
-            if state.join:
+            if join:
                 args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
             coro = call(state, args)
@@ -315,29 +330,43 @@ class Lanes:
                 yielded = coro.send(None)
             except StopIteration as stop:  # it returned without waiting
                 lane.running -= 1
-                settle(lane, job, stop.value, None, started)
+                result = stop.value
+                if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
+                    ctx, to = result
+                    if type(ctx) is dict and type(to) is str and to in states:
+                        now = clock() + offset
+                        ok.append([job.id, to, ctx, now, now - started])
+                        ok_jobs.append(job)
+                        continue
+                commits.settle(lane, job, result, None, started)
                 continue
             except Exception as e:
                 lane.running -= 1
-                settle(lane, job, None, e, started)
+                commits.settle(lane, job, None, e, started)
                 continue
             except asyncio.CancelledError as e:
                 lane.running -= 1
                 if proc._stopping or task.cancelling():
+                    if ok:
+                        commits.settle_ok(lane, ok, ok_jobs)
                     self._give_back(lane, jobs[i + 1 :])
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
                     running.discard(job.id)
                     raise
                 error = ExecResultError(f"the exec raised CancelledError: {e}")
-                settle(lane, job, None, error, started)
+                commits.settle(lane, job, None, error, started)
                 continue
             # It waits: the jobs not started go back to the lane, for other workers.
+            if ok:
+                commits.settle_ok(lane, ok, ok_jobs)
             self._give_back(lane, jobs[i + 1 :])
             lane.waits = True
             if lane.ready:
                 self.wake(lane)
             await self._wait_for(lane, job, task, coro, yielded, started)
             return
+        if ok:
+            commits.settle_ok(lane, ok, ok_jobs)
         lane.waits = False
 
     async def _wait_for(

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import math
@@ -164,6 +165,7 @@ class Processor:
         self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
+        collector = _tune_collector()
         try:
             for file, answer in answers:
                 control.reply(file, answer)
@@ -182,6 +184,7 @@ class Processor:
         else:
             await self._shutdown(grace=self.grace)
         finally:
+            _restore_collector(collector)
             if ticker is not None:
                 ticker.cancel()
             for listener in listeners:
@@ -454,6 +457,31 @@ class Processor:
             store.finish()
             if store.failure is not None:
                 raise store.failure
+
+
+#: The cyclic collector's young-generation threshold while an exec runs (Python's default: 700).
+GC_YOUNG = 50_000
+
+
+def _tune_collector() -> tuple[int, int, int] | None:
+    """Make young collections rarer for the exec's lifetime; returns what to restore.
+
+    Every transition allocates a few containers (a ctx copy, a record entry), so with the
+    default threshold the collector ran every ~200 transitions, each time walking every young
+    object, and its older generations (the run's jobs) every few thousand: 20-30% of an exec's
+    CPU, for no garbage (a transition makes no cycles). A young generation of 50,000 objects
+    costs a few MB at most. Left alone if the collector is off or already tuned higher.
+    """
+    old = gc.get_threshold()
+    if not gc.isenabled() or old[0] == 0 or old[0] >= GC_YOUNG:
+        return None
+    gc.set_threshold(GC_YOUNG, *old[1:])
+    return old
+
+
+def _restore_collector(old: tuple[int, int, int] | None) -> None:
+    if old is not None and gc.get_threshold()[0] == GC_YOUNG:  # (unless changed meanwhile)
+        gc.set_threshold(*old)
 
 
 def _command_line() -> str:
