@@ -2,16 +2,17 @@
 
 Shape of the machine. Each non-terminal state is a *lane*: its ready jobs (by priority, FIFO),
 ``concurrency`` slots and at most that many worker tasks, created on demand and parked when
-there is nothing to take. A worker waits for the state's Rate, takes a job (and a slot), runs
-the exec through the executor seam, and hands the outcome to the commit path, which turns it into
-one journal record (new state, ctx, history, error, kicked children: see ``outcome``), applies
-it to the run and queues it for the next group commit. The worker does not wait for the disk:
-it goes on to the next job while it has a free slot. When a batch is on disk, the commit path
-releases its slots and makes each job's next step and its children ready. So a slot is held
-from the start of an exec until its record is durable: at most ``concurrency`` execs of a state
-can be lost to a crash, and a lane of execs that never wait settles a whole batch per wake-up.
-Changes from the command line (``control``) go through the same journal. Everything runs on
-one event loop, so nothing is locked: the run is only ever touched from the loop.
+there is nothing to take. A worker waits for the state's Rate, takes a batch of jobs (up to
+the free slots), and runs their execs through the executor seam, inline while they return
+without waiting; at the first that waits, the rest go back to the lane. Each outcome goes to
+the commit path, which turns it into a journal record (new state, ctx, history, error, kicked
+children: see ``outcome``; the plain successes of a turn share one record), applies it to the
+run and queues it for the turn's group commit. A plain success that leaves its state frees its
+slot at once; everything else keeps it until its record is durable. When a commit is on disk,
+its jobs' next steps and their children become ready. What a crash can make run again is the
+running execs plus at most ``max_pending`` settled transitions (each lane stops starting execs
+at its share). Changes from the command line (``control``) go through the same journal.
+Everything runs on one event loop, so nothing is locked: the run is only ever touched from it.
 
 Modules of the engine, each with one job (the arrows are the only imports allowed):
 
