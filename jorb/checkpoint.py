@@ -108,9 +108,11 @@ def lock_path(path: Path) -> Path:
 #: Jobs encoded at a time when a run is written: a snapshot of a million jobs never exists
 #: whole in memory, as bytes or as documents (that peak was twice the run's own size).
 ENCODE_CHUNK = 1000
-#: fsync durable journal appends on the event loop (True) or on the store's thread (False,
-#: the default: the loop runs execs meanwhile). For benchmarks comparing the two.
-FSYNC_ON_LOOP = False
+#: fsync durable journal appends on the event loop (True, the default) or on the store's thread
+#: (False: the loop runs execs meanwhile, batches written during an fsync share the next one).
+#: Measured no faster on this project's VM (BENCHMARKS.md, issue 13); kept for disks where an
+#: fsync takes long.
+FSYNC_ON_LOOP = True
 
 
 _CHUNK_OPEN = b'{\n  "jobs": [\n    '  # a chunk of jobs encoded as {"jobs": [...]}: its start

@@ -553,6 +553,9 @@ FAULTS: dict[str, dict[str, Any]] = {
         call="write", match=_is_journal, after=2, short=True
     ),
     "fsync of the journal fails": dict(call="fsync", match=_is_journal, after=2, error=errno.EIO),
+    "fsync of the journal fails on the store's thread": dict(
+        call="fsync", match=_is_journal, after=2, error=errno.EIO, thread=True
+    ),
     "disk full writing a compaction's snapshot": dict(
         call="write", match=_is_snapshot_temp, after=2, compact=True
     ),
@@ -577,6 +580,7 @@ def test_a_write_fault_fails_the_exec_and_leaves_the_last_good_checkpoint(
     make_run: MakeRun, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     options = dict(FAULTS[fault])
+    monkeypatch.setattr(checkpoint, "FSYNC_ON_LOOP", not options.pop("thread", False))
     if options.pop("compact", False):  # compact after every couple of batches
         monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 700)
         monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.0)

@@ -158,6 +158,12 @@ KILL_SCENARIOS = {
     # Execs that return at once settle many per turn: max_pending is what bounds the re-runs.
     "instant execs, fsync": (35, 8, ("--durable", "1", "--instant")),
     "instant execs, no-fsync": (36, 8, ("--durable", "0", "--instant")),
+    "fsync on the store's thread": (37, 8, ("--durable", "1", "--fsync-thread")),
+    "instant execs, fsync on the store's thread, compact every batch": (
+        38,
+        8,
+        ("--durable", "1", "--instant", "--fsync-thread", "--compact-always"),
+    ),
 }
 
 

@@ -2,7 +2,7 @@
 
     python fanout.py RUN EFFECTS [--roots 40] [--kids 8] [--durable 1] [--compact-always]
                      [--encode-chunk JOBS] [--stall STATE] [--grace SECONDS]
-                     [--max-pending N] [--instant]
+                     [--max-pending N] [--instant] [--fsync-thread]
 
 Each exec appends ``"key state"`` to EFFECTS (opened O_APPEND, so a line is never torn) and
 writes the same line to stdout: the test reads stdout as its progress signal. It records its
@@ -14,7 +14,8 @@ flight for the Ctrl-C tests. ``--compact-always`` compacts the journal after eve
 kills land in compactions too; ``--encode-chunk`` writes each snapshot a few jobs at a time, so
 they land between its pieces. ``--max-pending`` is the Processor's (transitions settled and
 not yet on disk, across the run); ``--instant`` makes the ``async def`` execs return without
-waiting, so they settle many at a time and that bound is what holds a crash's re-runs.
+waiting, so they settle many at a time and that bound is what holds a crash's re-runs;
+``--fsync-thread`` fsyncs the journal on the store's thread (``checkpoint.FSYNC_ON_LOOP``).
 """
 
 from __future__ import annotations
@@ -48,10 +49,13 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--max-pending", type=int, default=PENDING)
     parser.add_argument("--instant", action="store_true")
+    parser.add_argument("--fsync-thread", action="store_true")
     args = parser.parse_args()
     if args.compact_always:
         jorb.checkpoint.MIN_COMPACT_BYTES = 0
         jorb.checkpoint.COMPACT_RATIO = 0.0
+    if args.fsync_thread:
+        jorb.checkpoint.FSYNC_ON_LOOP = False
     if args.encode_chunk:
         jorb.checkpoint.ENCODE_CHUNK = args.encode_chunk
     effects = os.open(args.effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
