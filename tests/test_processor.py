@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections import Counter
 from itertools import pairwise
@@ -722,3 +723,34 @@ def test_a_first_ctrl_c_with_no_exec_running_does_not_offer_to_wait_for_none(
     processor = jorb.Processor(None, [jorb.State("a", exec=lambda *a: None), DONE], progress=False)
     processor._on_signal()
     assert capfd.readouterr().err == "\njorb: stopping: no exec is running; saving the run\n"
+
+
+# -- the garbage collector ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["returns", "raises"])
+def test_an_exec_collects_young_garbage_less_often_and_restores_the_threshold(
+    make_run: MakeRun, failing: bool
+) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    async def look(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        seen.append(gc.get_threshold())
+        if failing:
+            raise KeyboardInterrupt  # the exec ends with an exception, not a return
+        return ctx, "done"
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        run = make_run([{}])
+        if failing:
+            with pytest.raises(KeyboardInterrupt):
+                states = [jorb.State("new", exec=look), DONE]
+                asyncio.run(jorb.Processor(None, states, progress=False).aexec(run))
+        else:
+            process([jorb.State("new", exec=look), DONE], run)
+        assert seen == [(50_000, 10, 10)]
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
