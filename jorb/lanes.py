@@ -325,6 +325,8 @@ class Lanes:
                 args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
             coro = call(state, args)
+            if type(coro) is not types.CoroutineType:  # an executor's call returned another
+                coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
             lane.running += 1
             try:
                 yielded = coro.send(None)
@@ -407,6 +409,10 @@ class Lanes:
         if not self.proc._stopping:
             for job in reversed(jobs):
                 lane.ready.push_front(job)
+
+
+async def _awaiting(awaitable: Any) -> Any:
+    return await awaitable
 
 
 @types.coroutine
