@@ -8,10 +8,11 @@ turn's group commit is written (``Store.prepare``). Anything else (errors, kicks
 becomes a record of its own at once. Either way ``model.apply_record`` applies it, the same
 function replay uses.
 
-A settled attempt frees its slot at once; the job's next step and its children wait for its
-record to be on disk. What a crash can make run again is then bounded by the execs running plus
-the transitions settled and not yet on disk, at most ``Processor(max_pending=...)``: each lane
-stops starting execs while its share of that many is waiting for the disk.
+A plain success that leaves its state frees its slot at once; anything else keeps it until
+its record is on disk. Either way the job's next step and its children wait for the disk. What
+a crash can make run again is then bounded by the execs running plus the transitions settled
+and not yet on disk, at most ``Processor(max_pending=...)``: each lane stops starting execs
+while its share of that many is waiting for the disk.
 """
 
 from __future__ import annotations
