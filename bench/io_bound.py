@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/io_bound.py                  # N = 20k, concurrency 1,000; 3 runs
     .venv/bin/python bench/io_bound.py --n 2k --runs 5  # quicker
+    .venv/bin/python bench/io_bound.py --fsync-thread   # the journal's fsync off the loop
 
 Each state has ``concurrency=1000``; jorb is measured durable (fsync per group commit), progress
 off. The pipelined ideal is what the sleeps alone allow: the first state runs N / concurrency
@@ -27,6 +28,7 @@ from typing import Any
 from common import human, median, parse_counts, report, table
 
 import jorb
+import jorb.checkpoint
 
 STATES = ("new", "a", "b")
 NEXT = {"new": "a", "a": "b", "b": "done"}
@@ -211,7 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sleep", type=float, default=0.05, help="seconds each exec sleeps")
     parser.add_argument("--dir", type=Path, help="where run files go (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    parser.add_argument(
+        "--fsync-thread", action="store_true", help="fsync the journal on the store's thread"
+    )
     args = parser.parse_args(argv)
+    if args.fsync_thread:
+        jorb.checkpoint.FSYNC_ON_LOOP = False
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="jorb-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
