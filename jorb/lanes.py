@@ -149,9 +149,6 @@ class Lanes:
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
 
-    def get(self, state: str) -> Lane | None:
-        return self.by_name.get(state)
-
     def count_in(self, state: str) -> None:
         lane = self.by_name.get(state)
         if lane is None:
