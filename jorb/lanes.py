@@ -133,7 +133,7 @@ class Lanes:
     ``lanes.enqueue(lane, job, now)`` then ``lanes.wake(lane)`` gets a job started.
     """
 
-    __slots__ = ("active", "by_name", "counts", "in_exec", "order", "proc", "running")
+    __slots__ = ("active", "by_name", "counts", "in_exec", "proc", "running")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
@@ -144,7 +144,6 @@ class Lanes:
         # by a record that is not on disk yet (kicked children, added or redriven jobs).
         self.running: set[str] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
-        self.order: Iterator[int] = proc._order
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
