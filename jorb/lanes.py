@@ -12,6 +12,7 @@ import collections
 import heapq
 import itertools
 import math
+import time
 import types
 from collections.abc import Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,10 @@ from .states import Rate, State
 
 if TYPE_CHECKING:
     from .processor import Processor
+
+
+#: How long a worker runs execs that never wait, batch after batch, before it lets the loop turn.
+INLINE_SECONDS = 0.02
 
 
 class Ready:
@@ -239,6 +244,7 @@ class Lanes:
         rate, limit, ready = lane.rate, lane.state.concurrency, lane.ready
         join = lane.state.join
         lane.waking -= 1
+        since = time.monotonic()  # when this worker last let the loop turn
         try:
             while not proc._stopping:
                 # Park unless a ready job is left that no worker waiting for the Rate will
@@ -253,6 +259,7 @@ class Lanes:
                     lane.idle.append(parked)
                     await parked
                     lane.waking -= 1
+                    since = time.monotonic()
                     continue
                 if rate.paused_until or rate.n != math.inf:
                     # Wait for the Rate *before* taking a job, so the job taken is the best one
@@ -291,6 +298,13 @@ class Lanes:
                 if not lane.waking and ready:  # (the test wake starts with, without a call)
                     self.wake(lane)  # another worker for the rest, in case these execs wait
                 await self._attempts(lane, jobs, task)
+                if lane.waits:  # its last exec waited: the loop turned meanwhile
+                    since = time.monotonic()
+                elif time.monotonic() - since > INLINE_SECONDS:
+                    # Execs that never wait but take long (CPU work in an async def): let the
+                    # loop turn (commits, timers, Ctrl-C, the progress display) between batches.
+                    await asyncio.sleep(0)
+                    since = time.monotonic()
         finally:
             lane.workers -= 1
 

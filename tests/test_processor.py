@@ -13,6 +13,7 @@ import pytest
 from conftest import DONE, InFlight, MakeRun, errors_of, process, process_fake_clock
 
 import jorb
+import jorb.lanes
 
 # -- completion ---------------------------------------------------------------------------------
 
@@ -754,3 +755,35 @@ def test_an_exec_collects_young_garbage_less_often_and_restores_the_threshold(
         assert gc.get_threshold() == (700, 10, 10)
     finally:
         gc.set_threshold(*before)
+
+
+def test_execs_that_never_wait_let_the_loop_turn_between_batches(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane of execs that return without awaiting runs them a batch (its free slots) at a
+    time, inline; past ``INLINE_SECONDS`` (here: at once) it lets other tasks run in between."""
+    monkeypatch.setattr(jorb.lanes, "INLINE_SECONDS", -1.0)
+    turns = 0
+    seen: list[int] = []
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        seen.append(turns)  # never awaits: CPU work in an async def
+        return ctx, "done"
+
+    async def main() -> None:
+        counter = asyncio.create_task(count_turns())
+        states = [jorb.State("new", exec=work, concurrency=2), DONE]
+        await jorb.Processor(None, states, progress=False).aexec(run)
+        counter.cancel()
+
+    run = make_run([{"n": i} for i in range(6)])
+    asyncio.run(main())
+    assert run.counts() == {"done": 6}
+    assert seen[0::2] == seen[1::2], "a batch of two runs inline, in one turn"
+    assert seen[0] < seen[2] < seen[4], "other tasks ran between the batches"
