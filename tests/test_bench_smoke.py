@@ -100,3 +100,11 @@ def test_add_jobs_bench_adds_in_bulk_and_one_at_a_time(tmp_path: Path) -> None:
     (result,) = json.loads(out.splitlines()[-1])  # (it exits 1 unless all jobs were added)
     assert result["n"] == 500
     assert result["bulk_add_s"] > 0 and result["loop_add_s"] > 0
+
+
+def test_cpu_bound_bench_runs_threads_and_both_pools() -> None:
+    out = _run("cpu_bound.py", "--n", "100", "--runs", "1", "--ms", "0.2", "--json")
+    result = json.loads(out.splitlines()[-1])
+    for mode in ("threads", "process", "dask"):  # (each run exits 1 unless every job is done)
+        assert result[mode]["execs_per_s"] > 0 and result[mode]["cores"] >= 0
+    assert result["round_trip"]["cpu_us"] > 0
