@@ -160,7 +160,9 @@ def check_children(run: Any, where: str) -> int:
         got = sorted(kids.get(job.id, []))
         want = list(range(job.ctx["k"])) if job.state != "new" else []
         if got != want:
-            raise Violation(f"{where}: root {job.id} in {job.state} has children {got}, want {want}")
+            raise Violation(
+                f"{where}: root {job.id} in {job.state} has children {got}, want {want}"
+            )
         total += len(got)
     return total
 
@@ -277,7 +279,9 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     if name == "SIGKILL":
                         stats["landed"][landed(path, log_before, effects, proc.pid)] += 1
                     else:
-                        stats["landed"][f"{name}: stopped cleanly" if code else f"{name}: done"] += 1
+                        stats["landed"][
+                            f"{name}: stopped cleanly" if code else f"{name}: done"
+                        ] += 1
                     if is_locked(path):
                         raise Violation(f"{where}: the lock is held after its process died")
                     observe(path, seen, f"{where}, after {name} #{stats['kills']}")
