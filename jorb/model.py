@@ -867,3 +867,22 @@ def _new_jobs_problem(run: Run, raws: Any, record: dict[str, Any]) -> str | None
             return f"job id {job.id!r} is taken"
         seen.add(job.id)
     return None
+
+
+def parent_cycle(run: Run) -> list[str] | None:
+    """Ids of jobs that are each other's ancestors (only a hand edit makes one: a kicked job
+    always gets a newer id than its parent), or None. Fan-in would wait on them forever."""
+    jobs = run.jobs
+    done: set[str] = set()
+    for start in jobs:
+        path: list[str] = []
+        on_path: set[str] = set()
+        ident: str | None = start
+        while ident is not None and ident in jobs and ident not in done:
+            if ident in on_path:
+                return path[path.index(ident) :]
+            path.append(ident)
+            on_path.add(ident)
+            ident = jobs[ident].parent
+        done.update(path)
+    return None

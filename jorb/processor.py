@@ -40,7 +40,7 @@ from . import control, outcome
 from .checkpoint import Store
 from .errors import ExecResultError, JorbError, RateLimited, RunFileError, StateError
 from .executor import Executor, LocalExecutor
-from .model import Child, Job, Run, apply_record
+from .model import Child, Job, Run, apply_record, parent_cycle
 from .states import Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 
@@ -394,6 +394,11 @@ class Processor:
         for req in queued:
             control.apply_one(run, req, self._applied)
         self._check_states(run)
+        if self._joins and (cycle := parent_cycle(run)):
+            raise RunFileError(
+                f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
+                f'edit of "parent" fields): a join would wait for them forever. Fix those fields'
+            )
         self._run, self._store = run, store
         store.begin(run)  # every added job, change and the declarations reach disk here
         self._executor = self._executor or LocalExecutor(self.states.values())
