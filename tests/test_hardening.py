@@ -428,3 +428,20 @@ def test_a_write_error_elsewhere_still_promises_the_resume(
         run.add_job({"key": "r0"}, "a")
         with pytest.raises(jorb.CheckpointError, match="is intact and a rerun resumes from it"):
             process(STATES, run)
+
+
+def test_a_change_through_a_symlink_goes_through_the_real_files_inbox(
+    tmp_path: Path,
+) -> None:
+    real = tmp_path / "run.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(real.name)
+    with jorb.Run.open(real) as run:
+        run.add_job({"key": "r0"}, "a")
+        run.save()
+        process(STATES, run)
+    jorb.control.add(link, [{"key": "r1"}], "a")
+    assert sorted(job.ctx["key"] for job in jorb.Run.load(real).jobs.values()) == [
+        "r0", "r0/0", "r1",
+    ]  # fmt: skip
+    assert not (tmp_path / "link.json.inbox").exists()
