@@ -787,6 +787,9 @@ def record_problem(run: Run, record: dict[str, Any]) -> str | None:
     """What is wrong with a journal record read back, before it is applied to ``run`` (None:
     nothing). Replay holds every record to this, so applying it cannot fail half-way, and the
     run it leaves holds only what a run file may hold: what it folds into then loads."""
+    ok = record.get("ok")
+    if ok is not None:  # (a batch of plain successes: [id, to, ctx, time, duration] each)
+        return _successes_problem(run, ok)
     op = record.get("op")
     if op is None:
         return _exec_record_problem(run, record)
@@ -816,6 +819,22 @@ def record_problem(run: Run, record: dict[str, Any]) -> str | None:
 
 def _name(value: Any) -> bool:
     return type(value) is str and value != ""
+
+
+def _successes_problem(run: Run, ok: Any) -> str | None:
+    if type(ok) is not list:
+        return '"ok" must be a list'
+    for entry in ok:
+        if type(entry) is not list or len(entry) != 5:
+            return '"ok" must hold [id, to, ctx, time, duration] lists'
+        ident, to, ctx, when, took = entry
+        if type(ident) is not str or ident not in run.jobs:
+            return f"{ident!r:.40} is no job of the run"
+        if not _name(to) or type(ctx) is not dict or not _is_time(when):
+            return f"job {ident}: a success needs a state name, a ctx object and a time"
+        if type(took) not in (int, float):
+            return f"job {ident}: a duration must be a number"
+    return None
 
 
 def _exec_record_problem(run: Run, record: dict[str, Any]) -> str | None:
