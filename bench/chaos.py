@@ -58,7 +58,8 @@ def worker(path: Path, effects: Path) -> None:
     import jorb
     from jorb import checkpoint
 
-    checkpoint.MIN_COMPACT_BYTES = 48 << 10  # compact often: kills land in snapshot writes
+    checkpoint.MIN_COMPACT_BYTES = 16 << 10  # compact often: kills land in snapshot writes
+    checkpoint.COMPACT_RATIO = 0.25
     log = os.open(effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     pid = os.getpid()
 
@@ -203,7 +204,15 @@ def final_check(run: Any, effects: Path, signalled: set[int], where: str) -> int
     return worst
 
 
-def landed(path: Path, log_before: int, effects: Path, pid: int) -> str:
+def snapshot_seq(path: Path) -> int:
+    """The seq of the run file itself (the last snapshot), without its journal."""
+    import orjson
+
+    seq: int = orjson.loads(path.read_bytes())["seq"]
+    return seq
+
+
+def landed(path: Path, log_before: int, effects: Path, pid: int, seq_before: int) -> str:
     """Where a SIGKILL landed, from what it left on disk."""
     names = os.listdir(path.parent)
     if any(n.startswith(f".{path.name}.journal.") and n.endswith(".tmp") for n in names):
@@ -220,6 +229,8 @@ def landed(path: Path, log_before: int, effects: Path, pid: int) -> str:
         return "before any exec (startup, load)"
     if not journal.exists():
         return "after the last checkpoint (exiting)"
+    if snapshot_seq(path) > seq_before:
+        return "between checkpoints, after a compaction"
     return "between checkpoints (execs in flight)"
 
 
@@ -257,6 +268,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
             where = f"round {round_no}"
             while True:
                 log_before = effects.stat().st_size if effects.exists() else 0
+                seq_before = snapshot_seq(path)
                 proc = subprocess.Popen(
                     [sys.executable, __file__, "worker", str(path), str(effects)],
                     stdout=subprocess.DEVNULL,
@@ -277,7 +289,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                     stats["kills"] += 1
                     stats["by_signal"][name] += 1
                     if name == "SIGKILL":
-                        stats["landed"][landed(path, log_before, effects, proc.pid)] += 1
+                        place = landed(path, log_before, effects, proc.pid, seq_before)
+                        stats["landed"][place] += 1
                     else:
                         stats["landed"][
                             f"{name}: stopped cleanly" if code else f"{name}: done"

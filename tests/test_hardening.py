@@ -445,3 +445,4 @@ def test_a_change_through_a_symlink_goes_through_the_real_files_inbox(
         "r0", "r0/0", "r1",
     ]  # fmt: skip
     assert not (tmp_path / "link.json.inbox").exists()
+    assert link.is_symlink()
