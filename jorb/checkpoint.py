@@ -410,10 +410,7 @@ def frame(records: list[bytes]) -> bytes:
     CRC-32 of its bytes, in 8 hex digits and a space. A crc32 of a few hundred bytes costs
     about as much as a dict lookup; ``bench/engine.py`` measures it with the rest."""
     crc32 = zlib.crc32
-    parts: list[bytes] = []
-    for record in records:
-        parts += (b"%08x " % crc32(record), record)
-    return b"".join(parts)
+    return b"".join([b"%08x " % crc32(record) + record for record in records])
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, Records]:
