@@ -68,3 +68,8 @@ def test_breakdown_bench_splits_the_cpu_of_an_exec() -> None:
     assert [r["durable"] for r in results] == [True, False]
     for r in results:  # (each child exits 1 unless every job ended "done")
         assert r["cpu"] > 0 and 0 < r["snapshots"] < r["cpu"]
+
+
+def test_checksum_bench_measures_with_and_without_the_crc() -> None:
+    out = _run("checksum_cost.py", "--n", "300", "--rounds", "1")
+    assert "| durable |" in out and "| nofsync |" in out and "frame():" in out
