@@ -28,10 +28,12 @@ resolved, or a snapshot written) before the cut.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import itertools
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -73,9 +75,6 @@ class File:
     def change(self, op: Op) -> None:
         self.apply(self.now, op)
         self.since.append(op)
-
-    def sync(self) -> None:
-        self.durable, self.since = bytes(self.now), []
 
     def contents(self) -> set[bytes]:
         """Every content a power cut may leave."""
@@ -146,18 +145,28 @@ class Recorder:
         self.calls = 0
         self.fsyncs = 0
         self.fail_fsync = fail_fsync  # the n-th file fsync raises EIO
+        self.lock = threading.RLock()  # (an fsync may come from another thread)
         self.collect()
+
+    def ack(self, seq: int) -> None:
+        with self.lock:
+            self.acked = max(self.acked, seq)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(os, name)
 
     def collect(self) -> None:
-        self.calls += 1
-        for state in self.disk.crash_states():
-            key = frozenset(state.items())
-            self.states[key] = max(self.states.get(key, 0), self.acked)
+        with self.lock:
+            self.calls += 1
+            for state in self.disk.crash_states():
+                key = frozenset(state.items())
+                self.states[key] = max(self.states.get(key, 0), self.acked)
 
     def open(self, path: Any, flags: int, mode: int = 0o777) -> int:
+        with self.lock:
+            return self._open(path, flags, mode)
+
+    def _open(self, path: Any, flags: int, mode: int) -> int:
         fd = os.open(path, flags, mode)
         disk = self.disk
         if os.path.abspath(os.fspath(path)) == disk.directory:
@@ -177,6 +186,10 @@ class Recorder:
         return fd
 
     def write(self, fd: int, data: Any) -> int:
+        with self.lock:
+            return self._write(fd, data)
+
+    def _write(self, fd: int, data: Any) -> int:
         written = os.write(fd, data)
         if fd in self.disk.fds:
             file = self.disk.fds[fd]
@@ -186,6 +199,10 @@ class Recorder:
         return written
 
     def ftruncate(self, fd: int, size: int) -> None:
+        with self.lock:
+            self._ftruncate(fd, size)
+
+    def _ftruncate(self, fd: int, size: int) -> None:
         os.ftruncate(fd, size)
         if fd in self.disk.fds:
             file = self.disk.fds[fd]
@@ -194,21 +211,32 @@ class Recorder:
             self.collect()
 
     def fsync(self, fd: int) -> None:
-        tracked, file = fd in self.disk.fds, self.disk.fds.get(fd)
-        if file is not None:
-            self.fsyncs += 1
-            if self.fsyncs == self.fail_fsync:
-                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        with self.lock:  # what the fsync covers: what was written before it was called
+            tracked, file = fd in self.disk.fds, self.disk.fds.get(fd)
+            names, since = dict(self.disk.names), len(self.disk.since)
+            content = bytes(file.now) if file is not None else b""
+            writes = len(file.since) if file is not None else 0
+            if file is not None:
+                self.fsyncs += 1
+                if self.fsyncs == self.fail_fsync:
+                    raise OSError(errno.EIO, os.strerror(errno.EIO))
         os.fsync(fd)
         if not tracked:
             return
-        if file is None:
-            self.disk.durable_names, self.disk.since = dict(self.disk.names), []
-        else:
-            file.sync()
-        self.collect()
+        with self.lock:
+            if file is None:
+                self.disk.durable_names = names
+                del self.disk.since[:since]
+            else:
+                file.durable = content
+                del file.since[:writes]
+            self.collect()
 
     def replace(self, source: Any, target: Any) -> None:
+        with self.lock:
+            self._replace(source, target)
+
+    def _replace(self, source: Any, target: Any) -> None:
         os.replace(source, target)
         a, b = self.disk.name(source), self.disk.name(target)
         if a is not None and b is not None:
@@ -217,6 +245,10 @@ class Recorder:
             self.collect()
 
     def unlink(self, path: Any) -> None:
+        with self.lock:
+            self._unlink(path)
+
+    def _unlink(self, path: Any) -> None:
         os.unlink(path)
         name = self.disk.name(path)
         if name is not None and self.disk.names.pop(name, None) is not None:
@@ -224,8 +256,9 @@ class Recorder:
             self.collect()
 
     def close(self, fd: int) -> None:
-        os.close(fd)
-        self.disk.fds.pop(fd, None)
+        with self.lock:
+            os.close(fd)
+            self.disk.fds.pop(fd, None)
 
 
 class Seen:
@@ -233,9 +266,9 @@ class Seen:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
         self.runs: dict[int, set[bytes]] = {}
-        real_apply, real_write, real_snapshot = (
+        real_apply, real_append, real_snapshot = (
             processor.apply_record,
-            Store._write,
+            Store.append,
             Store._write_snapshot,
         )
 
@@ -243,17 +276,25 @@ class Seen:
             real_apply(run, record)
             self.hold(run)
 
-        def write(store: Store, records: list[bytes], upto: int) -> None:
-            real_write(store, records, upto)
-            recorder.acked = max(recorder.acked, upto)
+        def append(store: Store, record: bytes) -> asyncio.Future[None]:
+            # Acknowledged when the append's future resolves: what the processor waits for.
+            batch = real_append(store, record)
+            upto = store._run.seq if store._run is not None else 0
+
+            def acknowledged(batch: asyncio.Future[None]) -> None:
+                if not batch.cancelled() and batch.exception() is None:
+                    recorder.ack(upto)
+
+            batch.add_done_callback(acknowledged)
+            return batch
 
         def write_snapshot(store: Store, run: jorb.Run, finish: bool) -> None:
             self.hold(run)
             real_snapshot(store, run, finish)
-            recorder.acked = max(recorder.acked, run.seq)
+            recorder.ack(run.seq)
 
         monkeypatch.setattr(processor, "apply_record", apply_record)
-        monkeypatch.setattr(Store, "_write", write)
+        monkeypatch.setattr(Store, "append", append)
         monkeypatch.setattr(Store, "_write_snapshot", write_snapshot)
 
     def hold(self, run: jorb.Run) -> None:
