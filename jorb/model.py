@@ -884,6 +884,15 @@ def _new_jobs_problem(run: Run, raws: Any, record: dict[str, Any]) -> str | None
             return str(e)
         if job.id in run.jobs or job.id in seen:
             return f"job id {job.id!r} is taken"
+        ident = job.id
+        if (
+            ident.isascii()
+            and ident.isdigit()
+            and (
+                len(ident) > 19 or int(ident) >= record["next_id"]  # (19 digits: past any int64)
+            )
+        ):
+            return f'job id {job.id!r} is not below the record\'s "next_id"'  # (reused later)
         seen.add(job.id)
     return None
 
