@@ -15,9 +15,10 @@ What a power cut may leave (the crash states of one point), the model's rules:
   the last of them possibly torn (cut after its first byte, its half, all but its last byte),
   and a torn write either short or with the rest of its length read back as zeros (the size
   made durable before the data);
-- the directory: its names as of its last fsync, then any prefix of the creations, renames
-  and unlinks since, in the order made (ext4 and xfs journal them in order; a rename
-  reaches the disk only with the directory's fsync or a later journal commit);
+- the directory: its names as of its last fsync, then any subset of the creations, renames
+  and unlinks since, applied in the order made (stricter than ext4 and xfs, which journal
+  them in order: a later rename may land without an earlier one; a rename reaches the disk
+  only with the directory's fsync);
 - every combination of those, for the files the directory then names.
 
 A state loads to "exactly a state the process had": the run it loads, encoded, is one the
@@ -114,13 +115,21 @@ class Disk:
         return None
 
     def crash_states(self) -> Iterator[State]:
-        for count in range(len(self.since) + 1):
+        pending = range(len(self.since))
+        if len(self.since) <= 8:  # any subset, in any case the order made: a rename may land
+            kept = itertools.chain.from_iterable(  # without the creation before it, ...
+                itertools.combinations(pending, size) for size in range(len(self.since) + 1)
+            )
+        else:
+            kept = (tuple(pending[:count]) for count in range(len(self.since) + 1))
+        for chosen in kept:
             names = dict(self.durable_names)
-            for op in self.since[:count]:
+            for op in (self.since[index] for index in chosen):
                 if op[0] == "create":
                     names[op[1]] = op[2]
                 elif op[0] == "rename":
-                    names[op[2]] = names.pop(op[1])
+                    if op[1] in names:  # (a rename of a name whose creation did not land)
+                        names[op[2]] = names.pop(op[1])
                 else:
                     names.pop(op[1], None)
             files = list(dict.fromkeys(names.values()))
