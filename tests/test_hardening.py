@@ -446,3 +446,40 @@ def test_a_change_through_a_symlink_goes_through_the_real_files_inbox(
     ]  # fmt: skip
     assert not (tmp_path / "link.json.inbox").exists()
     assert link.is_symlink()
+
+
+FORKING_EXEC = """
+import asyncio, os, signal, sys
+import jorb
+
+async def spawn(app, overall, ctx):
+    if os.fork() == 0:  # a daemon the exec leaves behind: it outlives the process running the run
+        print(os.getpid(), flush=True)  # (fork has returned here: its handlers ran)
+        signal.pause()
+        os._exit(0)
+    await asyncio.Event().wait()  # the exec never returns: its process is killed
+
+run = jorb.Run.open(sys.argv[1])
+run.add_job({}, "a")
+jorb.Processor(None, [jorb.State("a", exec=spawn), jorb.State("done", terminal=True)],
+               progress=False).exec(run)
+"""
+
+
+def test_a_child_forked_by_an_exec_does_not_hold_the_run_after_its_parent_is_killed(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "run.json"
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKING_EXEC, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None
+    child = int(parent.stdout.readline())  # the exec has forked, and the child runs
+    try:
+        parent.kill()
+        parent.wait()
+        assert not is_locked(path), "the forked child keeps the lock of its dead parent"
+        with jorb.Run.open(path) as run:
+            assert list(run.jobs) == ["1"]
+    finally:
+        os.kill(child, 9)
