@@ -386,6 +386,7 @@ class Processor:
                 raise
             run._holder = store
         store.durable = self.durable
+        run.path = store.path  # the real file (a Run made by name may name a symlink)
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
         self._applied = control.applied_ids(run)  # grows as changes are applied
         answers = control.apply_inbox(run, self._applied)

@@ -483,3 +483,15 @@ def test_a_child_forked_by_an_exec_does_not_hold_the_run_after_its_parent_is_kil
             assert list(run.jobs) == ["1"]
     finally:
         os.kill(child, 9)
+
+
+def test_a_run_made_by_a_symlinks_name_is_executed_as_the_real_file(tmp_path: Path) -> None:
+    real = tmp_path / "run.json"
+    link = tmp_path / "link.json"
+    link.symlink_to(real.name)
+    run = jorb.Run(link)
+    run.add_job({"key": "r0"}, "a")
+    process(STATES, run)
+    run.close()
+    assert run.path == real and link.is_symlink()
+    assert_consistent(jorb.Run.load(link))
