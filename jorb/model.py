@@ -838,33 +838,44 @@ def _successes_problem(run: Run, ok: Any) -> str | None:
 
 
 def _exec_record_problem(run: Run, record: dict[str, Any]) -> str | None:
-    ident = record.get("job")
+    # (Every record of a journal replayed after a crash comes through here: checks inlined.)
+    get = record.get
+    ident, to = get("job"), get("to")
     if type(ident) is not str or ident not in run.jobs:
         return f'"job" {ident!r:.40} is no job of the run'
-    if not _name(record.get("to")):
+    if type(to) is not str or not to:
         return '"to" must be a state name'
     if "ctx" in record and type(record["ctx"]) is not dict:
         return '"ctx" must be an object'
-    error = record.get("error")
-    if error is not None and (type(error) is not dict or not _name(record.get("in"))):
+    error = get("error")
+    if error is not None and (type(error) is not dict or not _name(get("in"))):
         return 'an "error" must be an object, with the state it happened "in"'
-    step = record.get("history")
-    if step is not None and (
-        type(step) is not dict
-        or not _name(step.get("from"))
-        or not _name(step.get("to"))
-        or not _is_time(step.get("time"))
-        or type(step.get("duration")) not in (int, float)
-    ):
-        return '"history" must be a {from, to, time, duration} object'
-    if not _count(record.get("attempts", 0)) or not _count(record.get("throttled", 0)):
-        return '"attempts" and "throttled" must be counts'
-    not_before = record.get("not_before")
-    if not_before is not None and not _is_time(not_before):
-        return '"not_before" must be a time'
-    kids = record.get("kids")
-    if kids:
-        return _new_jobs_problem(run, kids, record)
+    step = get("history")
+    if step is not None:
+        if type(step) is not dict:
+            return '"history" must be a {from, to, time, duration} object'
+        source, target = step.get("from"), step.get("to")
+        when: Any = step.get("time")
+        if not (
+            type(source) is str
+            and source
+            and type(target) is str
+            and target
+            and type(when) in (float, int)
+            and -MAX_TIME <= when <= MAX_TIME
+            and type(step.get("duration")) in (float, int)
+        ):
+            return '"history" must be a {from, to, time, duration} object'
+    if len(record) != 5 or step is None or "ctx" not in record:
+        # (else it holds seq, job, to, ctx and history, all checked: a success's record)
+        if not _count(get("attempts", 0)) or not _count(get("throttled", 0)):
+            return '"attempts" and "throttled" must be counts'
+        not_before = get("not_before")
+        if not_before is not None and not _is_time(not_before):
+            return '"not_before" must be a time'
+        kids = get("kids")
+        if kids:
+            return _new_jobs_problem(run, kids, record)
     return None
 
 
