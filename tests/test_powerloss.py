@@ -44,7 +44,7 @@ from conftest import process
 from test_checkpoint import STATES, _a, _b, assert_consistent, roots
 
 import jorb
-from jorb import checkpoint, processor
+from jorb import checkpoint, commit, model, steering
 from jorb.checkpoint import Store, encode_run, read_run
 
 #: A crash state: file name -> content.
@@ -276,7 +276,7 @@ class Seen:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
         self.runs: dict[int, set[bytes]] = {}
         real_apply, real_append, real_snapshot = (
-            processor.apply_record,
+            model.apply_record,
             Store.append,
             Store._write_snapshot,
         )
@@ -302,7 +302,8 @@ class Seen:
             real_snapshot(store, run, finish)
             recorder.ack(run.seq)
 
-        monkeypatch.setattr(processor, "apply_record", apply_record)
+        for module in (commit, steering):  # where the live path applies records
+            monkeypatch.setattr(module, "apply_record", apply_record)
         monkeypatch.setattr(Store, "append", append)
         monkeypatch.setattr(Store, "_write_snapshot", write_snapshot)
 
