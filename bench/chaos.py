@@ -24,7 +24,8 @@ the effects log shows from a process that was never signalled is recorded in the
 history entry or an error), so only killed processes ran anything twice. Then a fresh run.
 
     .venv/bin/python bench/chaos.py --kills 1000            # the long run (RELIABILITY.md)
-    .venv/bin/python bench/chaos.py --kills 10 --roots 20   # what the test runs
+    .venv/bin/python bench/chaos.py --kills 400 --pool      # children in a ProcessPool
+    .venv/bin/python bench/chaos.py --kills 8 --roots 30    # what the test runs
 
 Prints a summary (kills by signal and by where they landed, lost, duplicated, max
 re-executions) and exits 1 on the first violation, with the run's files kept for a look.
@@ -53,15 +54,16 @@ SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGINT": signal.SIGINT, "SIGTERM": signal
 # -- the workflow ------------------------------------------------------------------------------
 
 
-def worker(path: Path, effects: Path) -> None:
-    """Run (or resume) the chaos workflow on ``path`` until every job is terminal."""
+def worker(path: Path, effects: Path, pooled: bool = False) -> None:
+    """Run (or resume) the chaos workflow on ``path`` until every job is terminal (``pooled``:
+    the children's execs in a ``jorb.ProcessPool`` of 2 workers)."""
     import jorb
     from jorb import checkpoint
 
     checkpoint.MIN_COMPACT_BYTES = 16 << 10  # compact often: kills land in snapshot writes
     checkpoint.COMPACT_RATIO = 0.25
     log = os.open(effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    pid = os.getpid()
+    pid = os.getpid()  # (the script's, also in pool workers: the one the driver signals)
 
     def effect(job: str, state: str, outcome: str) -> None:
         os.write(log, f"{pid} {job} {state} {outcome}\n".encode())
@@ -89,7 +91,15 @@ def worker(path: Path, effects: Path) -> None:
 
     states = [
         jorb.State("new", exec=new, concurrency=4),
-        jorb.State("child", exec=child, concurrency=6, retries=2, backoff=0.005, on_error="lost"),
+        jorb.State(
+            "child",
+            exec=child,
+            concurrency=6,
+            retries=2,
+            backoff=0.005,
+            on_error="lost",
+            pool=jorb.ProcessPool(2) if pooled else None,
+        ),
         jorb.State("sum", exec=total, join=True),
         jorb.State("done", terminal=True),
         jorb.State("lost", terminal=True),
@@ -243,6 +253,7 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     base = Path(tempfile.mkdtemp(prefix="jorb-chaos-", dir=args.dir))
     stats: dict[str, Any] = {
+        "pool": args.pool,
         "kills": 0,
         "by_signal": Counter(),
         "landed": Counter(),
@@ -270,7 +281,8 @@ def drive(args: argparse.Namespace) -> dict[str, Any]:
                 log_before = effects.stat().st_size if effects.exists() else 0
                 seq_before = snapshot_seq(path)
                 proc = subprocess.Popen(
-                    [sys.executable, __file__, "worker", str(path), str(effects)],
+                    [sys.executable, __file__, "worker", str(path), str(effects)]
+                    + (["pool"] if args.pool else []),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -331,8 +343,8 @@ def summary(stats: dict[str, Any], started: float) -> str:
 
 
 def main() -> None:
-    if len(sys.argv) == 4 and sys.argv[1] == "worker":
-        worker(Path(sys.argv[2]), Path(sys.argv[3]))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "worker":
+        worker(Path(sys.argv[2]), Path(sys.argv[3]), pooled=sys.argv[4:] == ["pool"])
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=100, help="signals to send in all")
@@ -343,6 +355,9 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the runs go (default: a temp dir)")
     parser.add_argument("--progress", type=int, default=0, help="a line every N kills")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--pool", action="store_true", help="run the children's execs in a jorb.ProcessPool"
+    )
     args = parser.parse_args()
     stats = drive(args)
     if args.json:

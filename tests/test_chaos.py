@@ -19,7 +19,10 @@ sys.path.insert(0, str(BENCH))
 import chaos  # noqa: E402
 
 
-def test_a_short_chaos_run_finds_nothing_lost_duplicated_or_locked(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pool", [[], ["--pool"]], ids=["on the loop", "in a ProcessPool"])
+def test_a_short_chaos_run_finds_nothing_lost_duplicated_or_locked(
+    tmp_path: Path, pool: list[str]
+) -> None:
     proc = subprocess.run(
         [
             sys.executable,
@@ -33,6 +36,7 @@ def test_a_short_chaos_run_finds_nothing_lost_duplicated_or_locked(tmp_path: Pat
             "3",
             "--dir",
             str(tmp_path),
+            *pool,
         ],
         capture_output=True,
         text=True,
@@ -44,6 +48,7 @@ def test_a_short_chaos_run_finds_nothing_lost_duplicated_or_locked(tmp_path: Pat
     assert proc.returncode == 0
     assert stats["kills"] == 8 and stats["by_signal"]["SIGKILL"] >= 1
     assert stats["runs_completed"] >= 1 and stats["lost"] == 0 and stats["duplicated"] == 0
+    assert stats["pool"] == bool(pool)
 
 
 def test_the_checks_see_a_lost_transition_and_a_duplicated_child(tmp_path: Path) -> None:
