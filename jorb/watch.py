@@ -168,7 +168,7 @@ class Watcher:
                 continue
             if _FRAMED.match(line):  # a line with its CRC-32 in front
                 line, crc = line[9:], line[:8]
-                if b"%08x" % zlib.crc32(line) != crc:
+                if b"%08x" % zlib.crc32(line + b"\n") != crc:  # (of the record's whole line)
                     return False
             try:
                 record = orjson.loads(line)
