@@ -215,32 +215,50 @@ def test_a_sync_exec_is_abandoned_and_its_late_result_ignored(make_run: MakeRun)
     assert reloaded is not None and reloaded.jobs[job.id].ctx == job.ctx
 
 
-def test_a_hung_sync_exec_does_not_starve_its_state(make_run: MakeRun) -> None:
-    # concurrency=1: the retry of a hung (abandoned) attempt must still get a thread to run on.
-    # (Once a bug: with a pool of exactly `concurrency` threads, the retry queued behind the
-    # abandoned thread, "timed out" there without ever running, and the job ended in failed.)
-    gate = threading.Event()
-    calls: list[int] = []
+class _TimedOut:
+    """A listener that sets ``event`` once a state has counted an error (the timeout)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def start(self, status: jorb.Status) -> None: ...
+
+    def update(self, status: jorb.Status) -> None:
+        if any(row.errors for row in status.states):
+            self.event.set()
+
+    def note(self, message: str) -> None: ...
+
+    def stop(self, status: jorb.Status) -> None: ...
+
+
+def test_an_abandoned_sync_exec_keeps_its_slot_until_its_thread_ends(make_run: MakeRun) -> None:
+    # concurrency=1: the retry of a timed-out attempt runs once the abandoned thread has ended,
+    # never beside it. (Before: a retry started at once, beside the thread still running.)
+    timed_out = _TimedOut()
+    events: list[str] = []
 
     def fetch(app: Any, overall: Ctx, ctx: Ctx) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            gate.wait(STUCK)  # hung until the test ends
+        events.append("start")
+        if len(events) == 1:
+            timed_out.event.wait(STUCK)  # runs on until its timeout has been recorded
+            events.append("the abandoned attempt ends")
             return ctx, "done"
         return {"retried": True}, "done"
 
-    states = [jorb.State("fetch", exec=fetch, timeout=0.5, retries=1, backoff=0), DONE]
+    states = [jorb.State("fetch", exec=fetch, timeout=0.2, retries=1, backoff=0), DONE]
     run = make_run([{}], state="fetch")
     try:
-        process(states, run)
+        process(states, run, listeners=[timed_out], status_interval=0.01)
     finally:
-        gate.set()
+        timed_out.event.set()
 
     job = _only(run)
-    messages = [e["message"] for e in job.errors.get("fetch", [])]
-    assert len(calls) == 2, f"the retry ran {len(calls) - 1} times; errors: {messages}"
+    assert events == ["start", "the abandoned attempt ends", "start"]
     assert job.state == "done"
     assert job.ctx == {"retried": True}
+    (error,) = job.errors["fetch"]
+    assert error["message"].startswith("timed out after 0.2s")
 
 
 # -- validation ---------------------------------------------------------------------------------
