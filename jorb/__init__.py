@@ -13,13 +13,14 @@ from .errors import (
     ExecResultError,
     JorbError,
     JournalConflictError,
+    NoRetry,
     RateLimited,
     RunFileError,
     RunLockedError,
     StateError,
     TimedOut,
 )
-from .model import Child, Job, Kick, Run, Step
+from .model import Child, Job, Kick, Next, Run, Step
 from .processor import Processor
 from .states import Rate, State
 from .status import StateStatus, Status, StatusListener
@@ -33,6 +34,8 @@ __all__ = [
     "JorbError",
     "JournalConflictError",
     "Kick",
+    "Next",
+    "NoRetry",
     "Processor",
     "Rate",
     "RateLimited",

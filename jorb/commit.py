@@ -68,7 +68,9 @@ class Commits:
         kids: list[Job] = []
         if error is None:
             try:
-                record, kids = outcome.success(proc.states, job, result, run.next_id, started, now)
+                record, kids = outcome.success(
+                    proc.states, job, result, run.next_id, started, now, run.keyed
+                )
                 record["seq"] = seq
                 data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:

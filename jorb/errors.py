@@ -11,7 +11,8 @@ The tree::
     ├── CheckpointError            writing a checkpoint failed; the last good one is intact
     ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
     ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
-    └── RateLimited                raised *by an exec*: the API said "slow down"
+    ├── RateLimited                raised *by an exec*: the API said "slow down"
+    └── NoRetry                    raised *by an exec*: retrying cannot fix this failure
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "ExecResultError",
     "JorbError",
     "JournalConflictError",
+    "NoRetry",
     "RateLimited",
     "RunFileError",
     "RunLockedError",
@@ -116,3 +118,14 @@ class RateLimited(JorbError):
             seconds = float(seconds)
         #: Seconds the service asked us to wait before calling again, if it said.
         self.retry_after: float | None = seconds
+
+
+class NoRetry(JorbError):
+    """Raise from an exec for a failure that retrying cannot fix (a 404, invalid input).
+
+    The attempt is recorded like any error and the job is routed at once (to its state's
+    ``on_error``, or the error state), its remaining ``retries`` unused::
+
+        if response.status_code == 404:
+            raise jorb.NoRetry(f"{ctx['repo']} does not exist")
+    """

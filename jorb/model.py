@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run", "Step"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Next", "Run", "Step"]
 
 FORMAT = "jorb-run"
 FORMAT_VERSION = 1
@@ -72,6 +72,27 @@ class Kick:
     """Seconds, counted from the job's creation, before it may start."""
     priority: int = field(default=0, kw_only=True)
     """Higher starts first within its state; FIFO among equals."""
+    key: str | None = field(default=None, kw_only=True)
+    """At most one job per key in a run: a kick whose key a job already has adds nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """Returned by an exec in place of the next state's name: go to ``state``, not before
+    ``delay`` seconds.
+
+    ``return ctx, jorb.Next("wait_ci", delay=30)``: the job waits as a delayed job (it holds no
+    slot, and its not-before time is in the run file, so it survives a restart). A ``Next``
+    back to the job's own state (a poll) is counted in ``job.polls`` instead of adding an entry
+    to its history, so a job polling all day keeps a history of a few entries.
+    """
+
+    state: str
+    """The state the job goes to."""
+    delay: float | None = field(default=None, kw_only=True)
+    """Seconds, from now, before the job may start there."""
+    priority: int | None = field(default=None, kw_only=True)
+    """The job's priority from now on (None: unchanged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +232,11 @@ class Job:
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Errors grouped by the state they happened in."""
+    key: str | None = None
+    """The job's unique key, if it was added with one: at most one job per key in a run."""
+    polls: int = 0
+    """How many times an exec sent the job back to its own state with :class:`Next` (counted
+    here, not in ``history``)."""
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
@@ -234,6 +260,7 @@ class Run:
 
     __slots__ = (
         "_holder",
+        "_keys",
         "_stamp",
         "changes",
         "declared",
@@ -264,6 +291,7 @@ class Run:
         self.seq = 0
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
+        self._keys: dict[str, str] | None = None  # job ids by key, built when first needed
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -331,11 +359,14 @@ class Run:
         delay: float | None = None,
         priority: int = 0,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> Job:
         """Add a job in ``state``; it reaches disk at the next checkpoint or ``save()``.
 
         ``delay`` (seconds from now) or ``not_before`` (Unix time) hold it back without
-        taking a slot; higher ``priority`` starts first within its state.
+        taking a slot; higher ``priority`` starts first within its state. With a ``key`` that a
+        job of the run already has, nothing is added and that job is returned: an enqueue
+        script that adds with keys can be rerun.
         """
         if self._holder is not None and self._holder.executing:
             raise JorbError(
@@ -343,10 +374,21 @@ class Run:
                 "return jorb.Kick(...) from an exec, call processor.add_jobs(...), or use "
                 "`jorb add` from a shell"
             )
-        return self.new_job(state, ctx, None, _not_before(delay, not_before), priority)
+        if key is not None:
+            check_key(key)
+            existing = self.keyed().get(key)
+            if existing is not None:
+                return self.jobs[existing]
+        return self.new_job(state, ctx, None, _not_before(delay, not_before), priority, key)
 
     def new_job(
-        self, state: str, ctx: Ctx, parent: str | None, not_before: float | None, priority: int
+        self,
+        state: str,
+        ctx: Ctx,
+        parent: str | None,
+        not_before: float | None,
+        priority: int,
+        key: str | None = None,
     ) -> Job:
         """Create and register a job with the next id (used for adds and kicks)."""
         if not isinstance(ctx, dict):
@@ -355,10 +397,28 @@ class Run:
             raise JorbError(f"a job's state must be a non-empty string, not {state!r}")
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise JorbError(f"priority must be an int, not {priority!r}")
-        job = Job(str(self.next_id), state, ctx, parent, priority, not_before)
+        job = Job(str(self.next_id), state, ctx, parent, priority, not_before, key=key)
         self.next_id += 1
         self.jobs[job.id] = job
+        if key is not None:
+            self.keyed()[key] = job.id
         return job
+
+    def keyed(self) -> dict[str, str]:
+        """Job ids by key, for the jobs that have one (built on first use, then kept up to date
+        by every add and kick; a key a hand edit gave two jobs names the first)."""
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = {}
+            for job in self.jobs.values():
+                if job.key is not None:
+                    keys.setdefault(job.key, job.id)
+        return keys
+
+    def note_key(self, job: Job) -> None:
+        """Index a job just registered with a key (no-op until the index is first built)."""
+        if self._keys is not None and job.key is not None:
+            self._keys.setdefault(job.key, job.id)
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state, states in order of first appearance."""
@@ -474,6 +534,8 @@ def job_document(job: Job) -> dict[str, Any]:
     """A job's object in the run file: its id, state and ctx, and every other field that is
     not at its default (a million jobs' ``"parent": null`` lines are a fifth of a file)."""
     doc: dict[str, Any] = {"id": job.id, "state": job.state, "ctx": job.ctx}
+    if job.key is not None:
+        doc["key"] = job.key
     if job.parent is not None:
         doc["parent"] = job.parent
     if job.priority:
@@ -496,6 +558,8 @@ def job_document(job: Job) -> dict[str, Any]:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
     if job.errors:
         doc["errors"] = job.errors
+    if job.polls:
+        doc["polls"] = job.polls
     return doc
 
 
@@ -557,6 +621,8 @@ def _usual_job(raw: Any) -> Job | None:
         and type(history) is list
         and type(errors) is dict
         and (not errors or _errors_ok(errors))
+        and (job.key is None or (type(job.key) is str and job.key != ""))
+        and type(job.polls) is int
     ):
         return None
     if history:
@@ -647,7 +713,11 @@ def _checked_job(raw: Any, where: str) -> Job:
         _check(raw, "throttled", int, where, 0),
         _check(raw, "history", list, where, []),
         _check(raw, "errors", dict, where, {}),
+        _check(raw, "key", (str, type(None)), where, None),
+        _check(raw, "polls", int, where, 0),
     )
+    if job.key == "":
+        raise CorruptRunError(f'{where}: "key" is empty')
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
     for state, records in job.errors.items():
@@ -662,6 +732,13 @@ def _checked_job(raw: Any, where: str) -> Job:
     job.history = steps
     job.state = sys.intern(job.state)
     return job
+
+
+def check_key(key: Any) -> str:
+    """A job's key as given, if it is one (a non-empty string); a JorbError if not."""
+    if not isinstance(key, str) or not key:
+        raise JorbError(f"a job's key must be a non-empty string, not {key!r}")
+    return key
 
 
 def _not_before(delay: float | None, not_before: float | None) -> float | None:
@@ -719,17 +796,23 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         job.attempts = record.get("attempts", 0)
         job.throttled = record.get("throttled", 0)
         job.not_before = record.get("not_before")
+        if "priority" in record:  # a Next that set it
+            job.priority = record["priority"]
+        if "polls" in record:  # a Next back to the same state: counted, not in history
+            job.polls = record["polls"]
         kids = record.get("kids")
         if kids:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                run.note_key(kid)
             run.next_id = max(run.next_id, record["next_id"])
         return
     if op == "add":
         for raw in record["jobs"]:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
+            run.note_key(job)
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])

@@ -17,6 +17,7 @@ EXPORTS = {
     "Run",
     "Job",
     "Kick",
+    "Next",
     "Child",
     "Step",
     # declarations and the engine
@@ -38,6 +39,7 @@ EXPORTS = {
     "ExecResultError",
     "TimedOut",
     "RateLimited",
+    "NoRetry",
 }
 
 ERRORS = {
@@ -50,6 +52,7 @@ ERRORS = {
     "ExecResultError",
     "TimedOut",
     "RateLimited",
+    "NoRetry",
 }
 
 

@@ -25,6 +25,8 @@ JOB_DEFAULTS: dict[str, Any] = {
     "throttled": 0,
     "history": [],
     "errors": {},
+    "key": None,
+    "polls": 0,
 }
 
 # -- Run.open / add_job / counts --------------------------------------------------------------
