@@ -114,7 +114,17 @@ class Lanes:
     ``lanes.enqueue(lane, job, now)`` then ``lanes.wake(lane)`` gets a job started.
     """
 
-    __slots__ = ("active", "by_name", "counts", "in_exec", "order", "proc", "running")
+    __slots__ = (
+        "active",
+        "by_name",
+        "cancelled",
+        "counts",
+        "executing",
+        "in_exec",
+        "order",
+        "proc",
+        "running",
+    )
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
@@ -125,6 +135,8 @@ class Lanes:
         # by a record that is not on disk yet (kicked children, added or redriven jobs).
         self.running: set[str] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
+        self.executing: dict[str, asyncio.Task[None]] = {}  # job id -> worker, during its exec
+        self.cancelled: set[str] = set()  # jobs whose exec `jorb cancel` is cancelling
         self.order: Iterator[int] = proc._order
 
     def __repr__(self) -> str:
@@ -186,6 +198,13 @@ class Lanes:
         for lane in self.by_name.values():
             if lane.ready:
                 self.wake(lane)
+
+    def cancel_exec(self, ident: str) -> None:
+        """Cancel the running exec of job ``ident`` (a ``jorb cancel`` has moved the job): an
+        ``async def`` sees CancelledError, a ``def`` in a thread is abandoned; whatever it
+        returns is never settled."""
+        self.cancelled.add(ident)
+        self.executing[ident].cancel()
 
     def unpark_all(self) -> None:
         """Release every parked worker (the exec is stopping)."""
@@ -250,6 +269,7 @@ class Lanes:
         lane.running += 1
         self.running.add(job.id)
         self.in_exec.add(task)
+        self.executing[job.id] = task
         started = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
         try:
             result = await executor.call(lane.state, args)
@@ -257,14 +277,31 @@ class Lanes:
         except Exception as e:
             result, error = None, e
         except asyncio.CancelledError as e:
-            if proc._stopping or task.cancelling():
+            if self.cancelled and job.id in self.cancelled and not proc._stopping:
+                result, error = None, None  # `jorb cancel`: dropped just below
+            elif proc._stopping or task.cancelling():
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
                 self.running.discard(job.id)
+                self.cancelled.discard(job.id)
                 raise
-            # The exec's own code let a CancelledError out (a cancelled future it awaited):
-            # that is its failure, not ours to stop on.
-            result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
+            else:
+                # The exec's own code let a CancelledError out (a cancelled future it
+                # awaited): that is its failure, not ours to stop on.
+                result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
+            del self.executing[job.id]
+        if self.cancelled and job.id in self.cancelled:
+            self._dropped(lane, job, task)
+            return
         proc._commits.settle_and_queue(lane, job, result, error, started)
+
+    def _dropped(self, lane: Lane, job: Job, task: asyncio.Task[None]) -> None:
+        """The exec of a job ``jorb cancel`` moved away ended (cancelled, or it returned first):
+        its outcome is not used, its slot is free, and the worker goes on."""
+        self.cancelled.discard(job.id)
+        if task.cancelling():  # (ours: one cancel, caught here or swallowed by the exec)
+            task.uncancel()
+        lane.held -= 1
+        self.running.discard(job.id)

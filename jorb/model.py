@@ -818,7 +818,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         run.paused.add(record["name"])
     elif op == "resume":
         run.paused.discard(record["name"])
-    elif op == "redrive":
+    elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
         for ident in record["jobs"]:
             job = run.jobs[ident]
             to = sys.intern(record["to"])

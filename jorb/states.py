@@ -14,7 +14,10 @@ from aiolimiter import AsyncLimiter
 
 from .errors import StateError
 
-__all__ = ["ExecFn", "Rate", "State", "validate"]
+__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "validate"]
+
+#: The terminal state ``jorb cancel`` moves jobs to unless told otherwise (declared for you).
+CANCELLED = "cancelled"
 
 _RESOLUTION = time.get_clock_info("monotonic").resolution
 
@@ -227,7 +230,8 @@ class State:
 
 
 def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
-    """Check declarations and return them by name; the error state is added if undeclared.
+    """Check declarations and return them by name; the error state and ``cancelled`` are added
+    (terminal) if undeclared.
 
     Raises :class:`StateError` naming every culprit.
     """
@@ -245,6 +249,9 @@ def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
         declared.append(by_name[error_state])
     elif not by_name[error_state].terminal:
         problems.append(f"error state {error_state!r} must be terminal")
+    if CANCELLED not in by_name:  # where `jorb cancel` moves jobs unless told otherwise
+        by_name[CANCELLED] = State(CANCELLED, terminal=True)
+        declared.append(by_name[CANCELLED])
     for state in declared:
         problems.extend(_check(state, by_name))
     if problems:
