@@ -161,6 +161,9 @@ def status(runfile: RunFile) -> None:
     console.print(_headline(run, rows, runfile), soft_wrap=True)
     console.print()
     console.print(_state_table(rows))
+    for name, until in report.server_pauses(run).items():
+        line = f"{name}: paused by the server until {_when(until)} (its Retry-After)"
+        console.print(Text(line, style="bold yellow"))
     summaries = report.errors(run)
     if summaries:
         console.print()

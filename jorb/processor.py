@@ -194,6 +194,10 @@ class Processor:
                 continue
             rate = lane.rate
             busy = lane.running + lane.delayed + lane.awaiting
+            paused_until = None
+            if rate.paused_until and self._loop is not None:
+                left = rate.paused_until - self._loop.time()
+                paused_until = self._now() + left if left > 0 else None
             rows.append(
                 StateStatus(
                     name,
@@ -209,6 +213,7 @@ class Processor:
                     paused=lane.paused,
                     concurrency=state.concurrency,
                     rate=None if rate.n == math.inf else rate.current / rate.per,
+                    paused_until=paused_until,
                 )
             )
         finished = sum(self._lanes.counts.values())
