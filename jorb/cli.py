@@ -344,6 +344,8 @@ def show(
     facts.add_column()
     facts.add_row("job", Text(job.id))
     facts.add_row("state", Text(job.state))
+    if job.key is not None:
+        facts.add_row("key", Text(job.key))
     if job.parent is not None:
         where = f" (in {detail.parent.state})" if detail.parent else " (no longer in the file)"
         facts.add_row("parent", Text(job.parent + where))
@@ -357,6 +359,8 @@ def show(
         facts.add_row("attempts", f"{job.attempts} failed, {job.throttled} rate-limited here")
     if job.not_before is not None:
         facts.add_row("not before", _when(job.not_before))
+    if job.polls:
+        facts.add_row("polls", f"{job.polls:,} (jorb.Next back to the same state; not in history)")
     console.print(facts)
     console.print()
     console.print(Text("ctx", style="bold"))
