@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import DONE, MakeRun, errors_of, process_fake_clock
-from scripts_steer.harness import Script
+from scripts_steer.harness import STUCK, Script
 from typer.testing import CliRunner
 
 import jorb
@@ -220,3 +220,25 @@ def test_no_retry_routes_at_once_to_on_error(make_run: MakeRun) -> None:
     (error,) = job.errors["fetch"]
     assert (error["type"], error["message"]) == ("jorb.errors.NoRetry", "404: no such repository")
     assert issubclass(jorb.NoRetry, jorb.JorbError)
+
+
+def test_jorb_add_with_keys_through_the_running_process(tmp_path: Path) -> None:
+    path, effects, gates = tmp_path / "run.json", tmp_path / "effects.log", tmp_path / "gates"
+    gates.mkdir()
+    script = Script(tmp_path, "jobqueue.py", path, effects, gates, "--jobs", 1)
+    try:
+        script.saw("start 0")  # job 1 (key job-0) holds the process until its gate opens
+        taken = control.add(path, [{"n": 0}], keys=["job-0"], timeout=STUCK)
+        added = control.add(path, [{"n": 7}, {"n": 7}], keys=["job-7"] * 2, timeout=STUCK)
+        (gates / "all").touch()
+        lines = script.finish()
+    finally:
+        script.stop()
+
+    assert taken == {"ids": [], "skipped": 1}  # nothing to record: no change at all
+    assert added == {"ids": ["2"], "skipped": 1}
+    assert lines[-1] == "finished [('done', 2)]"
+    run = jorb.Run.load(path)
+    assert [change["what"] for change in run.changes] == [
+        "added 1 job(s) in 'new' (1 skipped: their key exists)"
+    ]
