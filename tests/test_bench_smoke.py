@@ -68,3 +68,11 @@ def test_breakdown_bench_splits_the_cpu_of_an_exec() -> None:
     assert [r["durable"] for r in results] == [True, False]
     for r in results:  # (each child exits 1 unless every job ended "done")
         assert r["cpu"] > 0 and 0 < r["snapshots"] < r["cpu"]
+
+
+def test_queue_basics_bench_polls_and_compares_executors() -> None:
+    out = _run("queue_basics.py", "--runs", "1", "--execs", "50", "--json")
+    result = json.loads(out.splitlines()[-1])
+    by_next = [row for row in result["polls"] if row["next"]]
+    assert all(row["history"] == row["jobs"] for row in by_next)  # one entry each: the exit
+    assert [row["case"] for row in result["threads"]][0].startswith("no-op def execs")
