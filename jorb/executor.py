@@ -52,7 +52,8 @@ class _Threads(futures.Executor):
 
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._idle = threading.Semaphore(0)  # one count per thread waiting for a call
+        self._lock = threading.Lock()
+        self._idle = 0  # threads done with their call, about to take (or waiting for) another
         self._name = name
         #: Threads started so far.
         self.started = 0
@@ -66,7 +67,10 @@ class _Threads(futures.Executor):
         # thread takes it at once), and whoever gave it up learns of its end from the call.
         future.set_running_or_notify_cancel()
         self._calls.put((future, fn, args, kwargs))
-        if not self._idle.acquire(blocking=False):
+        with self._lock:
+            spawn = not self._idle
+            self._idle -= not spawn
+        if spawn:
             self.started += 1
             name = f"{self._name}_{self.started}"
             threading.Thread(target=self._serve, name=name, daemon=True).start()
@@ -80,10 +84,16 @@ class _Threads(futures.Executor):
         while (call := self._calls.get()) is not None:
             future, fn, args, kwargs = call
             try:
-                future.set_result(fn(*args, **kwargs))
+                result, error = fn(*args, **kwargs), None
             except BaseException as e:
-                future.set_exception(e)
-            self._idle.release()
+                result, error = None, e
+            with self._lock:  # idle before the caller hears back: its next call finds us
+                self._idle += 1
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
+                del error  # (no cycle through the traceback while the thread waits)
 
 
 class _Late(Exception):
@@ -138,21 +148,23 @@ class LocalExecutor:
         body = _Body(fn, args, deadline, loop.time)
         future = loop.run_in_executor(self._threads, body.run)
         try:
-            if timeout is None:
-                return await future
-            return await asyncio.wait_for(future, timeout)
-        except TimeoutError:
+            result = await (future if timeout is None else asyncio.wait_for(future, timeout))
+        except BaseException as e:
             if not future.cancelled():
-                raise  # the exec's own TimeoutError, not ours
-            raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
-        except _Late:
-            raise TimedOut(
-                f"timed out after {timeout:g}s (it ended later than that: its result is not used)"
-            ) from None
-        finally:
-            # Ended, or abandoned (a timeout, a cancel): then its slot is freed when it ends.
-            if body.leave(functools.partial(loop.call_soon_threadsafe, self._ended, name)):
-                self._ended(name)
+                self._ended(name)  # the body ended, raising
+            elif body.leave(functools.partial(loop.call_soon_threadsafe, self._ended, name)):
+                self._ended(name)  # abandoned (a timeout, a cancel) just as it ended
+            # else: abandoned; the body frees its slot itself when it ends
+            if isinstance(e, TimeoutError) and future.cancelled():
+                raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
+            if isinstance(e, _Late):
+                raise TimedOut(
+                    f"timed out after {timeout:g}s (it ended later than that: its result is "
+                    f"not used)"
+                ) from None
+            raise  # the exec's own error (its own TimeoutError too), or our cancellation
+        self._ended(name)
+        return result
 
     async def _wait_for_a_slot(self, loop: asyncio.AbstractEventLoop, name: str) -> None:
         """Wait until an abandoned exec of state ``name`` ends and frees its slot."""
