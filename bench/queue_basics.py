@@ -172,10 +172,13 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for name, fn, jobs, concurrency, state in cases:
         row: dict[str, Any] = {"case": name}
-        for label, cls in (("old", old), ("new", LocalExecutor)):
-            runs = [through(cls, fn, jobs, concurrency, workdir, **state) for _ in range(args.runs)]
-            row[f"{label}_s"] = median([r["seconds"] for r in runs])
-            row[f"{label}_stall_s"] = median([r["stall"] for r in runs])
+        runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
+        for _ in range(args.runs):  # alternating, so a change in the machine's load hits both
+            for label, cls in (("old", old), ("new", LocalExecutor)):
+                runs[label].append(through(cls, fn, jobs, concurrency, workdir, **state))
+        for label, measured in runs.items():
+            row[f"{label}_s"] = median([r["seconds"] for r in measured])
+            row[f"{label}_stall_s"] = median([r["stall"] for r in measured])
         results["threads"].append(row)
     if args.json:
         print(json.dumps(results))

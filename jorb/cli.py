@@ -371,12 +371,14 @@ def show(
         table = Table(box=None, pad_edge=False, header_style="bold")
         for name in ("time", "from", "to", "took"):
             table.add_column(name, justify="right" if name == "took" else "left")
-        for step in steps:
+        cancels = {c.get("id") for c in run.changes if str(c.get("what")).startswith("cancel")}
+        for step, entry in zip(steps, job.steps(), strict=True):
+            moved_by = "cancel" if entry.get("redrive") in cancels else "redrive"
             table.add_row(
                 _when(step.time),
                 Text(step.source),
                 Text(step.target),
-                "redrive" if step.redrive else _seconds(step.duration),
+                moved_by if step.redrive else _seconds(step.duration),
             )
         console.print(table)
     for state, records in job.errors.items():

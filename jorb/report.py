@@ -429,11 +429,13 @@ def _dot_id(text: str) -> str:
 
 
 def _redrive_times(run: Run) -> set[float]:
-    """When redrives were applied: their history entries carry that time (and take none)."""
+    """When redrives (and cancels, recorded like them) were applied: their history entries
+    carry that time (and take none)."""
     return {
         float(change[key])
         for change in run.changes
-        if isinstance(change, dict) and str(change.get("what", "")).startswith("redrove")
+        if isinstance(change, dict)
+        and str(change.get("what", "")).startswith(("redrove", "cancelled"))
         for key in ("applied", "time")
         if isinstance(change.get(key), int | float)
     }

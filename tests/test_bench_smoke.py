@@ -75,4 +75,4 @@ def test_queue_basics_bench_polls_and_compares_executors() -> None:
     result = json.loads(out.splitlines()[-1])
     by_next = [row for row in result["polls"] if row["next"]]
     assert all(row["history"] == row["jobs"] for row in by_next)  # one entry each: the exit
-    assert [row["case"] for row in result["threads"]][0].startswith("no-op def execs")
+    assert result["threads"][0]["case"].startswith("no-op def execs")

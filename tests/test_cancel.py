@@ -112,15 +112,33 @@ def test_cancel_a_running_def_exec_abandons_its_thread(queue: Queue) -> None:
     ]
 
 
-def test_cancel_a_job_waiting_out_a_delay_ends_the_run(queue: Queue) -> None:
-    script = queue.start("--jobs", 1, "--state", "poll")
-    script.saw("delayed 1")  # polled once, coming back in an hour
+def test_cancel_a_job_waiting_out_a_delay_then_kill_9(queue: Queue) -> None:
+    script = queue.start("--jobs", 2, "--state", "poll")
+    script.until(lambda lines: "delayed 2" in lines)  # each polled once, back in an hour
 
-    assert control.cancel(queue.path, job_ids=["1"], timeout=STUCK)["cancelled"] == 1
+    assert control.cancel(queue.path, job_ids=["1"], timeout=STUCK) == {
+        "cancelled": 1,
+        "running": [],
+        "skipped": [],
+    }
+    script.until(lambda lines: "delayed 1" in lines)  # out of the delayed jobs
+    script.kill()
 
-    lines = script.finish()  # the last job is terminal: exec returns, an hour early
-    assert lines[-1] == "finished [('cancelled', 1)]"
-    assert lines.count("poll 0") == 1
+    run = jorb.Run.load(queue.path)
+    assert [job.state for job in run.jobs.values()] == ["cancelled", "poll"]
+    assert run.jobs["1"].not_before is None  # a cancelled job waits for nothing
+    again = queue.start("--jobs", 2)
+    again.saw("delayed 1")  # only job 2 waits
+    queue.open_gate("poll-1")
+    control.redrive(queue.path, "poll", "poll", timeout=STUCK)  # job 2: poll now, and finish
+    lines = again.finish()
+    assert lines[-1] == "finished [('cancelled', 1), ('done', 1)]"
+    assert queue.log().count("poll 0") == 1  # job 1 never polled again
+
+    out = CliRunner().invoke(cli_app, ["show", str(queue.path), "1"], env={"COLUMNS": "120"})
+    history = out.stdout.split("\nhistory\n", 1)[1].splitlines()[1:]
+    (moved,) = [line.split() for line in history if line.strip()]
+    assert moved[-3:] == ["poll", "cancelled", "cancel"]  # from, to, and what moved it
 
 
 # -- in a process, from Python ------------------------------------------------------------------
