@@ -197,7 +197,9 @@ def test_a_change_no_process_picks_up_is_withdrawn_at_its_timeout(tmp_path: Path
         assert cli.exit_code == 1
         last = cli.stderr.splitlines()[-1]
         assert last.startswith("jorb: error: the process running")
-        assert last.endswith("within 0.2s (is it stopped?); the change was withdrawn: nothing changed")
+        assert last.endswith(
+            "within 0.2s (is it stopped?); the change was withdrawn: nothing changed"
+        )
         assert not list(control.inbox_path(run.path).iterdir())
     finally:
         holder.kill()
