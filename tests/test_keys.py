@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from conftest import DONE, MakeRun, errors_of, process_fake_clock
 from scripts_steer.harness import STUCK, Script
@@ -250,3 +251,28 @@ def test_jorb_add_with_keys_through_the_running_process(tmp_path: Path) -> None:
     assert [change["what"] for change in run.changes] == [
         "added 1 job(s) in 'new' (1 skipped: their key exists)"
     ]
+
+
+def test_a_kicked_key_replays_from_the_journal_as_it_was_written() -> None:
+    # A journal record carries the kicked children as JSON; replayed, they keep their keys,
+    # and the run's key index knows them.
+    from jorb import outcome
+    from jorb.model import Job, apply_record
+
+    states = {name: jorb.State(name, terminal=True) for name in ("done", "work")}
+    run = jorb.Run()
+    parent = run.add_job({}, "new")
+    result = ({}, "done", [jorb.Kick("work", {"i": 1}, key="k")])
+    record, _ = outcome.success(states, parent, result, run.next_id, 0.0, 1.0, run.keyed)
+    record["seq"] = 1
+    written = orjson.loads(orjson.dumps(record))
+
+    replayed = jorb.Run()
+    replayed.jobs[parent.id] = Job(parent.id, "new", {})
+    replayed.keyed()  # the index is built before the record arrives
+    apply_record(replayed, written)
+
+    kid = replayed.jobs["2"]
+    assert (kid.key, kid.parent, kid.state) == ("k", parent.id, "work")
+    assert replayed.keyed() == {"k": "2"}
+    assert replayed.add_job({}, key="k") is kid
