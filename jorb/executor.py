@@ -106,7 +106,7 @@ class LocalExecutor:
     See the module's docstring for what becomes of an abandoned ``def`` exec.
     """
 
-    __slots__ = ("_alive", "_async", "_threads", "_waiting")
+    __slots__ = ("_alive", "_async", "_lock", "_threads", "_waiting")
 
     def __init__(self, states: Iterable[State]) -> None:
         states = [s for s in states if s.exec is not None]
@@ -114,6 +114,7 @@ class LocalExecutor:
         self._threads = _Threads("jorb-exec")
         self._alive: dict[str, int] = {}  # per state: exec bodies alive in threads
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}  # calls waiting for one
+        self._lock = threading.Lock()  # between the loop and a body it gave up on
 
     def __repr__(self) -> str:
         return (
@@ -145,7 +146,7 @@ class LocalExecutor:
             await self._wait_for_a_slot(loop, name)
         alive[name] = alive.get(name, 0) + 1
         deadline = None if timeout is None else loop.time() + timeout
-        body = _Body(fn, args, deadline, loop.time)
+        body = _Body(fn, args, deadline, loop.time, self._lock)
         future = loop.run_in_executor(self._threads, body.run)
         try:
             result = await (future if timeout is None else asyncio.wait_for(future, timeout))
@@ -180,7 +181,8 @@ class LocalExecutor:
     def _ended(self, name: str) -> None:
         """An exec body of state ``name`` ended in its thread: its slot is free."""
         self._alive[name] -= 1
-        self._wake(name)
+        if self._waiting:
+            self._wake(name)
 
     def _wake(self, name: str) -> None:
         waiting = self._waiting.get(name)
@@ -205,10 +207,15 @@ class _Body:
     __slots__ = ("_args", "_clock", "_deadline", "_ended", "_fn", "_lock", "_on_end")
 
     def __init__(
-        self, fn: Any, args: tuple[Any, ...], deadline: float | None, clock: Callable[[], float]
+        self,
+        fn: Any,
+        args: tuple[Any, ...],
+        deadline: float | None,
+        clock: Callable[[], float],
+        lock: threading.Lock,
     ) -> None:
         self._fn, self._args, self._deadline, self._clock = fn, args, deadline, clock
-        self._lock = threading.Lock()
+        self._lock = lock
         self._ended = False
         self._on_end: Callable[[], Any] | None = None
 
@@ -234,7 +241,8 @@ class _Body:
             return self._ended
 
     def _late(self) -> bool:
-        return self._deadline is not None and self._clock() > self._deadline
+        deadline = self._deadline
+        return deadline is not None and self._clock() > deadline
 
     def _end(self) -> None:
         with self._lock:
