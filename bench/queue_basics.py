@@ -136,9 +136,13 @@ def through(
         )
         await processor.aexec(run)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     asyncio.run(main())
-    return {"seconds": time.perf_counter() - start, "stall": stall[0]}
+    return {
+        "seconds": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu,
+        "stall": stall[0],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[label].append(through(cls, fn, jobs, concurrency, workdir, **state))
         for label, measured in runs.items():
             row[f"{label}_s"] = median([r["seconds"] for r in measured])
+            row[f"{label}_cpu_s"] = median([r["cpu"] for r in measured])
             row[f"{label}_stall_s"] = median([r["stall"] for r in measured])
         results["threads"].append(row)
     if args.json:
@@ -210,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 "982d88e s",
                 "now s",
                 "now/982d88e",
+                "CPU now/982d88e",
                 "982d88e worst stall ms",
                 "now worst stall ms",
             ],
@@ -219,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"{r['old_s']:.3f}",
                     f"{r['new_s']:.3f}",
                     f"{r['new_s'] / r['old_s']:.2f}",
+                    f"{r['new_cpu_s'] / r['old_cpu_s']:.2f}",
                     f"{r['old_stall_s'] * 1000:.0f}",
                     f"{r['new_stall_s'] * 1000:.0f}",
                 ]
