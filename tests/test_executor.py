@@ -189,7 +189,8 @@ def test_def_exec_threads_are_started_as_needed(make_run: MakeRun) -> None:
 def test_a_timeout_never_stalls_the_event_loop(make_run: MakeRun) -> None:
     # Before: each def timeout built a fresh pool of as many threads as the def states'
     # concurrency, on the loop's thread (5.4 s for 3,000): timers could not fire meanwhile.
-    # A timer on the loop counts the times it fired half a second or more late.
+    # A timer on the loop counts the times it fired a second or more late (before: 1.3-4.5 s,
+    # once per timeout; a loaded machine alone delays it by far less).
     stalls: list[float] = []
 
     def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
@@ -202,7 +203,7 @@ def test_a_timeout_never_stalls_the_event_loop(make_run: MakeRun) -> None:
 
         def tick() -> None:
             late = loop.time() - due[0]
-            if late >= 0.5:
+            if late >= 1.0:
                 stalls.append(late)
             due[0] = loop.time() + 0.01
             loop.call_later(0.01, tick)
