@@ -612,6 +612,29 @@ def resume(
     typer.echo(f"resumed {state!r}")
 
 
+@app.command()
+@_friendly
+def withdraw(runfile: RunFile) -> None:
+    """Take back the changes waiting for the process running the run (none is applied).
+
+    For a change whose command was interrupted (Ctrl-C) before the process picked it up.
+    """
+    taken_back = []
+    for file, req in control.waiting(runfile):
+        if control.withdraw(file):
+            args = req.get("args") or {}
+            what = " ".join(f"{k}={v!r}" for k, v in args.items() if k != "ctxs")
+            if "ctxs" in args:
+                what = f"{len(args['ctxs'] or []):,} job(s) {what}"
+            taken_back.append(f"  {req.get('op')} {what}  (asked {_when(req.get('time'))})")
+    if not taken_back:
+        typer.echo("no change is waiting")
+        return
+    typer.echo(f"withdrew {len(taken_back)} change(s); none was applied:")
+    for line in taken_back:
+        typer.echo(line)
+
+
 def _change(
     apply: Callable[..., dict[str, Any]], path: Path, *args: Any, **options: Any
 ) -> dict[str, Any]:
@@ -627,7 +650,8 @@ def _change(
     except KeyboardInterrupt:
         _fail(
             f"interrupted while waiting; the change stays queued in {control.inbox_path(path)} "
-            f"and is applied when the process running the run next looks there",
+            f"and is applied when the process running the run next looks there "
+            f"(`jorb withdraw {path}` takes it back)",
             130,
         )
 

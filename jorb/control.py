@@ -41,6 +41,8 @@ __all__ = [
     "redrive",
     "request",
     "resume",
+    "waiting",
+    "withdraw",
 ]
 
 #: How often a waiting command looks for its reply, in seconds.
@@ -490,6 +492,24 @@ def request(
                 f"{timeout:g}s; it may still apply it (see `jorb status {path}`)"
             )
         time.sleep(POLL)  # waiting on another process's reply file: nothing to await
+
+
+def waiting(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The requests in the inbox that no process has taken yet, oldest first (unclaimed)."""
+    inbox = inbox_path(path)
+    try:
+        names = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        try:
+            req = orjson.loads((inbox / name).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+        if isinstance(req, dict):
+            found.append((inbox / name, req))
+    return found
 
 
 def withdraw(file: Path) -> bool:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 import jorb
 from jorb import control
+from jorb.checkpoint import atomic_write
 from jorb.cli import app as cli_app
 
 Ctx = dict[str, Any]
@@ -201,6 +202,13 @@ def test_a_change_no_process_picks_up_is_withdrawn_at_its_timeout(tmp_path: Path
         assert last.endswith(
             "within 0.2s (is it stopped?); the change was withdrawn: nothing changed"
         )
+        assert not list(control.inbox_path(run.path).iterdir())
+        # A change left queued (its command interrupted): `jorb withdraw` takes it back.
+        req = control.new_request("pause", {"name": "work"})
+        atomic_write(control.inbox_path(run.path) / f"1-{req['id']}.json", orjson.dumps(req))
+        out = CliRunner().invoke(cli_app, ["withdraw", str(run.path)])
+        assert out.stdout.splitlines()[0] == "withdrew 1 change(s); none was applied:"
+        assert out.stdout.splitlines()[1].startswith("  pause name='work'  (asked ")
         assert not list(control.inbox_path(run.path).iterdir())
     finally:
         holder.kill()
