@@ -192,6 +192,14 @@ class LocalExecutor:
                 freed.set_result(None)
                 return
 
+    def stop_waiting(self) -> None:
+        """Cancel the calls still waiting for an abandoned exec's slot (the processor is
+        stopping: they never started, so there is nothing to wait for)."""
+        for waiting in self._waiting.values():
+            for freed in waiting:
+                freed.cancel()
+            waiting.clear()
+
     def close(self) -> None:
         self._threads.shutdown(wait=False)
 

@@ -457,6 +457,8 @@ class Processor:
         for task in list(self._tasks):
             if task not in in_exec:
                 task.cancel()
+        if isinstance(self._executor, LocalExecutor):
+            self._executor.stop_waiting()  # (calls waiting for an abandoned exec's slot)
         if in_exec and grace > 0:
             await asyncio.wait(set(in_exec), timeout=grace)
         for task in list(self._tasks):

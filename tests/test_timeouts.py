@@ -285,3 +285,74 @@ def test_a_terminal_state_cannot_have_a_timeout() -> None:
 
 def test_timed_out_is_a_jorb_error() -> None:
     assert issubclass(jorb.errors.TimedOut, jorb.JorbError)
+
+
+def test_ctrl_c_does_not_wait_for_an_exec_waiting_on_an_abandoned_threads_slot(
+    make_run: MakeRun,
+) -> None:
+    # Job 1 hangs past its timeout (abandoned, its thread keeps the one slot); job 2's exec
+    # waits for that slot. Ctrl-C's grace period is for execs that run: job 2's never started,
+    # so the exec stops at once (before: after the whole grace period, here a minute, which
+    # the test's watchdog would call a hang).
+    hung = threading.Event()
+    release = threading.Event()
+    starts: list[int] = []
+
+    def fetch(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        starts.append(ctx["n"])
+        if ctx["n"] == 1:
+            hung.set()
+            release.wait(STUCK * 2)
+        return ctx, "done"
+
+    class Waiting:
+        """Set once job 1 has timed out and job 2's exec is in flight (waiting for the slot)."""
+
+        def __init__(self) -> None:
+            self.event = threading.Event()
+
+        def start(self, status: jorb.Status) -> None: ...
+
+        def update(self, status: jorb.Status) -> None:
+            (row,) = [row for row in status.states if row.name == "fetch"]
+            if row.errors and row.running:
+                self.event.set()
+
+        def note(self, message: str) -> None: ...
+
+        def stop(self, status: jorb.Status) -> None: ...
+
+    waiting = Waiting()
+
+    async def interrupt(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, waiting.event.wait, STUCK)
+        app._on_signal()  # what Ctrl-C does
+        return ctx, "done"
+
+    states = [
+        jorb.State("fetch", exec=fetch, timeout=0.1, retries=0),
+        jorb.State("interrupt", exec=interrupt),
+        DONE,
+    ]
+    run = make_run([{"n": 1}, {"n": 2}], state="fetch")
+    run.add_job({}, "interrupt")
+    processor = jorb.Processor(
+        None, states, progress=False, grace=60, listeners=[waiting], status_interval=0.01
+    )
+    processor.app = processor
+    # If the exec is still stopping after STUCK seconds, job 1's thread is let go: job 2 then
+    # gets its slot and runs, which fails the test (rather than hanging it for the grace).
+    guard = threading.Timer(STUCK, release.set)
+    guard.start()
+    try:
+        with pytest.raises(SystemExit):
+            processor.exec(run)
+    finally:
+        guard.cancel()
+        release.set()
+
+    assert starts == [1]  # job 2 never ran
+    assert hung.is_set()
+    assert run.path is not None
+    assert jorb.Run.load(run.path).jobs["2"].state == "fetch"  # it runs when the run resumes
