@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -102,9 +104,12 @@ def test_cancel_a_running_def_exec_abandons_its_thread(queue: Queue) -> None:
     # Job 1 runs in a thread (abandoned: it cannot be killed), job 2 waits: both cancelled.
     assert result == {"cancelled": 2, "running": ["1"], "skipped": []}
     queue.open_gate(0)  # the abandoned thread now ends; what it returns is not used
-    lines = script.finish()
-    assert lines[-1] == "finished [('cancelled', 2)]"
-    assert "sync start 1" not in lines  # job 2 never started
+    script.finish()
+    # (The effects file, not stdout: the abandoned thread prints as the script ends, and two
+    # threads' prints can interleave; a line in the file is one write.)
+    log = queue.log()
+    assert "finished [('cancelled', 2)]" in log
+    assert "sync start 1" not in log  # job 2 never started
     run = jorb.Run.load(queue.path)
     assert [(_steps(job), job.ctx) for job in run.jobs.values()] == [
         ([("sync", "cancelled")], {"n": 0}),
@@ -283,3 +288,44 @@ def test_an_abandoned_def_exec_keeps_its_slot_after_a_cancel(make_run: MakeRun) 
 
     assert order == ["start 0", "released", "end 0", "start 1"]
     assert [run.jobs[i].state for i in ("1", "2", "3")] == ["cancelled", "done", "done"]
+
+
+@pytest.mark.skipif(not hasattr(jorb, "ProcessPool"), reason="jorb.ProcessPool not merged yet")
+def test_cancel_ends_the_worker_process_of_a_pooled_exec(make_run: MakeRun) -> None:
+    fork = multiprocessing.get_context("fork")
+    spinning, started = fork.Value("i", 0), fork.Event()
+
+    def work(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        if ctx["i"] == 0:
+            spinning.value = os.getpid()
+            started.set()
+            while True:  # pure Python that never returns: no thread could be stopped here
+                pass
+        try:
+            os.kill(spinning.value, 0)
+            ctx["previous"] = "alive"
+        except ProcessLookupError:
+            ctx["previous"] = "gone"
+        return ctx, "done"
+
+    async def conductor(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, started.wait, STUCK)
+        app.cancel(["1"])
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)  # type: ignore[attr-defined]
+    states = [
+        jorb.State("new", exec=work, pool=pool),  # type: ignore[call-arg]
+        jorb.State("conduct", exec=conductor),
+        DONE,
+    ]
+    run = make_run([{"i": 0}, {"i": 1}])
+    run.add_job({}, "conduct")
+    processor = jorb.Processor(None, states, progress=False)
+    processor.app = processor
+    asyncio.run(asyncio.wait_for(processor.aexec(run), STUCK))
+
+    assert [run.jobs[i].state for i in ("1", "2")] == ["cancelled", "done"], errors_of(run)
+    assert run.jobs["1"].errors == {}
+    assert run.jobs["2"].ctx["previous"] == "gone"  # the spinning worker process was ended
