@@ -19,8 +19,10 @@ from .errors import (
     RunLockedError,
     StateError,
     TimedOut,
+    WorkerLost,
 )
 from .model import Child, Job, Kick, Next, Run, Step
+from .pool import ProcessPool
 from .processor import Processor
 from .states import Rate, State
 from .status import StateStatus, Status, StatusListener
@@ -36,6 +38,7 @@ __all__ = [
     "Kick",
     "Next",
     "NoRetry",
+    "ProcessPool",
     "Processor",
     "Rate",
     "RateLimited",
@@ -49,5 +52,6 @@ __all__ = [
     "StatusListener",
     "Step",
     "TimedOut",
+    "WorkerLost",
 ]
 __version__ = "0.1.0"

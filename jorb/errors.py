@@ -11,6 +11,7 @@ The tree::
     ├── CheckpointError            writing a checkpoint failed; the last good one is intact
     ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
     ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
+    ├── WorkerLost                 the pool worker running an exec died (recorded on the job)
     ├── RateLimited                raised *by an exec*: the API said "slow down"
     └── NoRetry                    raised *by an exec*: retrying cannot fix this failure
 """
@@ -33,6 +34,7 @@ __all__ = [
     "RunLockedError",
     "StateError",
     "TimedOut",
+    "WorkerLost",
 ]
 
 
@@ -90,6 +92,14 @@ class TimedOut(JorbError):
     """An exec attempt ran longer than its state's ``timeout``."""
 
 
+class WorkerLost(JorbError):
+    """The pool worker running an exec attempt died (killed, out of memory, a lost machine).
+
+    Recorded on the job and retried or routed like any other error; the pool replaces the
+    worker.
+    """
+
+
 class RateLimited(JorbError):
     """Raise from an exec when the service it calls says "slow down".
 
@@ -118,6 +128,10 @@ class RateLimited(JorbError):
             seconds = float(seconds)
         #: Seconds the service asked us to wait before calling again, if it said.
         self.retry_after: float | None = seconds
+
+    def __reduce__(self) -> tuple[type[RateLimited], tuple[float | None, str]]:
+        # (So one raised in a pool's worker process arrives with its retry_after.)
+        return type(self), (self.retry_after, str(self))
 
 
 class NoRetry(JorbError):

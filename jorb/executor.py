@@ -1,8 +1,8 @@
 """The one seam through which every exec runs.
 
 ``LocalExecutor`` runs ``async def`` execs on the event loop and ``def`` execs in daemon
-threads, started as they are needed. A process pool or a cluster executor would implement the
-same one method; the processor never calls an exec any other way.
+threads, started as they are needed; a state with a ``pool`` (``jorb.ProcessPool``,
+``jorb.dask.DaskPool``) has its execs sent there. The processor never calls an exec any other way.
 
 A ``def`` exec cannot be killed. One that runs past its timeout (or whose job is cancelled) is
 *abandoned*: its attempt ends at once as far as the job is concerned, its thread runs on and
@@ -20,14 +20,14 @@ import contextlib
 import functools
 import queue
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
 from .errors import TimedOut
 from .states import State
 
-__all__ = ["Executor", "LocalExecutor"]
+__all__ = ["Executor", "LocalExecutor", "Pool"]
 
 
 class Executor(Protocol):
@@ -39,6 +39,27 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release resources (threads) once the processor is done."""
+        ...
+
+
+class Pool(Protocol):
+    """Where a state's execs run when it has one: ``State(..., pool=jorb.ProcessPool())``.
+
+    Started as an exec starts (before any job: a pool that cannot start stops the exec there),
+    closed when it ends. ``call`` gets the same arguments as an executor's; ``args[0]`` is the
+    processor's app, which a pool replaces with the app its worker made.
+    """
+
+    def start(self, states: Sequence[State]) -> None:
+        """Get ready to run ``states``' execs (called on the processor's running loop)."""
+        ...
+
+    async def call(self, state: State, args: tuple[Any, ...]) -> Any:
+        """Run one attempt of ``state``'s exec and return what it returned (or raise)."""
+        ...
+
+    def close(self) -> None:
+        """Stop: end the workers (no process of the pool is left behind)."""
         ...
 
 
@@ -106,10 +127,19 @@ class LocalExecutor:
     See the module's docstring for what becomes of an abandoned ``def`` exec.
     """
 
-    __slots__ = ("_alive", "_async", "_lock", "_threads", "_waiting")
+    __slots__ = ("_alive", "_async", "_lock", "_started", "_threads", "_waiting")
 
     def __init__(self, states: Iterable[State]) -> None:
         states = [s for s in states if s.exec is not None]
+        self._started: list[Pool] = []  # the states' pools, in the order they started
+        for pool in dict.fromkeys(s.pool for s in states if s.pool is not None):
+            try:
+                pool.start([s for s in states if s.pool is pool])
+            except BaseException:
+                self.close()
+                raise
+            self._started.append(pool)
+        states = [s for s in states if s.pool is None]
         self._async = {s.name for s in states if s.is_async}
         self._threads = _Threads("jorb-exec")
         self._alive: dict[str, int] = {}  # per state: exec bodies alive in threads
@@ -123,6 +153,8 @@ class LocalExecutor:
         )
 
     async def call(self, state: State, args: tuple[Any, ...]) -> Any:
+        if state.pool is not None:
+            return await state.pool.call(state, args)
         fn: Any = state.exec
         timeout = state.timeout
         if state.name in self._async:
@@ -201,7 +233,11 @@ class LocalExecutor:
             waiting.clear()
 
     def close(self) -> None:
-        self._threads.shutdown(wait=False)
+        threads = getattr(self, "_threads", None)  # (None if a pool failed to start)
+        if threads is not None:
+            threads.shutdown(wait=False)
+        while self._started:  # last started first: a later pool's processes were forked
+            self._started.pop().close()  # holding copies of an earlier one's sockets
 
 
 class _Body:

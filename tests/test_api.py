@@ -24,6 +24,7 @@ EXPORTS = {
     "State",
     "Rate",
     "Processor",
+    "ProcessPool",
     # status snapshots for listeners
     "Status",
     "StateStatus",
@@ -38,6 +39,7 @@ EXPORTS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
     "NoRetry",
 }
@@ -51,6 +53,7 @@ ERRORS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
     "NoRetry",
 }
@@ -97,7 +100,7 @@ def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
 def test_importing_jorb_does_not_import_rich_or_typer() -> None:
     check = (
         "import jorb, jorb.testing, sys; "
-        "heavy = sorted(m for m in ('rich', 'typer') if m in sys.modules); "
+        "heavy = sorted(m for m in ('rich', 'typer', 'dask', 'distributed') if m in sys.modules); "
         "assert not heavy, heavy"
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
