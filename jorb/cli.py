@@ -480,7 +480,8 @@ def cancel(
     """Move jobs to a terminal state (`cancelled`), cancelling their execs if they run.
 
     `jorb cancel run.json --job 17` or `--state wait_ci`. A running `async def` exec is
-    cancelled, a `def` one abandoned in its thread; the move is recorded like a redrive.
+    cancelled, a pooled one's worker process ended, a `def` one abandoned in its thread; the
+    move is recorded like a redrive.
     """
     if bool(job_ids) == (state is not None):
         _fail("give --job ID (one or more) or --state STATE, not both or neither", 2)

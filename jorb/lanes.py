@@ -201,8 +201,8 @@ class Lanes:
 
     def cancel_exec(self, ident: str) -> None:
         """Cancel the running exec of job ``ident`` (a ``jorb cancel`` has moved the job): an
-        ``async def`` sees CancelledError, a ``def`` in a thread is abandoned; whatever it
-        returns is never settled."""
+        ``async def`` sees CancelledError, a pool ends the worker process running it, a ``def``
+        in a thread is abandoned; whatever it returns is never settled."""
         self.cancelled.add(ident)
         self.executing[ident].cancel()
 

@@ -290,7 +290,6 @@ def test_an_abandoned_def_exec_keeps_its_slot_after_a_cancel(make_run: MakeRun) 
     assert [run.jobs[i].state for i in ("1", "2", "3")] == ["cancelled", "done", "done"]
 
 
-@pytest.mark.skipif(not hasattr(jorb, "ProcessPool"), reason="jorb.ProcessPool not merged yet")
 def test_cancel_ends_the_worker_process_of_a_pooled_exec(make_run: MakeRun) -> None:
     fork = multiprocessing.get_context("fork")
     spinning, started = fork.Value("i", 0), fork.Event()
@@ -314,9 +313,9 @@ def test_cancel_ends_the_worker_process_of_a_pooled_exec(make_run: MakeRun) -> N
         app.cancel(["1"])
         return ctx, "done"
 
-    pool = jorb.ProcessPool(1)  # type: ignore[attr-defined]
+    pool = jorb.ProcessPool(1)
     states = [
-        jorb.State("new", exec=work, pool=pool),  # type: ignore[call-arg]
+        jorb.State("new", exec=work, pool=pool),
         jorb.State("conduct", exec=conductor),
         DONE,
     ]
