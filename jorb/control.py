@@ -121,9 +121,10 @@ def cancel(
     """Move jobs (``job_ids``, or every job in ``state``) to the terminal state ``to``.
 
     A job whose exec is running has it cancelled by the process running the run: an
-    ``async def`` is cancelled, a pool's worker process ended, a ``def`` in a thread abandoned. The result says how many were
-    ``"cancelled"``, which were ``"running"``, and which were ``"skipped"`` (already in a
-    terminal state, or between an exec and its checkpoint at that moment).
+    ``async def`` is cancelled, a pool's worker process ended, a ``def`` in a thread
+    abandoned. The result says how many were ``"cancelled"``, which were ``"running"``, and
+    which were ``"skipped"`` (already in a terminal state, or between an exec and its
+    checkpoint at that moment).
     """
     return request(path, "cancel", {"jobs": job_ids, "state": state, "to": to}, timeout)
 
