@@ -284,3 +284,19 @@ def test_a_kicked_key_replays_from_the_journal_as_it_was_written() -> None:
     assert (kid.key, kid.parent, kid.state) == ("k", parent.id, "work")
     assert replayed.keyed() == {"k": "2"}
     assert replayed.add_job({}, key="k") is kid
+
+
+def test_run_add_jobs_with_a_key_adds_each_key_once(make_run: MakeRun) -> None:
+    run = make_run()
+    first = run.add_job({"repo": "b"}, key="b")
+    ctxs = [{"repo": "a"}, {"repo": "b"}, {"repo": "c"}, {"repo": "a", "again": True}]
+
+    jobs = run.add_jobs(ctxs, key=lambda ctx: ctx["repo"], priority=2)
+    again = run.add_jobs(ctxs, key=lambda ctx: ctx["repo"])
+
+    assert [job.key for job in run.jobs.values()] == ["b", "a", "c"]
+    assert jobs == again  # one job per ctx: the new one, or the one that has the key
+    assert [job.id for job in jobs] == ["2", "1", "3", "2"]
+    assert jobs[1] is first and jobs[0].ctx == {"repo": "a"} and jobs[0].priority == 2
+    with pytest.raises(jorb.JorbError, match="key must be a non-empty string"):
+        run.add_jobs([{}], key=lambda ctx: "")
