@@ -210,7 +210,9 @@ class Commits:
         kids: list[Job] = []
         if error is None:
             try:
-                record, kids = outcome.success(proc.states, job, result, run.next_id, started, now)
+                record, kids = outcome.success(
+                    proc.states, job, result, run.next_id, started, now, run.keyed
+                )
                 record["seq"] = seq
                 data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:
@@ -234,6 +236,11 @@ class Commits:
                 now=now,
             )
             record["seq"] = seq
+            rate = lane.rate
+            if rate.paused_until and isinstance(error, RateLimited) and error.retry_after:
+                # When the pause ends, as Unix time: `jorb status` says so while it lasts.
+                until = now + rate.paused_until - proc._loop.time()
+                record["error"]["paused_until"] = until
             data = orjson.dumps(record, default=repr, option=_LINE)
             lane.errors += 1
             lane.failed += gave_up
@@ -255,7 +262,13 @@ class Commits:
         state = lane.state
         if isinstance(error, RateLimited):
             assert self.proc._loop is not None
-            lane.rate.limited(self.proc._loop.time(), error.retry_after)
+            taken = lane.rate.limited(self.proc._loop.time(), error.retry_after)
+            asked = error.retry_after
+            if asked is not None and taken is not None and taken < asked:
+                self.proc._note(
+                    f"{state.name}: the server asked for a pause of {asked:g}s; pausing "
+                    f"{taken:g}s, the Rate's max_pause (jorb.Rate(..., max_pause=...))"
+                )
             if error.retry_after is None and lane.rate.n == math.inf:
                 return state.retry_delay(job.throttled + 1, random.random())
             return None  # the Rate (cut, or paused for retry_after) spaces the next start
