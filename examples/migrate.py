@@ -9,7 +9,8 @@ way. The script is shaped like a real campaign:
 - ``edit`` fans out: it kicks one ``lint`` job per file it changed;
 - one ``jorb.Rate`` is shared by every state that calls the code host's API: one budget;
 - retries with backoff, then ``on_error`` routes a job to ``clone_failed`` / ``push_failed``;
-- ``wait_ci`` polls by returning its own state until CI has an answer.
+- ``wait_ci`` polls: ``jorb.Next("wait_ci", delay=...)`` brings the job back later, holding no
+  slot in between (a poll is counted in ``job.polls``, not added to its history).
 
 Usage::
 
@@ -170,13 +171,14 @@ async def open_pr(host: CodeHost, overall: Ctx, ctx: Ctx) -> tuple[Ctx, str]:
     return ctx, "wait_ci"
 
 
-async def wait_ci(host: CodeHost, overall: Ctx, ctx: Ctx) -> tuple[Ctx, str]:
-    await asyncio.sleep(0.01)  # poll interval (async: the wait holds a slot, not a thread)
+async def wait_ci(host: CodeHost, overall: Ctx, ctx: Ctx) -> tuple[Ctx, str | jorb.Next]:
     status = await host.ci_status(ctx["repo"], ctx["polls"])
     ctx["polls"] += 1
     ctx["ci"] = status
     if status == "pending":
-        return ctx, "wait_ci"  # back of the queue; polled again later
+        # Come back in 10 ms (a real campaign: a minute). Meanwhile the job holds no slot;
+        # the poll is counted in job.polls, not added to its history.
+        return ctx, jorb.Next("wait_ci", delay=0.01)
     return ctx, "done" if status == "success" else "ci_failed"
 
 

@@ -13,6 +13,7 @@ from .errors import (
     ExecResultError,
     JorbError,
     JournalConflictError,
+    NoRetry,
     RateLimited,
     RunFileError,
     RunLockedError,
@@ -20,7 +21,7 @@ from .errors import (
     TimedOut,
     WorkerLost,
 )
-from .model import Child, Job, Kick, Run, Step
+from .model import Child, Job, Kick, Next, Run, Step
 from .pool import ProcessPool
 from .processor import Processor
 from .states import Rate, State
@@ -35,6 +36,8 @@ __all__ = [
     "JorbError",
     "JournalConflictError",
     "Kick",
+    "Next",
+    "NoRetry",
     "ProcessPool",
     "Processor",
     "Rate",

@@ -40,6 +40,7 @@ from . import __version__, control, report
 from .checkpoint import is_locked
 from .errors import JorbError
 from .model import Run, entry_document
+from .states import CANCELLED
 
 __all__ = ["app", "main"]
 
@@ -48,8 +49,8 @@ app = typer.Typer(
     help=(
         "Look into a jorb run file and steer it from the shell.\n\n"
         "Reading commands (status, jobs, show, graph) work while a process runs the file. "
-        "Changing commands (redrive, add, pause, resume) edit the file under its lock, or hand "
-        "the change to the running process and return once it is applied."
+        "Changing commands (redrive, cancel, add, pause, resume) edit the file under its lock, "
+        "or hand the change to the running process and return once it is applied."
     ),
     no_args_is_help=True,
     add_completion=True,
@@ -175,6 +176,9 @@ def status(
     console.print(_headline(run, rows, runfile), soft_wrap=True)
     console.print()
     console.print(_state_table(rows))
+    for name, until in report.server_pauses(run).items():
+        line = f"{name}: paused by the server until {_when(until)} (its Retry-After)"
+        console.print(_text(line, "bold yellow"))
     summaries = report.errors(run)
     if summaries:
         console.print()
@@ -389,6 +393,8 @@ def show(
     facts.add_column()
     facts.add_row("job", _text(job.id))
     facts.add_row("state", _text(job.state))
+    if job.key is not None:
+        facts.add_row("key", _text(job.key))
     if job.parent is not None:
         where = f" (in {detail.parent.state})" if detail.parent else " (no longer in the file)"
         facts.add_row("parent", _text(job.parent + where))
@@ -402,6 +408,8 @@ def show(
         facts.add_row("attempts", f"{job.attempts} failed, {job.throttled} rate-limited here")
     if job.not_before is not None:
         facts.add_row("not before", _when(job.not_before))
+    if job.polls:
+        facts.add_row("polls", f"{job.polls:,} (jorb.Next back to the same state; not in history)")
     console.print(facts)
     console.print()
     console.print(Text("ctx", style="bold"))
@@ -412,12 +420,21 @@ def show(
         table = Table(box=None, pad_edge=False, header_style="bold")
         for name in ("time", "from", "to", "took"):
             table.add_column(name, justify="right" if name == "took" else "left")
-        for step in steps:
+        cancels = {
+            c["id"]
+            for c in run.changes
+            if isinstance(c, dict)
+            and type(c.get("id")) is str
+            and str(c.get("what")).startswith("cancel")
+        }
+        for step, entry in zip(steps, job.steps(), strict=True):
+            by = entry.get("redrive")
+            moved_by = "cancel" if type(by) is str and by in cancels else "redrive"
             table.add_row(
                 _when(step.time),
                 _text(step.source),
                 _text(step.target),
-                "redrive" if step.redrive else _seconds(step.duration),
+                moved_by if step.redrive else _seconds(step.duration),
             )
         console.print(table)
     for state, records in job.errors.items():
@@ -542,6 +559,19 @@ def _print_json(doc: Any) -> None:
 
 # -- changing --------------------------------------------------------------------------------
 
+Timeout = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        help=(
+            "Give up after this many seconds if the process running the run has not applied "
+            "the change (it is then withdrawn); default: wait."
+        ),
+        min=0,
+        metavar="SECONDS",
+    ),
+]
+
 
 @app.command()
 @_friendly
@@ -557,18 +587,60 @@ def redrive(
             "--job", "-j", help="Only this job (repeat for more); default: all.", metavar="ID"
         ),
     ] = None,
+    timeout: Timeout = None,
 ) -> None:
     """Move jobs from one state to another, keeping their history and errors.
 
     Typical: `jorb redrive run.json --from failed --to new` after fixing a bug, then rerun
     the script (or let the running one pick them up).
     """
-    result = _change(control.redrive, runfile, source, target, job_ids or None)
+    result = _change(control.redrive, runfile, source, target, job_ids or None, timeout=timeout)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
     skipped = result.get("skipped") or []
     if skipped:
         line += f"; {len(skipped):,} running right now were left ({', '.join(skipped[:5])})"
+    typer.echo(safe(line))
+
+
+@app.command()
+@_friendly
+def cancel(
+    runfile: RunFile,
+    job_ids: Annotated[
+        list[str] | None,
+        typer.Option("--job", "-j", help="Cancel this job (repeat for more).", metavar="ID"),
+    ] = None,
+    state: Annotated[
+        str | None,
+        typer.Option("--state", "-s", help="Cancel every job in this state.", metavar="STATE"),
+    ] = None,
+    to: Annotated[
+        str, typer.Option("--to", help="The terminal state they go to.", metavar="STATE")
+    ] = CANCELLED,
+    timeout: Timeout = None,
+) -> None:
+    """Move jobs to a terminal state (`cancelled`), cancelling their execs if they run.
+
+    `jorb cancel run.json --job 17` or `--state wait_ci`. A running `async def` exec is
+    cancelled, a pooled one's worker process ended, a `def` one abandoned in its thread; the
+    move is recorded like a redrive.
+    """
+    if bool(job_ids) == (state is not None):
+        _fail("give --job ID (one or more) or --state STATE, not both or neither", 2)
+    result = _change(
+        control.cancel, runfile, job_ids=job_ids or None, state=state, to=to, timeout=timeout
+    )
+    running = result.get("running") or []
+    line = f"cancelled {int(result.get('cancelled', 0)):,} job(s) (now in {to!r})"
+    if running:
+        line += f"; the execs of {len(running):,} were running and were stopped"
+    skipped = result.get("skipped") or []
+    if skipped:
+        line += (
+            f"; {len(skipped):,} left: already finished or settling right now "
+            f"({', '.join(skipped[:5])})"
+        )
     typer.echo(safe(line))
 
 
@@ -591,6 +663,28 @@ def add(
             "--file", "-f", help="A JSON-lines file, a ctx per line (- for stdin).", metavar="FILE"
         ),
     ] = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            "-k",
+            help=(
+                "Each job's unique key is the value of this ctx field: a job whose key the "
+                "run has is not added (so the command can be rerun)."
+            ),
+            metavar="FIELD",
+        ),
+    ] = None,
+    priority: Annotated[
+        int, typer.Option("--priority", help="Higher starts first in its state.", metavar="N")
+    ] = 0,
+    delay: Annotated[
+        float | None,
+        typer.Option(
+            "--delay", help="Seconds from now before they may start.", min=0, metavar="SECONDS"
+        ),
+    ] = None,
+    timeout: Timeout = None,
 ) -> None:
     """Add jobs: `jorb add run.json --ctx '{"repo": "a/b"}'` or `--file jobs.jsonl`."""
     if bool(ctx) == (file is not None):
@@ -605,9 +699,33 @@ def add(
     ctxs = [_json_object(place, value) for place, value in sources]
     if not ctxs:
         _fail(f"{file}: no jobs in it", 2)
-    ids = [str(i) for i in _change(control.add, runfile, ctxs, state).get("ids", [])]
+    keys = None
+    if key is not None:
+        keys = [_key_of(place, ctx, key) for (place, _), ctx in zip(sources, ctxs, strict=True)]
+    result = _change(
+        control.add,
+        runfile,
+        ctxs,
+        state,
+        keys=keys,
+        priority=priority,
+        delay=delay,
+        timeout=timeout,
+    )
+    ids = [str(i) for i in result.get("ids", [])]
     shown = ", ".join(ids) if len(ids) <= 10 else f"{ids[0]} to {ids[-1]}"
-    typer.echo(safe(f"added {len(ids):,} job(s) in {state!r}: {shown}"))
+    line = f"added {len(ids):,} job(s) in {state!r}" + (f": {shown}" if ids else "")
+    skipped = int(result.get("skipped", 0))
+    if skipped:
+        line += f"; skipped {skipped:,} whose key the run already has"
+    typer.echo(safe(line))
+
+
+def _key_of(place: str, ctx: dict[str, Any], field: str) -> str:
+    value = ctx.get(field)
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        _fail(f"{place}: --key {field}: the ctx has no string or number {field!r} to key it", 2)
+    return str(value)
 
 
 @app.command()
@@ -617,9 +735,10 @@ def pause(
     state: Annotated[
         str, typer.Argument(help="The state to pause.", metavar="STATE", show_default=False)
     ],
+    timeout: Timeout = None,
 ) -> None:
     """Stop new exec starts in a state (running ones finish); kept across restarts."""
-    _change(control.pause, runfile, state)
+    _change(control.pause, runfile, state, timeout=timeout)
     typer.echo(
         safe(f"paused {state!r}: no new execs start in it until `jorb resume {runfile} {state}`")
     )
@@ -632,22 +751,53 @@ def resume(
     state: Annotated[
         str, typer.Argument(help="The state to resume.", metavar="STATE", show_default=False)
     ],
+    timeout: Timeout = None,
 ) -> None:
     """Let a paused state start execs again."""
-    _change(control.resume, runfile, state)
+    _change(control.resume, runfile, state, timeout=timeout)
     typer.echo(f"resumed {state!r}")
 
 
-def _change(apply: Callable[..., dict[str, Any]], path: Path, *args: Any) -> dict[str, Any]:
+@app.command()
+@_friendly
+def withdraw(runfile: RunFile) -> None:
+    """Take back the changes waiting for the process running the run (none is applied).
+
+    For a change whose command was interrupted (Ctrl-C) before the process picked it up.
+    """
+    taken_back = []
+    for file, req in control.waiting(runfile):
+        if control.withdraw(file):
+            args = req.get("args") or {}
+            what = " ".join(f"{k}={v!r}" for k, v in args.items() if k != "ctxs")
+            if "ctxs" in args:
+                what = f"{len(args['ctxs'] or []):,} job(s) {what}"
+            taken_back.append(f"  {req.get('op')} {what}  (asked {_when(req.get('time'))})")
+    if not taken_back:
+        typer.echo("no change is waiting")
+        return
+    typer.echo(f"withdrew {len(taken_back)} change(s); none was applied:")
+    for line in taken_back:
+        typer.echo(safe(line))
+
+
+def _change(
+    apply: Callable[..., dict[str, Any]], path: Path, *args: Any, **options: Any
+) -> dict[str, Any]:
     """Apply a change through :mod:`jorb.control`, saying so when a process will apply it."""
     if path.exists() and is_locked(path):
         typer.echo("jorb: a process is running this run; handing the change to it...", err=True)
+    if options.get("timeout") is None:
+        options.pop("timeout", None)  # (so a stand-in for a control function need not take it)
     try:
-        return apply(path, *args)
+        return apply(path, *args, **options)
+    except TimeoutError as e:
+        _fail(str(e))
     except KeyboardInterrupt:
         _fail(
             f"interrupted while waiting; the change stays queued in {control.inbox_path(path)} "
-            f"and is applied when the process running the run next looks there",
+            f"and is applied when the process running the run next looks there "
+            f"(`jorb withdraw {path}` takes it back)",
             130,
         )
 

@@ -216,7 +216,9 @@ class Commits:
         kids: list[Job] = []
         if error is None:
             try:
-                record, kids = outcome.success(proc.states, job, result, run.next_id, started, now)
+                record, kids = outcome.success(
+                    proc.states, job, result, run.next_id, started, now, run.keyed
+                )
                 record["seq"] = seq
                 data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:
@@ -240,6 +242,11 @@ class Commits:
                 now=now,
             )
             record["seq"] = seq
+            rate = lane.rate
+            if rate.paused_until and isinstance(error, RateLimited) and error.retry_after:
+                # When the pause ends, as Unix time: `jorb status` says so while it lasts.
+                until = now + rate.paused_until - proc._loop.time()
+                record["error"]["paused_until"] = until
             data = orjson.dumps(record, default=repr, option=_LINE)
             lane.errors += 1
             lane.failed += gave_up
@@ -263,13 +270,24 @@ class Commits:
         state = lane.state
         if isinstance(error, RateLimited):
             assert self.proc._loop is not None
-            lane.rate.limited(self.proc._loop.time(), error.retry_after)
-            if error.retry_after and log.isEnabledFor(logging.INFO):
+            taken = lane.rate.limited(self.proc._loop.time(), error.retry_after)
+            asked = error.retry_after
+            if asked is not None and taken is not None and taken < asked:
+                self.proc._note(
+                    f"{state.name}: the server asked for a pause of {asked:g}s; pausing "
+                    f"{taken:g}s, the Rate's max_pause (jorb.Rate(..., max_pause=...))"
+                )
+            if taken and log.isEnabledFor(logging.INFO):
                 log.info(
                     "%s: rate limited; no new starts for %.1fs",
                     state.name,
-                    error.retry_after,
-                    extra={"state": state.name, "job": job.id, "retry_after": error.retry_after},
+                    taken,
+                    extra={
+                        "state": state.name,
+                        "job": job.id,
+                        "retry_after": asked,
+                        "pause": taken,
+                    },
                 )
             if error.retry_after is None and lane.rate.n == math.inf:
                 return state.retry_delay(job.throttled + 1, random.random())

@@ -1,4 +1,4 @@
-"""Changing a run from outside: add jobs, pause and resume states, redrive jobs.
+"""Changing a run from outside: add jobs, pause and resume states, redrive and cancel jobs.
 
 With no process holding the run, a change is applied to the file directly, under the run's
 lock. With one, the change is handed over through an inbox directory beside the run
@@ -28,13 +28,28 @@ import orjson
 
 from .checkpoint import Store, atomic_write, is_locked, read_run, resolve
 from .errors import JorbError, RunLockedError, StateError
-from .model import Job, Run, apply_record
+from .model import Job, Run, apply_record, check_key
+from .states import CANCELLED
 
-__all__ = ["add", "apply_inbox", "inbox_path", "pause", "plan", "redrive", "request", "resume"]
+__all__ = [
+    "add",
+    "apply_inbox",
+    "cancel",
+    "inbox_path",
+    "pause",
+    "plan",
+    "redrive",
+    "request",
+    "resume",
+    "waiting",
+    "withdraw",
+]
 
 #: How often a waiting command looks for its reply, in seconds.
 POLL = 0.05
 REPLY = ".reply"
+#: A request the process applying it has claimed (renamed from ``.json``): no longer withdrawable.
+TAKEN = ".taken"
 
 
 def inbox_path(path: Path) -> Path:
@@ -42,32 +57,76 @@ def inbox_path(path: Path) -> Path:
     return path.with_name(path.name + ".inbox")
 
 
-# -- the four changes --------------------------------------------------------------------------
+# -- the changes -------------------------------------------------------------------------------
 
 
-def add(path: Path, ctxs: list[dict[str, Any]], state: str = "new") -> dict[str, Any]:
-    """Add one job per ctx in ``state``; the result's ``"ids"`` are the new job ids."""
-    return request(path, "add", {"ctxs": ctxs, "state": state})
+def add(
+    path: Path,
+    ctxs: list[dict[str, Any]],
+    state: str = "new",
+    *,
+    keys: list[str] | None = None,
+    priority: int = 0,
+    delay: float | None = None,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Add one job per ctx in ``state``; the result's ``"ids"`` are the new job ids.
+
+    ``keys`` (one per ctx): a ctx whose key a job of the run already has (or an earlier ctx
+    of the same call) is not added; the result's ``"skipped"`` counts them.
+    """
+    args: dict[str, Any] = {"ctxs": ctxs, "state": state}
+    if keys is not None:
+        args["keys"] = keys
+    if priority:
+        args["priority"] = priority
+    if delay is not None:
+        args["delay"] = delay
+    return request(path, "add", args, timeout)
 
 
-def pause(path: Path, state: str) -> dict[str, Any]:
+def pause(path: Path, state: str, *, timeout: float | None = None) -> dict[str, Any]:
     """Stop new exec starts in ``state`` (running execs finish); kept across restarts."""
-    return request(path, "pause", {"name": state})
+    return request(path, "pause", {"name": state}, timeout)
 
 
-def resume(path: Path, state: str) -> dict[str, Any]:
+def resume(path: Path, state: str, *, timeout: float | None = None) -> dict[str, Any]:
     """Let ``state`` start execs again."""
-    return request(path, "resume", {"name": state})
+    return request(path, "resume", {"name": state}, timeout)
 
 
 def redrive(
-    path: Path, source: str, target: str, job_ids: list[str] | None = None
+    path: Path,
+    source: str,
+    target: str,
+    job_ids: list[str] | None = None,
+    *,
+    timeout: float | None = None,
 ) -> dict[str, Any]:
     """Move the jobs in ``source`` (or just ``job_ids``) to ``target``, keeping history and errors.
 
     The result says how many ``"moved"``; jobs running at that moment are ``"skipped"``.
     """
-    return request(path, "redrive", {"from": source, "to": target, "jobs": job_ids})
+    return request(path, "redrive", {"from": source, "to": target, "jobs": job_ids}, timeout)
+
+
+def cancel(
+    path: Path,
+    *,
+    job_ids: list[str] | None = None,
+    state: str | None = None,
+    to: str = CANCELLED,
+    timeout: float | None = None,
+) -> dict[str, Any]:
+    """Move jobs (``job_ids``, or every job in ``state``) to the terminal state ``to``.
+
+    A job whose exec is running has it cancelled by the process running the run: an
+    ``async def`` is cancelled, a pool's worker process ended, a ``def`` in a thread
+    abandoned. The result says how many were ``"cancelled"``, which were ``"running"``, and
+    which were ``"skipped"`` (already in a terminal state, or between an exec and its
+    checkpoint at that moment).
+    """
+    return request(path, "cancel", {"jobs": job_ids, "state": state, "to": to}, timeout)
 
 
 # -- turning a request into a journal record ---------------------------------------------------
@@ -84,13 +143,18 @@ def new_request(op: str, args: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan(
-    run: Run, req: dict[str, Any], busy: Callable[[str], bool] = lambda _id: False
+    run: Run,
+    req: dict[str, Any],
+    busy: Callable[[str], bool] = lambda _id: False,
+    executing: Callable[[str], bool] = lambda _id: False,
 ) -> dict[str, Any]:
     """Check ``req`` against ``run`` and build its journal record (without ``seq``).
 
-    ``busy(job_id)`` says whether a job is mid-exec (a redrive skips those). Raises a
-    JorbError with a one-line reason for a request that cannot apply, and :class:`Unchanged`
-    (with its answer) for one that would change nothing, so nothing is recorded.
+    ``busy(job_id)`` says whether a job is mid-attempt (a redrive skips those), and
+    ``executing(job_id)`` whether its exec is running now (a cancel moves those: the caller
+    cancels the exec). Raises a JorbError with a one-line reason for a request that cannot
+    apply, and :class:`Unchanged` (with its answer) for one that would change nothing, so
+    nothing is recorded.
     """
     op, args = req.get("op"), req.get("args") or {}
     now = time.time()
@@ -99,12 +163,18 @@ def plan(
     if op == "add":
         state = args.get("state", "new")
         _known(run, declared, state)
-        jobs = [run_job(run, ctx, state, n) for n, ctx in enumerate(args.get("ctxs") or [])]
-        if not jobs:
+        jobs, existing = _new_jobs(run, args, state, now)
+        if not jobs and not existing:
             raise JorbError("nothing to add: give at least one ctx")
-        record = {"op": "add", "jobs": jobs, "next_id": run.next_id + len(jobs)}
         result: dict[str, Any] = {"ids": [job.id for job in jobs]}
+        if existing:
+            result["skipped"] = existing
+        if not jobs:
+            raise Unchanged(result)  # every key exists: nothing to record
+        record = {"op": "add", "jobs": jobs, "next_id": run.next_id + len(jobs)}
         what = f"added {len(jobs)} job(s) in {state!r}"
+        if existing:
+            what += f" ({existing} skipped: their key exists)"
     elif op in ("pause", "resume"):
         name = args.get("name")
         if not isinstance(name, str) or name not in declared:
@@ -149,6 +219,8 @@ def plan(
         record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         result = {"moved": len(moved), "skipped": skipped}
         what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"
+    elif op == "cancel":
+        record, result, what = _cancel(run, declared, args, busy, executing, now)
     else:
         raise JorbError(f"unknown change {op!r}")
     record["change"] = {
@@ -170,7 +242,40 @@ class Unchanged(Exception):  # (an answer, not an error)
         self.result = result
 
 
-def run_job(run: Run, ctx: Any, state: str, offset: int) -> Job:
+def _new_jobs(run: Run, args: dict[str, Any], state: str, now: float) -> tuple[list[Job], int]:
+    """The jobs an ``add`` request makes (not yet registered), and how many it skips because
+    their key exists."""
+    ctxs = args.get("ctxs") or []
+    keys, priority, delay = args.get("keys"), args.get("priority", 0), args.get("delay")
+    if keys is not None and (not isinstance(keys, list) or len(keys) != len(ctxs)):
+        raise JorbError("keys must be a list with one key per ctx")
+    if type(priority) is not int:
+        raise JorbError(f"priority must be an int, not {priority!r}")
+    if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
+        raise JorbError(f"delay must be seconds >= 0, not {delay!r}")
+    not_before = now + delay if delay else None
+    index = run.keyed() if keys is not None else {}
+    seen: set[str] = set()
+    jobs: list[Job] = []
+    for n, ctx in enumerate(ctxs):
+        key = None if keys is None else check_key(keys[n])
+        if key is not None:
+            if key in index or key in seen:
+                continue
+            seen.add(key)
+        jobs.append(run_job(run, ctx, state, len(jobs), key, priority, not_before))
+    return jobs, len(ctxs) - len(jobs)
+
+
+def run_job(
+    run: Run,
+    ctx: Any,
+    state: str,
+    offset: int,
+    key: str | None = None,
+    priority: int = 0,
+    not_before: float | None = None,
+) -> Job:
     """A job for an ``add`` request, with the id it will get (not yet registered)."""
     if not isinstance(ctx, dict):
         raise JorbError(f"each ctx must be a JSON object, not {type(ctx).__name__}")
@@ -178,7 +283,61 @@ def run_job(run: Run, ctx: Any, state: str, offset: int) -> Job:
         orjson.dumps(ctx)
     except TypeError as e:
         raise JorbError(f"a ctx to add is not JSON: {e}") from None
-    return Job(str(run.next_id + offset), state, ctx)
+    return Job(str(run.next_id + offset), state, ctx, None, priority, not_before, key=key)
+
+
+def _cancel(
+    run: Run,
+    declared: dict[str, bool],
+    args: dict[str, Any],
+    busy: Callable[[str], bool],
+    executing: Callable[[str], bool],
+    now: float,
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """The record, answer and description of a ``cancel`` request."""
+    wanted, source, target = args.get("jobs"), args.get("state"), args.get("to", CANCELLED)
+    _known(run, declared, target)
+    if declared and not declared[target]:
+        raise StateError(
+            f"{target!r} is not terminal: cancel moves jobs to a terminal state "
+            f"(`jorb redrive` moves them anywhere)"
+        )
+    if (wanted is None) == (source is None):
+        raise JorbError("cancel takes job ids or a state, one of the two")
+    if wanted is not None:
+        if not isinstance(wanted, list) or not all(isinstance(i, str) for i in wanted):
+            raise JorbError(f"job ids must be a list of strings, not {wanted!r}")
+        wanted = list(dict.fromkeys(wanted))
+        missing = [i for i in wanted if i not in run.jobs]
+        if missing:
+            raise JorbError(f"no job {', '.join(missing[:5])} in {run.path}")
+        candidates = wanted
+    else:
+        if source not in declared and not any(j.state == source for j in run.jobs.values()):
+            raise StateError(f"no state {source!r} in {run.path} (states: {_names(run)})")
+        if isinstance(source, str) and declared.get(source):
+            raise JorbError(f"{source!r} is terminal: its jobs are finished, nothing to cancel")
+        candidates = [job.id for job in run.jobs.values() if job.state == source]
+    finished = {name for name, terminal in declared.items() if terminal}
+    moved, running, skipped = [], [], []
+    for ident in candidates:
+        if run.jobs[ident].state in finished:
+            skipped.append(ident)
+        elif executing(ident):
+            moved.append(ident)
+            running.append(ident)
+        elif busy(ident):
+            skipped.append(ident)
+        else:
+            moved.append(ident)
+    result = {"cancelled": len(moved), "running": running, "skipped": skipped}
+    if not moved:
+        raise Unchanged(result)
+    record = {"op": "cancel", "to": target, "jobs": moved, "time": now}
+    what = f"cancelled {len(moved)} job(s) -> {target!r}"
+    if running:
+        what += f" ({len(running)} running)"
+    return record, result, what
 
 
 def _known(run: Run, declared: dict[str, bool], state: Any) -> None:
@@ -205,14 +364,27 @@ def applied_ids(run: Run) -> set[str]:
 
 
 def pending(path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Requests waiting in the inbox, oldest first (unreadable ones are answered as errors)."""
+    """Requests waiting in the inbox, oldest first (unreadable ones are answered as errors).
+
+    Each is claimed first (renamed to ``.taken``), so that a command withdrawing it (``jorb
+    pause --timeout``) either gets it back before it is applied, or finds it taken. One taken
+    by a process that died before answering is yielded again (its id keeps it from being
+    applied twice).
+    """
     inbox = inbox_path(path)
     try:
-        names = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))
+        names = sorted(n for n in os.listdir(inbox) if n.endswith((".json", TAKEN)))
     except FileNotFoundError:
         return
     for name in names:
         file = inbox / name
+        if name.endswith(".json"):
+            taken = file.with_suffix(TAKEN)
+            try:
+                os.rename(file, taken)
+            except FileNotFoundError:
+                continue  # withdrawn meanwhile
+            file = taken
         try:
             req = orjson.loads(file.read_bytes())
         except FileNotFoundError:
@@ -295,6 +467,7 @@ def request(
     atomic_write(file, orjson.dumps(req), durable=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     answer_file = file.with_suffix(REPLY)
+    withdrawn = False
     while True:
         if answer_file.exists():
             answer = orjson.loads(answer_file.read_bytes())
@@ -306,12 +479,48 @@ def request(
         if not is_locked(path):
             _apply_offline(path, file)
             continue
-        if deadline is not None and time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline and not withdrawn:
+            if withdraw(file):
+                raise TimeoutError(
+                    f"the process running {path} did not pick the change up within "
+                    f"{timeout:g}s (is it stopped?); the change was withdrawn: nothing changed"
+                )
+            withdrawn = True  # taken meanwhile: the answer is on its way
+            deadline = time.monotonic() + max(timeout or 0.0, 1.0)
+        elif deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(
-                f"the process holding {path} has not applied the change yet; it stays queued "
-                f"in {inbox} and is applied when that process next polls or executes the run"
+                f"the process running {path} took the change but has not answered within "
+                f"{timeout:g}s; it may still apply it (see `jorb status {path}`)"
             )
         time.sleep(POLL)  # waiting on another process's reply file: nothing to await
+
+
+def waiting(path: Path) -> list[tuple[Path, dict[str, Any]]]:
+    """The requests in the inbox that no process has taken yet, oldest first (unclaimed)."""
+    inbox = inbox_path(path)
+    try:
+        names = sorted(n for n in os.listdir(inbox) if n.endswith(".json"))
+    except FileNotFoundError:
+        return []
+    found = []
+    for name in names:
+        try:
+            req = orjson.loads((inbox / name).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            continue
+        if isinstance(req, dict):
+            found.append((inbox / name, req))
+    return found
+
+
+def withdraw(file: Path) -> bool:
+    """Take a request back out of the inbox: True if it was still waiting (it will never be
+    applied), False if a process has taken it (it is being applied, or was)."""
+    try:
+        file.unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _apply_offline(path: Path, mine: Path) -> None:
@@ -334,6 +543,7 @@ def _apply_offline(path: Path, mine: Path) -> None:
                 store.compact(run, finish=True)
         except BaseException:
             mine.unlink(missing_ok=True)
+            mine.with_suffix(TAKEN).unlink(missing_ok=True)
             raise
         for file, answer in answers:
             reply(file, answer)

@@ -12,7 +12,8 @@ The tree::
     ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
     ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
     ├── WorkerLost                 the pool worker running an exec died (recorded on the job)
-    └── RateLimited                raised *by an exec*: the API said "slow down"
+    ├── RateLimited                raised *by an exec*: the API said "slow down"
+    └── NoRetry                    raised *by an exec*: retrying cannot fix this failure
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "ExecResultError",
     "JorbError",
     "JournalConflictError",
+    "NoRetry",
     "RateLimited",
     "RunFileError",
     "RunLockedError",
@@ -130,3 +132,14 @@ class RateLimited(JorbError):
     def __reduce__(self) -> tuple[type[RateLimited], tuple[float | None, str]]:
         # (So one raised in a pool's worker process arrives with its retry_after.)
         return type(self), (self.retry_after, str(self))
+
+
+class NoRetry(JorbError):
+    """Raise from an exec for a failure that retrying cannot fix (a 404, invalid input).
+
+    The attempt is recorded like any error and the job is routed at once (to its state's
+    ``on_error``, or the error state), its remaining ``retries`` unused::
+
+        if response.status_code == 404:
+            raise jorb.NoRetry(f"{ctx['repo']} does not exist")
+    """

@@ -138,7 +138,16 @@ class Lanes:
     ``lanes.enqueue(lane, job, now)`` then ``lanes.wake(lane)`` gets a job started.
     """
 
-    __slots__ = ("active", "by_name", "counts", "in_exec", "proc", "running")
+    __slots__ = (
+        "active",
+        "by_name",
+        "cancelled",
+        "counts",
+        "executing",
+        "in_exec",
+        "proc",
+        "running",
+    )
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
@@ -149,6 +158,9 @@ class Lanes:
         # by a record that is not on disk yet (kicked children, added or redriven jobs).
         self.running: set[str] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
+        # Execs that wait, by job id (one that never waits cannot be interrupted anyway).
+        self.executing: dict[str, asyncio.Task[None]] = {}
+        self.cancelled: set[str] = set()  # jobs whose exec `jorb cancel` is cancelling
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
@@ -226,6 +238,13 @@ class Lanes:
         for lane in self.by_name.values():
             if lane.ready:
                 self.wake(lane)
+
+    def cancel_exec(self, ident: str) -> None:
+        """Cancel the running exec of job ``ident`` (a ``jorb cancel`` has moved the job): an
+        ``async def`` sees CancelledError, a pool ends the worker process running it, a ``def``
+        in a thread is abandoned; whatever it returns is never settled."""
+        self.cancelled.add(ident)
+        self.executing[ident].cancel()
 
     def unpark_all(self) -> None:
         """Release every parked worker (the exec is stopping)."""
@@ -392,23 +411,42 @@ class Lanes:
     ) -> None:
         """Go on with an exec that waits (counted running already), then settle it."""
         self.in_exec.add(task)
+        self.executing[job.id] = task
+        cancelled = self.cancelled
         try:
             result = await _resume(coro, yielded)
             error: Exception | None = None
         except Exception as e:
             result, error = None, e
         except asyncio.CancelledError as e:
-            if self.proc._stopping or task.cancelling():
+            if cancelled and job.id in cancelled and not self.proc._stopping:
+                result, error = None, None  # `jorb cancel`: dropped just below
+            elif self.proc._stopping or task.cancelling():
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
                 self.running.discard(job.id)
+                cancelled.discard(job.id)
                 raise
-            # The exec's own code let a CancelledError out (a cancelled future it awaited):
-            # that is its failure, not ours to stop on.
-            result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
+            else:
+                # The exec's own code let a CancelledError out (a cancelled future it
+                # awaited): that is its failure, not ours to stop on.
+                result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
+            del self.executing[job.id]
+        if cancelled and job.id in cancelled:
+            self._dropped(lane, job, task)
+            return
         self.proc._commits.settle(lane, job, result, error, started)
+
+    def _dropped(self, lane: Lane, job: Job, task: asyncio.Task[None]) -> None:
+        """The exec of a job ``jorb cancel`` moved away ended (cancelled, or it returned first):
+        its outcome is not used, its slot is free, and the worker goes on."""
+        self.cancelled.discard(job.id)
+        if task.cancelling():  # (ours: one cancel, caught here or swallowed by the exec)
+            task.uncancel()
+        lane.held -= 1
+        self.running.discard(job.id)
 
     def _give_back(self, lane: Lane, jobs: list[Job]) -> None:
         """Free the slots of jobs taken but not settled; those not started go back in line."""

@@ -16,7 +16,7 @@ import gc
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from pathlib import Path
@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run", "Step"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Next", "Run", "Step"]
 
 FORMAT = "jorb-run"
 FORMAT_VERSION = 1
@@ -76,6 +76,27 @@ class Kick:
     """Seconds, counted from the job's creation, before it may start."""
     priority: int = field(default=0, kw_only=True)
     """Higher starts first within its state; FIFO among equals."""
+    key: str | None = field(default=None, kw_only=True)
+    """At most one job per key in a run: a kick whose key a job already has adds nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class Next:
+    """Returned by an exec in place of the next state's name: go to ``state``, not before
+    ``delay`` seconds.
+
+    ``return ctx, jorb.Next("wait_ci", delay=30)``: the job waits as a delayed job (it holds no
+    slot, and its not-before time is in the run file, so it survives a restart). A ``Next``
+    back to the job's own state (a poll) is counted in ``job.polls`` instead of adding an entry
+    to its history, so a job polling all day keeps a history of a few entries.
+    """
+
+    state: str
+    """The state the job goes to."""
+    delay: float | None = field(default=None, kw_only=True)
+    """Seconds, from now, before the job may start there."""
+    priority: int | None = field(default=None, kw_only=True)
+    """The job's priority from now on (None: unchanged)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +236,11 @@ class Job:
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
     errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     """Errors grouped by the state they happened in."""
+    key: str | None = None
+    """The job's unique key, if it was added with one: at most one job per key in a run."""
+    polls: int = 0
+    """How many times an exec sent the job back to its own state with :class:`Next` (counted
+    here, not in ``history``)."""
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
@@ -238,6 +264,7 @@ class Run:
 
     __slots__ = (
         "_holder",
+        "_keys",
         "_stamp",
         "changes",
         "declared",
@@ -271,6 +298,7 @@ class Run:
         self.seq = 0
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
+        self._keys: dict[str, str] | None = None  # job ids by key, built when first needed
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -338,14 +366,22 @@ class Run:
         delay: float | None = None,
         priority: int = 0,
         not_before: float | None = None,
+        key: str | None = None,
     ) -> Job:
         """Add a job in ``state``; it reaches disk at the next checkpoint or ``save()``.
 
         ``delay`` (seconds from now) or ``not_before`` (Unix time) hold it back without
-        taking a slot; higher ``priority`` starts first within its state.
+        taking a slot; higher ``priority`` starts first within its state. With a ``key`` that a
+        job of the run already has, nothing is added and that job is returned: an enqueue
+        script that adds with keys can be rerun.
         """
         self._refuse_while_executing()
-        return self.new_job(state, ctx, None, _not_before(delay, not_before), priority)
+        if key is not None:
+            check_key(key)
+            existing = self.keyed().get(key)
+            if existing is not None:
+                return self.jobs[existing]
+        return self.new_job(state, ctx, None, _not_before(delay, not_before), priority, key)
 
     def _refuse_while_executing(self) -> None:
         if self._holder is not None and self._holder.executing:
@@ -363,12 +399,15 @@ class Run:
         delay: float | None = None,
         priority: int = 0,
         not_before: float | None = None,
+        key: Callable[[Ctx], str] | None = None,
     ) -> list[Job]:
         """Add a job per ctx, all in ``state``, in one call: ``add_job`` for many at once.
 
         The same rules and options as :meth:`add_job` (given once for all), about ten times
         faster per job: a million jobs take about a second. Nothing is added if any ctx is
-        not a dict. They reach disk at the next checkpoint or ``save()``.
+        not a dict. They reach disk at the next checkpoint or ``save()``. ``key(ctx)`` gives
+        each job's key: for a key the run already has (or an earlier ctx of the call), no job
+        is added and the list holds the job that has it.
         """
         self._refuse_while_executing()
         ctxs = list(ctxs)
@@ -376,6 +415,8 @@ class Run:
             if type(ctx) is not dict and not isinstance(ctx, dict):
                 raise JorbError(f"add_jobs: ctx {i} must be a dict, not {type(ctx).__name__}")
         _check_new(state, priority)
+        if key is not None:
+            return self._add_keyed(ctxs, state, key, delay, priority, not_before)
         when = _not_before(delay, not_before)
         start, state = self.next_id, sys.intern(state)
         ids = list(map(str, range(start, start + len(ctxs))))
@@ -400,17 +441,64 @@ class Run:
         self.next_id = start + len(ctxs)
         return jobs
 
+    def _add_keyed(
+        self,
+        ctxs: list[Ctx],
+        state: str,
+        key: Callable[[Ctx], str],
+        delay: float | None,
+        priority: int,
+        not_before: float | None,
+    ) -> list[Job]:
+        """``add_jobs`` with keys: the new ones added in one call, the others looked up."""
+        keys = [check_key(key(ctx)) for ctx in ctxs]
+        index, fresh = self.keyed(), dict[str, Ctx]()
+        for k, ctx in zip(keys, ctxs, strict=True):
+            if k not in index:
+                fresh.setdefault(k, ctx)
+        made = self.add_jobs(
+            list(fresh.values()), state, delay=delay, priority=priority, not_before=not_before
+        )
+        for k, job in zip(fresh, made, strict=True):
+            job.key = k
+            index[k] = job.id
+        return [self.jobs[index[k]] for k in keys]
+
     def new_job(
-        self, state: str, ctx: Ctx, parent: str | None, not_before: float | None, priority: int
+        self,
+        state: str,
+        ctx: Ctx,
+        parent: str | None,
+        not_before: float | None,
+        priority: int,
+        key: str | None = None,
     ) -> Job:
         """Create and register a job with the next id (used for adds and kicks)."""
         if not isinstance(ctx, dict):
             raise JorbError(f"a job's ctx must be a dict, not {type(ctx).__name__}")
         _check_new(state, priority)
-        job = Job(str(self.next_id), state, ctx, parent, priority, not_before)
+        job = Job(str(self.next_id), state, ctx, parent, priority, not_before, key=key)
         self.next_id += 1
         self.jobs[job.id] = job
+        if key is not None:
+            self.keyed()[key] = job.id
         return job
+
+    def keyed(self) -> dict[str, str]:
+        """Job ids by key, for the jobs that have one (built on first use, then kept up to date
+        by every add and kick; a key a hand edit gave two jobs names the first)."""
+        keys = self._keys
+        if keys is None:
+            keys = self._keys = {}
+            for job in self.jobs.values():
+                if job.key is not None:
+                    keys.setdefault(job.key, job.id)
+        return keys
+
+    def note_key(self, job: Job) -> None:
+        """Index a job just registered with a key (no-op until the index is first built)."""
+        if self._keys is not None and job.key is not None:
+            self._keys.setdefault(job.key, job.id)
 
     def counts(self) -> dict[str, int]:
         """Number of jobs in each state, states in order of first appearance."""
@@ -547,6 +635,8 @@ def job_document(job: Job) -> dict[str, Any]:
     """A job's object in the run file: its id, state and ctx, and every other field that is
     not at its default (a million jobs' ``"parent": null`` lines are a fifth of a file)."""
     doc: dict[str, Any] = {"id": job.id, "state": job.state, "ctx": job.ctx}
+    if job.key is not None:
+        doc["key"] = job.key
     if job.parent is not None:
         doc["parent"] = job.parent
     if job.priority:
@@ -569,6 +659,8 @@ def job_document(job: Job) -> dict[str, Any]:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
     if job.errors:
         doc["errors"] = job.errors
+    if job.polls:
+        doc["polls"] = job.polls
     return doc
 
 
@@ -633,6 +725,8 @@ def _usual_job(raw: Any) -> Job | None:
         and type(history) is list
         and type(errors) is dict
         and (not errors or _errors_ok(errors))
+        and (job.key is None or (type(job.key) is str and job.key != ""))
+        and type(job.polls) is int
     ):
         return None
     if history:
@@ -723,7 +817,11 @@ def _checked_job(raw: Any, where: str) -> Job:
         _check(raw, "throttled", int, where, 0),
         _check(raw, "history", list, where, []),
         _check(raw, "errors", dict, where, {}),
+        _check(raw, "key", (str, type(None)), where, None),
+        _check(raw, "polls", int, where, 0),
     )
+    if job.key == "":
+        raise CorruptRunError(f'{where}: "key" is empty')
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
     if job.not_before is not None and not _in_time(job.not_before):
@@ -743,6 +841,13 @@ def _checked_job(raw: Any, where: str) -> Job:
     job.history = steps
     job.state = sys.intern(job.state)
     return job
+
+
+def check_key(key: Any) -> str:
+    """A job's key as given, if it is one (a non-empty string); a JorbError if not."""
+    if not isinstance(key, str) or not key:
+        raise JorbError(f"a job's key must be a non-empty string, not {key!r}")
+    return key
 
 
 def _check_new(state: Any, priority: Any) -> None:
@@ -822,6 +927,10 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         job.attempts = record.get("attempts", 0)
         job.throttled = record.get("throttled", 0)
         job.not_before = record.get("not_before")
+        if "priority" in record:  # a Next that set it
+            job.priority = record["priority"]
+        if "polls" in record:  # a Next back to the same state: counted, not in history
+            job.polls = record["polls"]
         kids = record.get("kids")
         if kids:
             kicks = run.kicks
@@ -829,6 +938,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                run.note_key(kid)
                 edge = (source, kid.state)
                 kicks[edge] = kicks.get(edge, 0) + 1
             run.next_id = max(run.next_id, record["next_id"])
@@ -837,12 +947,13 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
         for raw in record["jobs"]:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
+            run.note_key(job)
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])
     elif op == "resume":
         run.paused.discard(record["name"])
-    elif op == "redrive":
+    elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
         for ident in record["jobs"]:
             job = run.jobs[ident]
             to = sys.intern(record["to"])
@@ -890,7 +1001,7 @@ def record_problem(run: Run, record: dict[str, Any]) -> str | None:
         problem = _new_jobs_problem(run, record.get("jobs"), record)
     elif op in ("pause", "resume"):
         problem = None if _name(record.get("name")) else '"name" must be a state name'
-    elif op == "redrive":
+    elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
         ids = record.get("jobs")
         if not _name(record.get("to")):
             problem = '"to" must be a state name'
@@ -966,6 +1077,8 @@ def _exec_record_problem(run: Run, record: dict[str, Any]) -> str | None:
         not_before = get("not_before")
         if not_before is not None and not _is_time(not_before):
             return '"not_before" must be a time'
+        if type(get("priority", 0)) is not int or not _count(get("polls", 0)):
+            return '"priority" must be an int and "polls" a count'  # (a jorb.Next's)
         kids = get("kids")
         if kids:
             return _new_jobs_problem(run, kids, record)

@@ -6,23 +6,31 @@ Pure functions over a job and an outcome; the processor applies the record and w
 from __future__ import annotations
 
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import ExecResultError, RateLimited
-from .model import Job, Kick
+from .errors import ExecResultError, NoRetry, RateLimited
+from .model import Job, Kick, Next
 from .states import State
 
 __all__ = ["failure", "success"]
 
 
 def success(
-    states: Mapping[str, State], job: Job, result: Any, next_id: int, started: float, now: float
+    states: Mapping[str, State],
+    job: Job,
+    result: Any,
+    next_id: int,
+    started: float,
+    now: float,
+    keys: Callable[[], Mapping[str, str]] = dict,
 ) -> tuple[dict[str, Any], list[Job]]:
     """The record of an exec that returned; raises ExecResultError if the value is unusable.
 
     Children get ids from ``next_id`` on; they are created but not registered in the run. A
-    success leaves no attempts, throttles or backoff behind, so its record names none of them.
+    success leaves no attempts, throttles or backoff behind, so its record names none of them
+    (a :class:`Next` with a delay sets the job's ``not_before``). ``keys()`` gives the run's
+    job ids by key: a kick whose key is there (or earlier in the same answer) adds nothing.
     """
     kicks: Sequence[Kick]
     usual = type(result) is tuple and len(result) == 2  # (ctx, next_state), checked cheaply
@@ -30,6 +38,8 @@ def success(
         (ctx, next_state), kicks = result, ()
     else:
         ctx, next_state, kicks = _unpack(result)
+    if type(next_state) is Next:
+        return _next(states, job, ctx, next_state, kicks, next_id, started, now, keys)
     if next_state not in states:
         raise ExecResultError(f"returned undeclared state {next_state!r}")
     record: dict[str, Any] = {
@@ -41,7 +51,55 @@ def success(
     }
     if not kicks:
         return record, []
+    return _kick(states, job, record, kicks, next_id, now, keys)
+
+
+def _next(
+    states: Mapping[str, State],
+    job: Job,
+    ctx: dict[str, Any],
+    go: Next,
+    kicks: Sequence[Kick],
+    next_id: int,
+    started: float,
+    now: float,
+    keys: Callable[[], Mapping[str, str]],
+) -> tuple[dict[str, Any], list[Job]]:
+    """The record of an exec that returned a :class:`Next`: a transition with a delay, and a
+    poll (back to the job's own state) counted instead of entered in the history."""
+    to, delay, priority = go.state, go.delay, go.priority
+    if not isinstance(to, str) or to not in states:
+        raise ExecResultError(f"returned jorb.Next to undeclared state {to!r}")
+    if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
+        raise ExecResultError(f"jorb.Next's delay must be seconds >= 0, not {delay!r}")
+    if priority is not None and type(priority) is not int:
+        raise ExecResultError(f"jorb.Next's priority must be an int, not {priority!r}")
+    record: dict[str, Any] = {"job": job.id, "to": to, "ctx": ctx}
+    if to == job.state:
+        record["polls"] = job.polls + 1
+    else:
+        record["history"] = step(job.state, to, now, started)
+    if delay:
+        record["not_before"] = now + delay
+    if priority is not None:
+        record["priority"] = priority
+    if not kicks:
+        return record, []
+    return _kick(states, job, record, kicks, next_id, now, keys)
+
+
+def _kick(
+    states: Mapping[str, State],
+    job: Job,
+    record: dict[str, Any],
+    kicks: Sequence[Kick],
+    next_id: int,
+    now: float,
+    keys: Callable[[], Mapping[str, str]],
+) -> tuple[dict[str, Any], list[Job]]:
+    """Add the children an exec kicked to its record (those whose key exists are left out)."""
     kids: list[Job] = []
+    kicked_keys: set[str] = set()
     for kick in kicks:
         if not isinstance(kick, Kick):
             raise ExecResultError(f"kicks must be jorb.Kick objects, got {type(kick).__name__}")
@@ -54,9 +112,19 @@ def success(
         delay = kick.delay
         if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
             raise ExecResultError(f"a kick's delay must be seconds >= 0, not {delay!r}")
+        key = kick.key
+        if key is not None:
+            if type(key) is not str or not key:
+                raise ExecResultError(f"a kick's key must be a non-empty string, not {key!r}")
+            if key in kicked_keys or key in keys():
+                continue  # at most one job per key
+            kicked_keys.add(key)
         not_before = now + kick.delay if kick.delay else None
-        kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
+        kid = Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before, key=key)
+        kids.append(kid)
         next_id += 1
+    if not kids:
+        return record, []
     record["kids"] = kids
     record["next_id"] = next_id
     return record, kids
@@ -74,8 +142,9 @@ def failure(
 ) -> tuple[dict[str, Any], bool]:
     """The record of a failed attempt, and whether the job gave up (was routed away).
 
-    A ``RateLimited`` uses the separate ``rate_limit_retries`` budget, anything else the
-    state's ``retries``. ``retry_in`` is the backoff before the next attempt (None: at once).
+    A ``RateLimited`` uses the separate ``rate_limit_retries`` budget, a ``NoRetry`` gives up
+    at once, anything else uses the state's ``retries``. ``retry_in`` is the backoff before the
+    next attempt (None: at once).
     """
     limited = isinstance(error, RateLimited)
     attempts, throttled = job.attempts, job.throttled
@@ -84,7 +153,7 @@ def failure(
         give_up = throttled > state.rate_limit_retries
     else:
         attempts += 1
-        give_up = attempts > state.retries
+        give_up = attempts > state.retries or isinstance(error, NoRetry)
     record: dict[str, Any] = {
         "job": job.id,
         "in": state.name,
@@ -111,7 +180,7 @@ def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
     return {"from": source, "to": to, "time": now, "duration": now - started}
 
 
-def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
+def _unpack(result: Any) -> tuple[dict[str, Any], str | Next, Sequence[Kick]]:
     if not isinstance(result, tuple | list) or len(result) not in (2, 3):
         raise ExecResultError(
             f"an exec must return (ctx, next_state) or (ctx, next_state, kicks), "
@@ -121,8 +190,10 @@ def _unpack(result: Any) -> tuple[dict[str, Any], str, Sequence[Kick]]:
     kicks = result[2] if len(result) == 3 else ()
     if not isinstance(ctx, dict):
         raise ExecResultError(f"the returned ctx must be a dict, not {type(ctx).__name__}")
-    if not isinstance(next_state, str):
-        raise ExecResultError(f"the returned next state must be a str, not {next_state!r}")
+    if not isinstance(next_state, str | Next):
+        raise ExecResultError(
+            f"the returned next state must be a str or a jorb.Next, not {next_state!r}"
+        )
     if kicks is None:
         kicks = ()
     if not isinstance(kicks, list | tuple):

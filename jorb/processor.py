@@ -52,7 +52,7 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from . import control
@@ -61,8 +61,8 @@ from .commit import Commits
 from .errors import JorbError, RunFileError, StateError
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
-from .model import Run, parent_cycle
-from .states import Rate, State, validate
+from .model import Run, check_key, parent_cycle
+from .states import CANCELLED, Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 from .steering import Steering
 from .waiting import Waiting
@@ -205,6 +205,10 @@ class Processor:
                 continue
             rate = lane.rate
             busy = lane.running + lane.delayed + lane.awaiting
+            paused_until = None
+            if rate.paused_until and self._loop is not None:
+                left = rate.paused_until - self._loop.time()
+                paused_until = self._now() + left if left > 0 else None
             rows.append(
                 StateStatus(
                     name,
@@ -220,6 +224,7 @@ class Processor:
                     paused=lane.paused,
                     concurrency=state.concurrency,
                     rate=None if rate.n == math.inf else rate.current / rate.per,
+                    paused_until=paused_until,
                 )
             )
         finished = sum(self._lanes.counts.values())
@@ -241,9 +246,34 @@ class Processor:
         """Move the jobs in ``source`` (or only ``job_ids``) to ``target``."""
         self._steering.submit("redrive", {"from": source, "to": target, "jobs": job_ids})
 
-    def add_jobs(self, ctxs: list[dict[str, Any]], state: str = "new") -> None:
-        """Add jobs to the run being executed (from any thread)."""
-        self._steering.submit("add", {"ctxs": ctxs, "state": state})
+    def add_jobs(
+        self,
+        ctxs: list[dict[str, Any]],
+        state: str = "new",
+        *,
+        priority: int = 0,
+        delay: float | None = None,
+        key: Callable[[dict[str, Any]], str] | None = None,
+    ) -> None:
+        """Add jobs to the run being executed (from any thread).
+
+        ``key(ctx)`` gives each job's key: a ctx whose key a job of the run has is not added.
+        """
+        args: dict[str, Any] = {"ctxs": ctxs, "state": state}
+        if key is not None:
+            args["keys"] = [check_key(key(ctx)) for ctx in ctxs]
+        if priority:
+            args["priority"] = priority
+        if delay is not None:
+            args["delay"] = delay
+        self._steering.submit("add", args)
+
+    def cancel(
+        self, job_ids: list[str] | None = None, *, state: str | None = None, to: str = CANCELLED
+    ) -> None:
+        """Move jobs (``job_ids``, or all in ``state``) to the terminal state ``to``,
+        cancelling their execs if they run (what ``jorb cancel`` does)."""
+        self._steering.submit("cancel", {"jobs": job_ids, "state": state, "to": to})
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -456,6 +486,8 @@ class Processor:
         for task in list(self._tasks):
             if task not in in_exec:
                 task.cancel()
+        if isinstance(self._executor, LocalExecutor):
+            self._executor.stop_waiting()  # (calls waiting for an abandoned exec's slot)
         if in_exec and grace > 0:
             await asyncio.wait(set(in_exec), timeout=grace)
         for task in list(self._tasks):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -428,6 +429,8 @@ def _total_row(status: Status, speed: Speed) -> _Row:
 
 def _notes(row: StateStatus) -> tuple[Cell, ...]:
     notes = []
+    if row.paused_until is not None:
+        notes.append((f"{_server_pause(row.paused_until)} ", "bold yellow"))
     if row.rate is not None:
         notes.append((f"≤{_per_second(row.rate)}", "cyan"))
     if row.failed:
@@ -451,6 +454,8 @@ def plain_line(status: Status, speed: Speed | None = None) -> str:
         words = [row.name]
         if row.paused:
             words.append("PAUSED")
+        if row.paused_until is not None:
+            words.append(_server_pause(row.paused_until))
         words.append(f"{row.waiting:,} waiting")
         if row.delayed:
             words.append(f"{row.delayed:,} delayed")
@@ -467,6 +472,10 @@ def plain_line(status: Status, speed: Speed | None = None) -> str:
             words.append(_per_second(rate))
         parts.append(" ".join(words))
     return " | ".join(parts)
+
+
+def _server_pause(until: float) -> str:
+    return f"paused by the server until {time.strftime('%H:%M:%S', time.localtime(until))}"
 
 
 def _per_second(rate: float | None) -> str:

@@ -212,6 +212,20 @@ def states(run: Run, now: float | None = None) -> list[StateReport]:
     ]
 
 
+def server_pauses(run: Run, now: float | None = None) -> dict[str, float]:
+    """States a server's ``retry_after`` pauses at ``now`` (Unix time, default the current
+    time), each with the Unix time its pause ends, as the rate-limited errors recorded it."""
+    now = time.time() if now is None else now
+    pauses: dict[str, float] = {}
+    for job in run.jobs.values():
+        for state, records in job.errors.items():
+            for record in records:
+                until = record.get("paused_until")
+                if isinstance(until, int | float) and until > max(now, pauses.get(state, 0.0)):
+                    pauses[state] = until
+    return pauses
+
+
 def is_complete(run: Run) -> bool | None:
     """Whether every job sits in a terminal state; None if no exec ever declared the states."""
     if not run.declared:
@@ -713,11 +727,13 @@ def _exec_steps(run: Run) -> Iterator[tuple[Job, Any, Any, Any, Any]]:
 
 
 def _redrive_times(run: Run) -> set[float]:
-    """When redrives were applied: their history entries carry that time (and take none)."""
+    """When redrives (and cancels, recorded like them) were applied: their history entries
+    carry that time (and take none)."""
     return {
         float(change[key])
         for change in run.changes
-        if isinstance(change, dict) and str(change.get("what", "")).startswith("redrove")
+        if isinstance(change, dict)
+        and str(change.get("what", "")).startswith(("redrove", "cancelled"))
         for key in ("applied", "time")
         if isinstance(change.get(key), int | float)
     }

@@ -17,7 +17,10 @@ from .errors import StateError
 if TYPE_CHECKING:
     from .executor import Pool
 
-__all__ = ["ExecFn", "Rate", "State", "validate"]
+__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "validate"]
+
+#: The terminal state ``jorb cancel`` moves jobs to unless told otherwise (declared for you).
+CANCELLED = "cancelled"
 
 _RESOLUTION = time.get_clock_info("monotonic").resolution
 
@@ -36,8 +39,12 @@ class Rate:
     ``n / 32``); after each ``interval`` (default 1 s) with successes it climbs by ``step``
     (default ``n / 10``) back toward ``n``. The burst shrinks with the rate. A ``retry_after``
     pauses every state sharing the Rate; when the pause ends, starts resume one at a time at
-    the current rate, without a burst. Time is the event loop's clock, so tests can fake it; a
-    Rate used on a new event loop keeps its current rate but forgets pauses timed on the old one.
+    the current rate, without a burst. A pause is never longer than ``max_pause`` seconds
+    (default 300): a server asking for a day is taken at its word for five minutes, and jorb
+    says so. A plain error (a 500, a timeout) never slows a Rate: jorb cannot tell overload
+    from a bug, the exec can, and raises ``RateLimited`` when it means "slow down". Time is
+    the event loop's clock, so tests can fake it; a Rate used on a new event loop keeps its
+    current rate but forgets pauses timed on the old one.
     """
 
     __slots__ = (
@@ -48,6 +55,7 @@ class Rate:
         "current",
         "floor",
         "interval",
+        "max_pause",
         "n",
         "paused_until",
         "per",
@@ -62,6 +70,7 @@ class Rate:
         floor: float | None = None,
         step: float | None = None,
         interval: float = 1.0,
+        max_pause: float = 300.0,
     ) -> None:
         if not (isinstance(n, int | float) and 0 < n < math.inf):
             raise StateError(f"Rate(n={n!r}): n must be a positive number of starts")
@@ -73,6 +82,8 @@ class Rate:
             raise StateError(f"Rate(floor={floor!r}): the floor must be > 0 and <= n={n}")
         if step <= 0 or interval <= 0:
             raise StateError("Rate: step and interval must be positive")
+        if not (isinstance(max_pause, int | float) and 0 <= max_pause < math.inf):
+            raise StateError(f"Rate(max_pause={max_pause!r}): a number of seconds >= 0")
         #: The configured (maximum) number of starts per ``per`` seconds.
         self.n = float(n)
         #: The period, in seconds.
@@ -87,6 +98,8 @@ class Rate:
         self.current = float(n)
         #: Loop time until which no start may happen (set by ``retry_after``).
         self.paused_until = 0.0
+        #: The longest pause a ``retry_after`` may impose, in seconds.
+        self.max_pause = float(max_pause)
         self._last_cut = -math.inf
         self._last_step = -math.inf
         self._limiter: AsyncLimiter | None = None
@@ -120,9 +133,12 @@ class Rate:
                 return
             # A pause began while this start waited for the rate: it waits the pause out too.
 
-    def limited(self, now: float, retry_after: float | None) -> None:
-        """Record a "slow down" at loop time ``now``: cut the rate, pause for ``retry_after``."""
+    def limited(self, now: float, retry_after: float | None) -> float | None:
+        """Record a "slow down" at loop time ``now``: cut the rate, pause for ``retry_after``
+        (at most ``max_pause``). Returns the pause taken, in seconds (None if none asked)."""
         self._follow(None)
+        if retry_after is not None:
+            retry_after = min(retry_after, self.max_pause)
         if now - self._last_cut >= self.interval and self.n != math.inf:
             self.current = max(self.floor, self.current / 2)
             self._last_cut = self._last_step = now
@@ -130,6 +146,7 @@ class Rate:
         if retry_after is not None and retry_after > 0 and now + retry_after > self.paused_until:
             self.paused_until = now + retry_after
             self._hold()
+        return retry_after
 
     def succeeded(self, now: float) -> None:
         """Record a success at loop time ``now``: climb one step if an interval has passed."""
@@ -233,7 +250,8 @@ class State:
 
 
 def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
-    """Check declarations and return them by name; the error state is added if undeclared.
+    """Check declarations and return them by name; the error state and ``cancelled`` are added
+    (terminal) if undeclared.
 
     Raises :class:`StateError` naming every culprit.
     """
@@ -251,6 +269,9 @@ def validate(states: Iterable[State], error_state: str) -> dict[str, State]:
         declared.append(by_name[error_state])
     elif not by_name[error_state].terminal:
         problems.append(f"error state {error_state!r} must be terminal")
+    if CANCELLED not in by_name:  # where `jorb cancel` moves jobs unless told otherwise
+        by_name[CANCELLED] = State(CANCELLED, terminal=True)
+        declared.append(by_name[CANCELLED])
     for state in declared:
         problems.extend(_check(state, by_name))
     if problems:

@@ -42,6 +42,9 @@ class StateStatus:
     """The state's concurrency limit (0 for terminal states)."""
     rate: float | None = None
     """The state's current adaptive rate in starts per second, if it has a Rate."""
+    paused_until: float | None = None
+    """Unix time until which the server's ``retry_after`` pauses the state's starts, while it
+    does (see ``Rate(max_pause=...)``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,7 +47,7 @@ class Steering:
         states = self.proc.states
         for key in ("name", "to", "state"):
             name = args.get(key)
-            if key in args and name not in states:
+            if key in args and name not in states and not (op == "cancel" and name is None):
                 raise StateError(f"{op}: no state {name!r} declared (states: {list(states)})")
         if op in ("pause", "resume") and states[args["name"]].terminal:
             raise StateError(f"{op}: state {args['name']!r} is terminal: it starts no execs")
@@ -138,16 +138,22 @@ class Steering:
         assert run is not None and store is not None
         if req.get("id") in self.applied:
             return control.previous(run, req["id"])
+        executing = lanes.executing
         try:
-            record = control.plan(run, req, busy=lanes.running.__contains__)
+            record = control.plan(
+                run, req, busy=lanes.running.__contains__, executing=executing.__contains__
+            )
         except JorbError as e:
             return {"error": str(e)}
         except control.Unchanged as e:
             return {"result": e.result}
         op = record["op"]
-        moved = [run.jobs[i] for i in record["jobs"]] if op == "redrive" else []
+        moved = [run.jobs[i] for i in record["jobs"]] if op in ("redrive", "cancel") else []
         before = {job.id: job.state for job in moved}
         self._detach(moved)
+        if op == "cancel":
+            for ident in record["change"]["result"]["running"]:
+                lanes.cancel_exec(ident)  # its outcome is never settled: the job moves here
         record["seq"] = run.seq + 1
         data = orjson.dumps(record, option=_LINE)
         apply_record(run, record)

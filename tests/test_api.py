@@ -17,6 +17,7 @@ EXPORTS = {
     "Run",
     "Job",
     "Kick",
+    "Next",
     "Child",
     "Step",
     # declarations and the engine
@@ -40,6 +41,7 @@ EXPORTS = {
     "TimedOut",
     "WorkerLost",
     "RateLimited",
+    "NoRetry",
 }
 
 ERRORS = {
@@ -53,6 +55,7 @@ ERRORS = {
     "TimedOut",
     "WorkerLost",
     "RateLimited",
+    "NoRetry",
 }
 
 

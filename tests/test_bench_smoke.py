@@ -110,6 +110,14 @@ def test_cpu_bound_bench_runs_threads_and_both_pools() -> None:
     assert result["round_trip"]["cpu_us"] > 0
 
 
+def test_queue_basics_bench_polls_and_compares_executors() -> None:
+    out = _run("queue_basics.py", "--runs", "1", "--execs", "50", "--json")
+    result = json.loads(out.splitlines()[-1])
+    by_next = [row for row in result["polls"] if row["next"]]
+    assert all(row["history"] == row["jobs"] for row in by_next)  # one entry each: the exit
+    assert result["threads"][0]["case"].startswith("no-op def execs")
+
+
 def test_checksum_bench_measures_with_and_without_the_crc() -> None:
     out = _run("checksum_cost.py", "--n", "300", "--rounds", "1")
     assert "| durable |" in out and "| nofsync |" in out and "frame():" in out

@@ -441,7 +441,8 @@ def test_ctrl_c_while_waiting_for_a_process_says_where_the_change_waits(
     message = mistake("pause", copy, "edit", code=130)
     assert message == (
         f"interrupted while waiting; the change stays queued in {copy}.inbox and is applied "
-        "when the process running the run next looks there"
+        f"when the process running the run next looks there (`jorb withdraw {copy}` takes it "
+        "back)"
     )
 
 

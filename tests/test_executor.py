@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import Any
 
-from conftest import DONE, STUCK, MakeRun, process, process_fake_clock
+from conftest import DONE, STUCK, InFlight, MakeRun, errors_of, process, process_fake_clock
 
 import jorb
 from jorb.executor import LocalExecutor
@@ -166,30 +167,115 @@ def test_an_execs_own_timeout_error_is_not_reported_as_a_jorb_timeout(make_run: 
         assert (error["type"], error["message"]) == ("TimeoutError", "the API read timed out")
 
 
-def test_a_def_exec_past_its_timeout_does_not_starve_the_jobs_after_it(
-    make_run: MakeRun,
-) -> None:
-    # A thread cannot be killed: the timed-out exec runs on. The jobs behind it must still run
-    # (and not be charged a timeout for time they spent waiting for a thread).
-    release = threading.Event()
-    ran: list[str] = []
+def test_abandoned_def_execs_never_exceed_the_states_concurrency(make_run: MakeRun) -> None:
+    # A thread cannot be killed: a timed-out exec runs on, and keeps its slot until it ends.
+    # (Before: concurrency=1 saw 4 exec bodies alive at once.)
+    bodies = InFlight(2)
 
     def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
-        ran.append(ctx["name"])
-        if ctx["name"] == "stuck":
-            release.wait(STUCK)
+        with bodies:
+            time.sleep(0.3)  # the work: longer than the timeout
         return ctx, "done"
 
-    states = [jorb.State("new", exec=call, timeout=0.2, concurrency=1), DONE]
-    run = make_run([{"name": "stuck"}, {"name": "a"}, {"name": "b"}])
+    states = [jorb.State("new", exec=call, timeout=0.05, concurrency=2), DONE]
+    run = make_run([{"n": i} for i in range(6)])
 
-    try:
-        process(states, run)
-    finally:
-        release.set()
+    process(states, run)
 
-    stuck, a, b = run.jobs.values()
-    assert stuck.state == "failed"
-    assert stuck.errors["new"][0]["message"].startswith("timed out after 0.2s")
-    assert ran[1:] == ["a", "b"]
-    assert (a.state, b.state) == ("done", "done"), (a.errors, b.errors)
+    assert bodies.entered == 6
+    assert bodies.max == 2  # reached, never exceeded
+    assert run.counts() == {"failed": 6}
+    for job in run.jobs.values():
+        (error,) = job.errors["new"]
+        assert error["message"].startswith("timed out after 0.05s")
+
+
+def test_def_exec_threads_are_started_as_needed(make_run: MakeRun) -> None:
+    # One job in a state of concurrency 3000 starts one thread, not 3000 (which took 1.85 s).
+    before = set(threading.enumerate())
+    started: list[set[threading.Thread]] = []
+
+    def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        new = set(threading.enumerate()) - before
+        started.append({t for t in new if t.name.startswith("jorb-exec")})
+        return ctx, "second" if ctx["step"] == 1 else "done"
+
+    def second(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return call(app, overall, {"step": 2})
+
+    states = [
+        jorb.State("new", exec=call, concurrency=3000),
+        jorb.State("second", exec=second, concurrency=3000),
+        DONE,
+    ]
+    run = make_run([{"step": 1}])
+    process(states, run)
+
+    assert run.counts() == {"done": 1}
+    first, then = started
+    assert [t.name for t in first] == ["jorb-exec_1"]
+    assert then == first  # the next exec, of another state, found that thread idle
+
+
+def test_a_timeout_never_stalls_the_event_loop(make_run: MakeRun) -> None:
+    # Before: each def timeout built a fresh pool of as many threads as the def states'
+    # concurrency, on the loop's thread (5.4 s for 3,000): timers could not fire meanwhile.
+    # A timer on the loop counts the times it fired a second or more late (before: 1.3-4.5 s,
+    # once per timeout; a loaded machine alone delays it by far less).
+    stalls: list[float] = []
+
+    def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        time.sleep(0.2)  # the work: longer than the timeout
+        return ctx, "done"
+
+    async def main(run: jorb.Run) -> None:
+        loop = asyncio.get_running_loop()
+        due = [loop.time() + 0.01]
+
+        def tick() -> None:
+            late = loop.time() - due[0]
+            if late >= 1.0:
+                stalls.append(late)
+            due[0] = loop.time() + 0.01
+            loop.call_later(0.01, tick)
+
+        loop.call_later(0.01, tick)
+        states = [jorb.State("new", exec=call, timeout=0.05, concurrency=3000), DONE]
+        await jorb.Processor(None, states, progress=False).aexec(run)
+
+    run = make_run([{"n": i} for i in range(3)])
+    asyncio.run(main(run))
+
+    assert run.counts() == {"failed": 3}
+    assert stalls == []
+
+
+def test_a_def_exec_ending_after_its_deadline_is_timed_out_even_if_noticed_late(
+    make_run: MakeRun,
+) -> None:
+    # The loop is blocked (by a faulty async exec) past a def exec's deadline, and the exec
+    # returns meanwhile: when the loop comes back, its result is there before its timeout is.
+    # It is still a timeout: a late result is never accepted.
+    go = threading.Event()
+
+    async def block(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        go.set()
+        threading.Event().wait(0.6)  # blocks the loop (the fault this test survives)
+        return ctx, "done"
+
+    def call(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        go.wait(STUCK)
+        time.sleep(0.2)  # the work: it ends past its deadline, while the loop is blocked
+        return ctx, "done"
+
+    states = [
+        jorb.State("call", exec=call, timeout=0.1, concurrency=4),
+        jorb.State("block", exec=block),
+        DONE,
+    ]
+    run = make_run([{"n": i} for i in range(4)], state="call")
+    run.add_job({}, "block")
+    process(states, run)
+
+    called = [job for job in run.jobs.values() if "n" in job.ctx]
+    assert [job.state for job in called] == ["failed"] * 4, errors_of(run)

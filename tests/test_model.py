@@ -25,6 +25,8 @@ JOB_DEFAULTS: dict[str, Any] = {
     "throttled": 0,
     "history": [],
     "errors": {},
+    "key": None,
+    "polls": 0,
 }
 
 # -- Run.open / add_job / counts --------------------------------------------------------------
@@ -326,7 +328,14 @@ def test_the_run_file_is_indented_json_a_user_can_find_and_replace_in(
     assert doc["jobs"][0]["id"] == "1"
     assert list(doc["jobs"][0])[:3] == ["id", "state", "ctx"]
     declared = {s["name"]: s["terminal"] for s in doc["states"]}
-    assert declared == {"new": False, "store": False, "part": False, "done": True, "failed": True}
+    assert declared == {
+        "new": False,
+        "store": False,
+        "part": False,
+        "done": True,
+        "failed": True,
+        "cancelled": True,  # declared for `jorb cancel`, like the error state
+    }
 
 
 def _one_value_per_line(line: str) -> bool:

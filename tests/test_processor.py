@@ -703,7 +703,7 @@ def test_listeners_get_frozen_per_state_snapshots(make_run: MakeRun) -> None:
     (first,), (last,) = recorder.started, recorder.stopped
     before = {s.name: s for s in first.states}
     after = {s.name: s for s in last.states}
-    assert list(after) == ["work", "edge", "done", "failed"]
+    assert list(after) == ["work", "edge", "done", "failed", "cancelled"]
     assert (first.jobs, first.finished, first.complete) == (4, 0, False)
     assert (before["work"].jobs, before["edge"].jobs, before["done"].jobs) == (3, 1, 0)
     assert (last.jobs, last.finished, last.complete) == (4, 4, True)

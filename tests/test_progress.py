@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -383,6 +385,18 @@ def test_a_48_column_terminal_still_shows_paused_and_terminal() -> None:
     table = rows(screen)
     assert table["edit"][-1] == "paused"
     assert table["done"][-1] == table["failed"][-1] == "terminal"
+
+
+def test_a_server_pause_shows_in_the_table_and_the_plain_line() -> None:
+    until = time.mktime((2026, 12, 6, 12, 0, 31, 0, 0, -1))
+    paused = dataclasses.replace(STATUS.states[0], paused_until=until)
+    status = dataclasses.replace(STATUS, states=(paused, *STATUS.states[1:]))
+
+    table = rows(text(render(status, SPEED), width=140))
+    line = plain_line(status, SPEED)
+
+    assert table["new"][-7:] == ["paused", "by", "the", "server", "until", "12:00:31", "≤4.5/s"]
+    assert " | new paused by the server until 12:00:31 372 waiting" in line
 
 
 # -- the findings of issue 17 --------------------------------------------------------------------

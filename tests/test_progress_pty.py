@@ -190,7 +190,7 @@ def test_bars_in_a_terminal_show_a_row_per_state_with_moving_counts(
     try:
         # Every job has gone through fetch; work runs two and holds ten back.
         rows = table(terminal.wait_for("all jobs waiting in work", _all_in_work))
-        assert list(rows) == ["fetch", "work", "done", "failed", "total"]
+        assert list(rows) == ["fetch", "work", "done", "failed", "cancelled", "total"]
         assert rows["fetch"][:5] == ["0", "0", "0", "0/3", "12"]
         assert rows["work"][:6] == ["12", "10", "0", "2/2", "0", "0"]
         assert rows["done"] == rows["failed"] == ["0", "terminal"]
@@ -251,13 +251,13 @@ def test_piped_stdout_gets_plain_status_lines(tmp_path: Path, gate: tuple[Path, 
     assert process.returncode == 0, err
     assert first == (
         "jorb [0:00:00] 0/12 finished | fetch 12 waiting 0 running 0 done"
-        " | work 0 waiting 0 running 0 done | done 0 | failed 0\n"
+        " | work 0 waiting 0 running 0 done | done 0 | failed 0 | cancelled 0\n"
     )
     last = err.splitlines()[-1]
     assert re.fullmatch(
         r"jorb \[\d+:\d\d:\d\d\] 12/12 finished \| fetch 0 waiting 0 running 12 done"
         r" \| work 0 waiting 0 running 10 done 2 errors 2 gave up( [\d.]+/s)?"
-        r" \| done 10 \| failed 2",
+        r" \| done 10 \| failed 2 \| cancelled 0",
         last,
     ), last
     assert "\x1b" not in err  # no escape codes in a log
@@ -300,6 +300,6 @@ def test_ctrl_c_notice_shows_above_the_bars_without_tearing_them(
     finally:
         terminal.close()
     lines = terminal.screen.text().splitlines()
-    assert [line for line in lines if line.startswith("state ")] == [lines[-7]], "\n".join(lines)
+    assert [line for line in lines if line.startswith("state ")] == [lines[-8]], "\n".join(lines)
     assert any(line.startswith("jorb: stopping: waiting up to 30s for 2 running") for line in lines)
     assert lines[-1].startswith("jorb: interrupted; progress is saved in run.json.")

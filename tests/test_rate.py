@@ -6,7 +6,9 @@ Every test runs on jorb.testing's virtual clock: a pause of five seconds costs n
 from __future__ import annotations
 
 import asyncio
+import datetime
 import math
+import time
 from itertools import pairwise
 from typing import Any
 
@@ -15,6 +17,7 @@ from conftest import DONE, STUCK, MakeRun, process_fake_clock, watchdog
 
 import jorb
 import jorb.testing
+from jorb import report
 
 Ctx = dict[str, Any]
 
@@ -513,3 +516,118 @@ def test_two_starts_waiting_out_a_pause_do_not_freeze_the_virtual_clock() -> Non
             raise AssertionError("the virtual clock froze: two Rate waiters spin") from None
 
     assert jorb.testing.run(guarded()) >= 1.0
+
+
+# -- Retry-After: capped, visible; plain errors ---------------------------------------------------
+
+
+class _Notes:
+    """A listener keeping the processor's notes."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def start(self, status: jorb.Status) -> None: ...
+
+    def update(self, status: jorb.Status) -> None: ...
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def stop(self, status: jorb.Status) -> None: ...
+
+
+def test_a_server_pause_is_capped_at_max_pause_and_says_so(make_run: MakeRun) -> None:
+    starts: list[float] = []
+
+    async def call(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        starts.append(asyncio.get_running_loop().time())
+        if len(starts) == 1:
+            raise jorb.RateLimited(retry_after=1e9)  # "come back in 31 years"
+        return ctx, "done"
+
+    notes = _Notes()
+    api = jorb.Rate(10, max_pause=60)
+    states = [jorb.State("call", exec=call, rate=api), DONE]
+    run = make_run([{}], state="call")
+
+    process_fake_clock(states, run, listeners=[notes], poll_interval=30)
+
+    assert run.counts() == {"done": 1}
+    assert starts[1] - starts[0] == pytest.approx(60, abs=0.5)
+    assert notes.notes == [
+        "call: the server asked for a pause of 1e+09s; pausing 60s, the Rate's max_pause "
+        "(jorb.Rate(..., max_pause=...))"
+    ]
+    (error,) = run.jobs["1"].errors["call"]
+    assert error["paused_until"] - error["time"] == pytest.approx(60, abs=0.01)
+    assert jorb.Rate(1).max_pause == 300  # the default: five minutes
+
+
+def test_a_server_pause_shows_in_the_statistics_and_in_jorb_status(make_run: MakeRun) -> None:
+    from typer.testing import CliRunner
+
+    from jorb.cli import app as cli
+
+    seen: list[jorb.StateStatus] = []
+
+    class App:
+        processor: jorb.Processor
+
+    async def call(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        raise jorb.RateLimited(retry_after=200)
+
+    async def look(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(10)
+        seen.extend(s for s in app.processor.statistics().states if s.name == "call")
+        return ctx, "done"
+
+    app = App()
+    api = jorb.Rate(10)
+    states = [jorb.State("call", exec=call, rate=api), jorb.State("look", exec=look), DONE]
+    app.processor = jorb.Processor(app, states, progress=False, poll_interval=60)
+    run = make_run([{}], state="call")
+    run.add_job({}, "look")
+
+    async def ten_seconds_then_stop() -> None:
+        task = asyncio.ensure_future(app.processor.aexec(run))
+        await asyncio.sleep(20)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    jorb.testing.run(ten_seconds_then_stop())
+    run.close()
+
+    (row,) = seen
+    assert row.paused_until is not None
+    assert row.paused_until == pytest.approx(time.time() + 190, abs=30)
+    assert run.path is not None
+    out = CliRunner().invoke(cli, ["status", str(run.path)], env={"COLUMNS": "120"})
+    until = datetime.datetime.fromtimestamp(row.paused_until).strftime("%Y-%m-%d %H:%M:%S")
+    assert f"call: paused by the server until {until} (its Retry-After)" in out.stdout
+    later = report.server_pauses(jorb.Run.load(run.path), now=row.paused_until + 1)
+    assert later == {}  # once it is over, nothing is said
+
+
+def test_plain_errors_never_slow_a_rate(make_run: MakeRun) -> None:
+    # Decided: a 500 or a timeout may be a bug, not overload; an exec that knows a 503 means
+    # "slow down" raises RateLimited. So a run of plain errors leaves the Rate alone.
+    async def call(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        raise ConnectionResetError("503 from upstream")
+
+    api = jorb.Rate(10)
+    states = [jorb.State("call", exec=call, rate=api, retries=2, backoff=0), DONE]
+    run = make_run([{"n": n} for n in range(20)], state="call")
+
+    process_fake_clock(states, run)
+
+    assert run.counts() == {"failed": 20}
+    assert sum(len(job.errors["call"]) for job in run.jobs.values()) == 60
+    assert api.current == 10
+
+
+def test_max_pause_must_be_seconds() -> None:
+    with pytest.raises(jorb.StateError, match="max_pause"):
+        jorb.Rate(1, max_pause=-1)
+    assert jorb.Rate(1, max_pause=5).limited(0.0, 100.0) == 5.0

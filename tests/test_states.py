@@ -110,7 +110,7 @@ def test_a_duplicated_state_still_has_its_own_problems_reported() -> None:
 
 def test_good_declarations_are_accepted_and_the_error_state_is_implicit() -> None:
     processor = jorb.Processor(None, [jorb.State("fetch", exec=work), DONE], progress=False)
-    assert list(processor.states) == ["fetch", "done", "failed"]
+    assert list(processor.states) == ["fetch", "done", "failed", "cancelled"]
     assert processor.states["failed"].terminal
     custom = jorb.Processor(
         None, [jorb.State("fetch", exec=work), DONE], error_state="dead", progress=False

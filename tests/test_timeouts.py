@@ -215,32 +215,50 @@ def test_a_sync_exec_is_abandoned_and_its_late_result_ignored(make_run: MakeRun)
     assert reloaded is not None and reloaded.jobs[job.id].ctx == job.ctx
 
 
-def test_a_hung_sync_exec_does_not_starve_its_state(make_run: MakeRun) -> None:
-    # concurrency=1: the retry of a hung (abandoned) attempt must still get a thread to run on.
-    # (Once a bug: with a pool of exactly `concurrency` threads, the retry queued behind the
-    # abandoned thread, "timed out" there without ever running, and the job ended in failed.)
-    gate = threading.Event()
-    calls: list[int] = []
+class _TimedOut:
+    """A listener that sets ``event`` once a state has counted an error (the timeout)."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+
+    def start(self, status: jorb.Status) -> None: ...
+
+    def update(self, status: jorb.Status) -> None:
+        if any(row.errors for row in status.states):
+            self.event.set()
+
+    def note(self, message: str) -> None: ...
+
+    def stop(self, status: jorb.Status) -> None: ...
+
+
+def test_an_abandoned_sync_exec_keeps_its_slot_until_its_thread_ends(make_run: MakeRun) -> None:
+    # concurrency=1: the retry of a timed-out attempt runs once the abandoned thread has ended,
+    # never beside it. (Before: a retry started at once, beside the thread still running.)
+    timed_out = _TimedOut()
+    events: list[str] = []
 
     def fetch(app: Any, overall: Ctx, ctx: Ctx) -> Any:
-        calls.append(1)
-        if len(calls) == 1:
-            gate.wait(STUCK)  # hung until the test ends
+        events.append("start")
+        if len(events) == 1:
+            timed_out.event.wait(STUCK)  # runs on until its timeout has been recorded
+            events.append("the abandoned attempt ends")
             return ctx, "done"
         return {"retried": True}, "done"
 
-    states = [jorb.State("fetch", exec=fetch, timeout=0.5, retries=1, backoff=0), DONE]
+    states = [jorb.State("fetch", exec=fetch, timeout=0.2, retries=1, backoff=0), DONE]
     run = make_run([{}], state="fetch")
     try:
-        process(states, run)
+        process(states, run, listeners=[timed_out], status_interval=0.01)
     finally:
-        gate.set()
+        timed_out.event.set()
 
     job = _only(run)
-    messages = [e["message"] for e in job.errors.get("fetch", [])]
-    assert len(calls) == 2, f"the retry ran {len(calls) - 1} times; errors: {messages}"
+    assert events == ["start", "the abandoned attempt ends", "start"]
     assert job.state == "done"
     assert job.ctx == {"retried": True}
+    (error,) = job.errors["fetch"]
+    assert error["message"].startswith("timed out after 0.2s")
 
 
 # -- validation ---------------------------------------------------------------------------------
@@ -267,3 +285,74 @@ def test_a_terminal_state_cannot_have_a_timeout() -> None:
 
 def test_timed_out_is_a_jorb_error() -> None:
     assert issubclass(jorb.errors.TimedOut, jorb.JorbError)
+
+
+def test_ctrl_c_does_not_wait_for_an_exec_waiting_on_an_abandoned_threads_slot(
+    make_run: MakeRun,
+) -> None:
+    # Job 1 hangs past its timeout (abandoned, its thread keeps the one slot); job 2's exec
+    # waits for that slot. Ctrl-C's grace period is for execs that run: job 2's never started,
+    # so the exec stops at once (before: after the whole grace period, here a minute, which
+    # the test's watchdog would call a hang).
+    hung = threading.Event()
+    release = threading.Event()
+    starts: list[int] = []
+
+    def fetch(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        starts.append(ctx["n"])
+        if ctx["n"] == 1:
+            hung.set()
+            release.wait(STUCK * 2)
+        return ctx, "done"
+
+    class Waiting:
+        """Set once job 1 has timed out and job 2's exec is in flight (waiting for the slot)."""
+
+        def __init__(self) -> None:
+            self.event = threading.Event()
+
+        def start(self, status: jorb.Status) -> None: ...
+
+        def update(self, status: jorb.Status) -> None:
+            (row,) = [row for row in status.states if row.name == "fetch"]
+            if row.errors and row.running:
+                self.event.set()
+
+        def note(self, message: str) -> None: ...
+
+        def stop(self, status: jorb.Status) -> None: ...
+
+    waiting = Waiting()
+
+    async def interrupt(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, waiting.event.wait, STUCK)
+        app._on_signal()  # what Ctrl-C does
+        return ctx, "done"
+
+    states = [
+        jorb.State("fetch", exec=fetch, timeout=0.1, retries=0),
+        jorb.State("interrupt", exec=interrupt),
+        DONE,
+    ]
+    run = make_run([{"n": 1}, {"n": 2}], state="fetch")
+    run.add_job({}, "interrupt")
+    processor = jorb.Processor(
+        None, states, progress=False, grace=60, listeners=[waiting], status_interval=0.01
+    )
+    processor.app = processor
+    # If the exec is still stopping after STUCK seconds, job 1's thread is let go: job 2 then
+    # gets its slot and runs, which fails the test (rather than hanging it for the grace).
+    guard = threading.Timer(STUCK, release.set)
+    guard.start()
+    try:
+        with pytest.raises(SystemExit):
+            processor.exec(run)
+    finally:
+        guard.cancel()
+        release.set()
+
+    assert starts == [1]  # job 2 never ran
+    assert hung.is_set()
+    assert run.path is not None
+    assert jorb.Run.load(run.path).jobs["2"].state == "fetch"  # it runs when the run resumes
