@@ -537,7 +537,7 @@ def test_graph_as_svg_needs_no_other_program(finished: Path) -> None:
     svg = ET.fromstring(cli("graph", finished, "--format", "svg"))
     ns = "{http://www.w3.org/2000/svg}"
     states = [g.get("data-state") for g in svg.iter(f"{ns}g") if "node" in (g.get("class") or "")]
-    assert states == ["new", "edit", "upload", "done", "failed"]
+    assert states == ["new", "edit", "upload", "done", "failed", "cancelled"]
     kinds = sorted(
         g.get("class", "").split()[1] for g in svg.iter(f"{ns}g") if "edge" in g.get("class", "")
     )

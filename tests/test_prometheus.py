@@ -74,7 +74,13 @@ def test_a_scrape_during_the_run_agrees_with_the_run_file(tmp_path: Path) -> Non
         on_disk = jorb.Run.load(tmp_path / "run.json")  # (replays the journal: safe meanwhile)
         in_file = Counter(job.state for job in on_disk.jobs.values())
         assert metrics["jorb_jobs"] == {name: in_file[name] for name in metrics["jorb_jobs"]}
-        assert metrics["jorb_jobs"] == {"fetch": 0, "store": 5, "done": 0, "failed": 1}
+        assert metrics["jorb_jobs"] == {
+            "fetch": 0,
+            "store": 5,
+            "done": 0,
+            "failed": 1,
+            "cancelled": 0,
+        }
         assert metrics["jorb_execs_running"] == {"fetch": 0, "store": 2}
         assert metrics["jorb_jobs_waiting"]["store"] == 3
         left_fetch = sum(
@@ -89,7 +95,7 @@ def test_a_scrape_during_the_run_agrees_with_the_run_file(tmp_path: Path) -> Non
         worker.join(STUCK)
     final = scrape(exporter.port)  # the last word stays served after the exec
     exporter.close()
-    assert final["jorb_jobs"] == {"fetch": 0, "store": 0, "done": 5, "failed": 1}
+    assert final["jorb_jobs"] == {"fetch": 0, "store": 0, "done": 5, "failed": 1, "cancelled": 0}
     assert final["jorb_execs_done_total"]["store"] == 5
     assert final["jorb_run_complete"][""] == 1
     assert final["jorb_transitions_total"][""] == 11  # 5 + 1 failure in fetch, 5 in store

@@ -27,7 +27,8 @@ def a(app, overall, ctx):
     return ctx, "b"
 
 def b(app, overall, ctx):
-    print(f"in b {ctx['n']}", flush=True)
+    sys.stdout.write(f"in b {ctx['n']}\\n")  # one write: print() from two threads interleaves
+    sys.stdout.flush()
     with open(overall["gate"], "rb", buffering=0) as gate:
         gate.read(1)                    # one byte from the test lets one job through
     if ctx["n"] == 2:
@@ -98,6 +99,7 @@ def test_a_watcher_follows_the_journal_without_ever_taking_the_lock(
         ("b", 2),
         ("done", 0),
         ("failed", 0),
+        ("cancelled", 0),  # (jorb cancel's state, always declared)
     ]
     page = report_html.render(jorb.Run.load(path))  # the report of a run in progress, too
     assert "not complete: 0 of 2 jobs in terminal states" in page
@@ -113,7 +115,7 @@ def test_a_watcher_follows_the_journal_without_ever_taking_the_lock(
     run = jorb.Run.load(path)
     assert (
         final
-        == {"a": 0, "b": 0, "done": 1, "failed": 1}
+        == {"a": 0, "b": 0, "done": 1, "failed": 1, "cancelled": 0}
         == {name: run.counts().get(name, 0) for name in final}
     )
     watcher.close()
@@ -175,7 +177,7 @@ def test_a_watcher_loads_the_run_again_when_the_journal_is_compacted(
         os.write(fd, b"x")
         settle(lambda: watcher.poll() is not None and watcher.ended)
         final = {row.name: row.jobs for row in watcher.status().states}
-        assert final == {"a": 0, "b": 0, "done": 4, "failed": 0}
+        assert final == {"a": 0, "b": 0, "done": 4, "failed": 0, "cancelled": 0}
         watcher.close()
         _, err = process.communicate(timeout=STUCK)
         assert process.returncode == 0, err
