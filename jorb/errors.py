@@ -102,9 +102,12 @@ class RateLimited(JorbError):
     """
 
     def __init__(
-        self, retry_after: float | str | None = None, message: str = "rate limited"
+        self,
+        retry_after: float | str | None = None,
+        message: str = "rate limited",
+        *,
+        status: int | None = None,
     ) -> None:
-        super().__init__(message)
         seconds = _header_seconds(retry_after) if isinstance(retry_after, str) else retry_after
         if seconds is not None:
             # Anything else that is not a number of seconds is the exec's mistake, raised
@@ -114,5 +117,12 @@ class RateLimited(JorbError):
             if not 0 <= seconds < math.inf:
                 raise ValueError(f"RateLimited(retry_after=...) must be >= 0 s, not {seconds}")
             seconds = float(seconds)
+        said = [f"HTTP {status}" if status is not None else "", ""]
+        if seconds is not None:
+            said[1] = f"retry after {seconds:g}s"
+        details = ", ".join(part for part in said if part)
+        super().__init__(f"{message} ({details})" if details else message)
         #: Seconds the service asked us to wait before calling again, if it said.
         self.retry_after: float | None = seconds
+        #: The HTTP status (or other code) the service answered with, if the exec gave it.
+        self.status = status
