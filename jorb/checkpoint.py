@@ -179,6 +179,14 @@ def _json_problem(data: bytes, error: orjson.JSONDecodeError) -> str:
     except UnicodeDecodeError as e:
         line, column = _position(data, e.start)
         return f"not UTF-8 text at line {line}, column {column} (byte offset {e.start})"
+    text = data.lstrip()
+    if error.pos == len(data) - len(text) and text[:1] not in (b"{", b"["):
+        # Refused at its very first character: not JSON at all (notes, a log, a CSV...).
+        start = text[:40].decode("utf-8", "replace").splitlines()[0]
+        return (
+            f"not a jorb run file: a run file is a JSON object, starting with '{{', and this "
+            f"is other text (it begins {start!r})"
+        )
     where = f"not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
     if error.pos >= len(data.rstrip()):
         return f"{where} (the file ends early: truncated?)"
@@ -405,11 +413,12 @@ def _replay(
     if header["seq"] != base or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
         unsaved = 1 + sum(1 for _ in pending)
         raise JournalConflictError(
-            f"{path} was changed after its last process stopped uncleanly, but {jpath} still "
-            f"holds {unsaved} transition(s) not saved in it; jorb will not guess which side "
-            f"to keep, and has changed neither file. To keep the journal's work: restore {path} "
-            f"as it was, run once (that folds the journal in), then make your edit again. To "
-            f"keep your edit and let the journal's jobs run again: delete {jpath}."
+            f"{path} was changed after its last process stopped uncleanly, while {jpath} "
+            f"still holds {unsaved} transition(s) not saved in it: the two disagree, and "
+            f"neither file was changed. To merge them, run `jorb fold {path}`: your edit is "
+            f"kept for the jobs whose state you changed, the journal's transitions for the "
+            f"others, and a copy of each file as it is now is set aside. To keep only your "
+            f"edit (the journal's jobs then run again): delete {jpath}."
         )
     for expected, (line, record) in enumerate(itertools.chain([first], pending), base + 1):
         if record["seq"] != expected:

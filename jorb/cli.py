@@ -29,7 +29,7 @@ from rich.json import JSON
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, control, report
+from . import __version__, control, mend, report
 from .checkpoint import is_locked
 from .errors import JorbError
 from .model import Run, entry_document
@@ -433,6 +433,11 @@ def redrive(
     skipped = result.get("skipped") or []
     if skipped:
         line += f"; {len(skipped):,} running right now were left ({', '.join(skipped[:5])})"
+    if result.get("undeclared"):
+        line += (
+            f"; {target!r} is a state the run has not seen yet: declare it in the script "
+            f"before its next exec"
+        )
     typer.echo(line)
 
 
@@ -498,6 +503,36 @@ def resume(
     """Let a paused state start execs again."""
     _change(control.resume, runfile, state)
     typer.echo(f"resumed {state!r}")
+
+
+@app.command()
+@_friendly
+def fold(runfile: RunFile) -> None:
+    """Fold a crashed run's journal into its file, without the script.
+
+    After `kill -9` the file lags behind its journal; fold it in before editing the file. If
+    the file was edited already, both are kept: your edit for the jobs whose state you
+    changed, the journal's transitions for the others, and a copy of each file as it was.
+    """
+    done = mend.fold(runfile)
+    if not done.conflict:
+        if done.transitions:
+            typer.echo(f"folded {done.transitions:,} transition(s) from the journal into {runfile}")
+        else:
+            typer.echo(f"{runfile} has no unsaved transitions: nothing to fold")
+        return
+    yours = done.yours
+    shown = ", ".join(yours[:10]) + (", ..." if len(yours) > 10 else "")
+    typer.echo(
+        f"{runfile} had been edited after the crash; kept both sides:\n"
+        f"  the journal: {done.transitions:,} transition(s) applied to the jobs you did not move\n"
+        f"  your edit:   kept for {len(yours):,} job(s) whose state you changed"
+        f"{f' ({shown})' if yours else ''}; their {done.dropped:,} journal transition(s) run "
+        f"again\n"
+        f"  as they were: {done.edited_aside} (your edited file) and {done.journal_aside} "
+        f"(the journal); to go back: `mv {done.edited_aside} {runfile}` and "
+        f"`mv {done.journal_aside} {runfile}.journal`"
+    )
 
 
 def _change(apply: Callable[..., dict[str, Any]], path: Path, *args: Any) -> dict[str, Any]:

@@ -12,13 +12,23 @@ The tree::
     ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
     ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
     └── RateLimited                raised *by an exec*: the API said "slow down"
+
+A JorbError raised to a script (from ``Run.open``, ``exec`` and the other entry points marked
+with :func:`public`) carries no traceback through jorb's own code: Python shows the script's
+line that called jorb, then the message, instead of burying the message under jorb's
+internals. ``JORB_TRACEBACK=1`` in the environment keeps every frame (and chained cause).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import math
+import os
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +46,40 @@ __all__ = [
 
 class JorbError(Exception):
     """Base of every error jorb raises."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def public(fn: F) -> F:
+    """Mark an entry point of jorb's API: a JorbError leaving it loses jorb's own frames.
+
+    The error then reads, under the caller's own line, as one line: its message. Set
+    ``JORB_TRACEBACK=1`` to keep the whole traceback (debugging jorb itself).
+    """
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def jorb_api_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except JorbError as error:
+                if os.environ.get("JORB_TRACEBACK"):
+                    raise
+                raise error.with_traceback(None) from None  # (JORB_TRACEBACK=1 shows jorb's frames)
+
+        return jorb_api_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def jorb_api(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except JorbError as error:
+            if os.environ.get("JORB_TRACEBACK"):
+                raise
+            raise error.with_traceback(None) from None  # (JORB_TRACEBACK=1 shows jorb's frames)
+
+    return jorb_api  # type: ignore[return-value]
 
 
 class StateError(JorbError):

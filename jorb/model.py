@@ -17,7 +17,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple, SupportsIndex, cast, overload
 
-from .errors import CorruptRunError, JorbError, RunFileError
+from .errors import CorruptRunError, JorbError, RunFileError, public
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run", "Step"]
 
@@ -238,6 +238,7 @@ class Run:
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
     @classmethod
+    @public
     def open(cls, path: str | Path, overall: Ctx | None = None) -> Run:
         """Reopen the run at ``path`` (taking its lock), or create it with ``overall``.
 
@@ -250,6 +251,7 @@ class Run:
         return run
 
     @classmethod
+    @public
     def load(cls, path: str | Path) -> Run:
         """Read an existing run file (and replay its journal) without taking its lock."""
         from .checkpoint import read_run
@@ -258,6 +260,7 @@ class Run:
         run.remember_file()
         return run
 
+    @public
     def save(self) -> None:
         """Write the whole run to its file atomically (taking the run's lock if not held)."""
         from .checkpoint import save_run
@@ -299,6 +302,7 @@ class Run:
 
     # -- jobs ------------------------------------------------------------------------------
 
+    @public
     def add_job(
         self,
         ctx: Ctx,
