@@ -58,7 +58,7 @@ from .errors import (
     RunFileError,
     RunLockedError,
 )
-from .model import Run, UnwritableEntry, apply_record, job_document, json_default
+from .model import Run, UnwritableEntry, apply_record, job_document, json_default, plug_files
 from .runfile import read_pieces
 
 __all__ = [
@@ -534,6 +534,17 @@ def open_run(path: Path, overall: dict[str, Any] | None) -> Run:
     return run
 
 
+def file_stamp(path: Path | None) -> tuple[int, int, int] | None:
+    """Identity of a file's current content: inode, size, mtime (None if it does not exist)."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def save_run(run: Run) -> None:
     """``Run.save``: write the whole run atomically and drop any journal it folds in."""
     if run.path is None:
@@ -882,3 +893,15 @@ class Store:
                 future.set_exception(failure)
         self._pending, self._batch = [], None
         return failure
+
+
+class _Files:
+    """What ``model.Run`` needs of this module (the model itself does no I/O)."""
+
+    open_run = staticmethod(open_run)
+    read_run = staticmethod(read_run)
+    save_run = staticmethod(save_run)
+    file_stamp = staticmethod(file_stamp)
+
+
+plug_files(_Files())

@@ -4,6 +4,10 @@ A Run is the whole state of a batch apart from the app context: the run-wide ``o
 every Job (its state, ctx, history and errors), the id counter, the states declared at the last
 exec, paused states and the log of changes applied from the command line. ``checkpoint`` turns it
 into bytes on disk and back; the processor is the only thing that moves jobs while it runs.
+
+This module imports nothing that does I/O: ``Run.open``, ``Run.load``, ``Run.save`` and the
+file-change check go through ``RunFiles``, which ``checkpoint`` plugs in when it is imported
+(``import jorb`` imports it). ``checkpoint`` imports this module, never the reverse.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, NamedTuple, SupportsIndex, cast, overload
+from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError, public
 
@@ -25,6 +29,32 @@ FORMAT = "jorb-run"
 FORMAT_VERSION = 1
 
 Ctx = dict[str, Any]
+
+
+class RunFiles(Protocol):
+    """The file work behind ``Run.open``, ``Run.load`` and ``Run.save`` (see ``checkpoint``)."""
+
+    def open_run(self, path: Path, overall: Ctx | None) -> Run: ...
+
+    def read_run(self, path: Path) -> Run: ...
+
+    def save_run(self, run: Run) -> None: ...
+
+    def file_stamp(self, path: Path | None) -> tuple[int, int, int] | None: ...
+
+
+_files: list[RunFiles] = []  # the one plugged in by checkpoint
+
+
+def plug_files(files: RunFiles) -> None:
+    """Give the run model its file work (``checkpoint`` does, once, when imported)."""
+    _files[:] = [files]
+
+
+def _io() -> RunFiles:
+    if not _files:  # cannot happen through `import jorb`, which imports checkpoint
+        raise RunFileError("jorb.checkpoint is not imported: import jorb first")
+    return _files[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,9 +274,7 @@ class Run:
 
         A reopened run keeps the ``overall`` stored in its file.
         """
-        from .checkpoint import open_run
-
-        run = open_run(Path(path), overall)
+        run = _io().open_run(Path(path), overall)
         run.remember_file()
         return run
 
@@ -254,25 +282,21 @@ class Run:
     @public
     def load(cls, path: str | Path) -> Run:
         """Read an existing run file (and replay its journal) without taking its lock."""
-        from .checkpoint import read_run
-
-        run = read_run(Path(path))
+        run = _io().read_run(Path(path))
         run.remember_file()
         return run
 
     @public
     def save(self) -> None:
         """Write the whole run to its file atomically (taking the run's lock if not held)."""
-        from .checkpoint import save_run
-
         if self._holder is None:
             self.check_file()
-        save_run(self)
+        _io().save_run(self)
         self.remember_file()
 
     def remember_file(self) -> None:
         """Note the file as this process last read or wrote it (see :meth:`check_file`)."""
-        self._stamp = _file_stamp(self.path)
+        self._stamp = _io().file_stamp(self.path)
 
     def check_file(self) -> None:
         """Refuse to overwrite a run file changed since this process last read or wrote it.
@@ -280,7 +304,7 @@ class Run:
         Between two execs (or after one) the lock is free, so a command may have edited the
         file; writing this in-memory run over it would silently undo that.
         """
-        if self.path is not None and _file_stamp(self.path) != self._stamp:
+        if self.path is not None and _io().file_stamp(self.path) != self._stamp:
             raise RunFileError(
                 f"{self.path} changed since this process last read or wrote it (a `jorb` "
                 f"command or an edit); writing this run over it would undo that. Reopen it "
@@ -642,17 +666,6 @@ def _checked_job(raw: Any, where: str) -> Job:
     job.history = steps
     job.state = sys.intern(job.state)
     return job
-
-
-def _file_stamp(path: Path | None) -> tuple[int, int, int] | None:
-    """Identity of a file's current content: inode, size, mtime (None if it does not exist)."""
-    if path is None:
-        return None
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _not_before(delay: float | None, not_before: float | None) -> float | None:

@@ -3,135 +3,70 @@
 Shape of the machine. Each non-terminal state is a *lane*: its ready jobs (by priority, FIFO),
 ``concurrency`` slots and at most that many worker tasks, created on demand and parked when
 there is nothing to take. A worker waits for the state's Rate, takes a job (and a slot), runs
-the exec through the executor seam, and hands the outcome to ``_settle``, which turns it into
+the exec through the executor seam, and hands the outcome to the commit path, which turns it into
 one journal record (new state, ctx, history, error, kicked children: see ``outcome``), applies
 it to the run and queues it for the next group commit. The worker does not wait for the disk:
-it goes on to the next job while it has a free slot. When a batch is on disk, ``_committed``
+it goes on to the next job while it has a free slot. When a batch is on disk, the commit path
 releases its slots and makes each job's next step and its children ready. So a slot is held
 from the start of an exec until its record is durable: at most ``concurrency`` execs of a state
 can be lost to a crash, and a lane of execs that never wait settles a whole batch per wake-up.
 Changes from the command line (``control``) go through the same journal. Everything runs on
 one event loop, so nothing is locked: the run is only ever touched from the loop.
+
+Modules of the engine, each with one job (the arrows are the only imports allowed):
+
+- ``processor`` (this module): the coordinator. The public ``Processor`` (exec/aexec, steering
+  calls, statistics), setting an exec up, its task set, signals and shutdown. Builds one of each
+  part below per exec and holds the state they share (run, store, loop, clock, the finished
+  future). Imports every part; nothing imports it except for type checking.
+- ``lanes``: ``Ready`` queues, ``Lane`` counters and ``Lanes`` — counting jobs per state,
+  queueing them, waking workers, the worker loop and one attempt (exec through the executor).
+  Imports model, states, errors.
+- ``waiting``: jobs waiting for a time (the delay heap and its one timer) or for their open
+  children (fan-in joins). Imports model.
+- ``steering``: pause/resume/redrive/add from Python (any thread) and from the inbox; each
+  change goes through the journal, then into the lanes. Imports control, model, errors.
+- ``commit``: the commit path — settle an outcome into a record (``outcome``), apply it
+  (``model.apply_record``, the same function replay uses), append it to the ``Store`` and, when
+  its group commit is durable, free the slot and queue the job's next step and its children.
+  Imports outcome, model, errors.
+- Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
+  ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
+
+The parts reach the shared state through the coordinator (``proc._run``, ``proc._lanes``, ...):
+one loop owns it all, so there are no locks and no copies.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import functools
-import heapq
 import itertools
 import logging
 import math
 import os
-import random
 import shlex
 import signal
 import sys
-import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-import orjson
-
-from . import control, outcome
+from . import control
 from .checkpoint import Store
-from .errors import ExecResultError, JorbError, RateLimited, RunFileError, StateError
+from .commit import Commits
+from .errors import JorbError, RunFileError, StateError
 from .executor import Executor, LocalExecutor
-from .model import Child, Job, Run, apply_record
+from .lanes import Lane, Lanes
+from .model import Run
 from .states import Rate, State, validate
 from .status import StateStatus, Status, StatusListener
+from .steering import Steering
+from .waiting import Waiting
 
 __all__ = ["Processor"]
 
-_LINE = orjson.OPT_APPEND_NEWLINE
 logger = logging.getLogger("jorb")
-
-
-class _Ready:
-    """A lane's ready jobs: higher priority first, first in first out among equals.
-
-    Nearly every job has priority 0: those wait in a deque (no entry object per job, O(1) each
-    way); the others in a heap of ``(-priority, order, job)``. A million queued jobs are then a
-    million deque slots, not a million tuples the garbage collector walks again and again.
-    """
-
-    __slots__ = ("order", "plain", "ranked")
-
-    def __init__(self, order: Iterator[int]) -> None:
-        self.plain: collections.deque[Job] = collections.deque()
-        self.ranked: list[tuple[int, int, Job]] = []
-        self.order = order
-
-    def __len__(self) -> int:
-        return len(self.plain) + len(self.ranked)
-
-    def __repr__(self) -> str:
-        return f"<Ready {len(self.plain)} plain, {len(self.ranked)} ranked>"
-
-    def push(self, job: Job) -> None:
-        if job.priority:
-            heapq.heappush(self.ranked, (-job.priority, next(self.order), job))
-        else:
-            self.plain.append(job)
-
-    def pop(self) -> Job:
-        """The next job to start (the caller knows one is ready)."""
-        ranked = self.ranked
-        if ranked and (ranked[0][0] < 0 or not self.plain):  # above 0, or nothing at 0 left
-            return heapq.heappop(ranked)[2]
-        return self.plain.popleft()
-
-    def discard(self, ids: set[str]) -> None:
-        """Take the jobs with these ids out (a redrive is about to move them)."""
-        if any(job.id in ids for job in self.plain):
-            self.plain = collections.deque(job for job in self.plain if job.id not in ids)
-        if any(entry[2].id in ids for entry in self.ranked):
-            self.ranked = [entry for entry in self.ranked if entry[2].id not in ids]
-            heapq.heapify(self.ranked)
-
-
-class _Lane:
-    """A non-terminal state at run time: its ready jobs, its workers and its counters."""
-
-    __slots__ = (
-        "awaiting",
-        "claims",
-        "delayed",
-        "done",
-        "errors",
-        "failed",
-        "held",
-        "idle",
-        "jobs",
-        "paused",
-        "rate",
-        "ready",
-        "running",
-        "state",
-        "waking",
-        "workers",
-    )
-
-    def __init__(self, state: State, rate: Rate, paused: bool, order: Iterator[int]) -> None:
-        self.state = state
-        self.rate = rate
-        self.paused = paused
-        self.ready = _Ready(order)
-        self.idle: list[asyncio.Future[None]] = []  # parked workers
-        self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
-        self.held = 0  # slots taken: jobs in an exec, or settled and waiting for the disk
-        self.claims = 0  # workers waiting for the Rate, each about to take a ready job
-        self.waking = 0  # workers woken (or spawned) that have not run yet
-        self.done = self.errors = self.failed = 0
-
-    def __repr__(self) -> str:
-        return (
-            f"<Lane {self.state.name} ready={len(self.ready)} running={self.running} "
-            f"held={self.held}/{self.state.concurrency} workers={self.workers}>"
-        )
 
 
 class Processor:
@@ -176,44 +111,26 @@ class Processor:
         self.poll_interval = poll_interval
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
-        self._queued: list[dict[str, Any]] = []  # changes asked for before exec
-        self._submit_lock = threading.Lock()  # steering may be called from any thread
-        self._in_transit = 0  # steering calls sent to the executing loop, not yet applied
-        self._exec_number = 0  # which exec they were sent to
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: The loop steering calls are sent to: set once exec runs, cleared when it stops.
-        self._steering: asyncio.AbstractEventLoop | None = None
+        self._steering = Steering(self)  # lives across execs: it queues changes between them
         self._reset()
 
     def _reset(self) -> None:
         self._run: Run | None = None
         self._store: Store | None = None
-        self._lanes: dict[str, _Lane] = {}
-        self._counts: dict[str, int] = {}  # jobs per terminal state
-        self._delayed: list[tuple[float, int, Job]] = []
-        self._timer: asyncio.TimerHandle | None = None
         self._order = itertools.count()
-        self._active = 0  # non-terminal jobs
-        self._transitions = 0
-        # Ids of jobs a change must not move: in an attempt (exec or commit), or created or moved
-        # by a record that is not on disk yet (kicked children, added or redriven jobs).
-        self._running: set[str] = set()
-        self._batch: asyncio.Future[None] | None = None  # the group commit being filled
-        self._batch_jobs: list[tuple[_Lane, Job, list[Job]]] = []  # settled into it
-        self._kids: dict[str, list[str]] = {}  # fan-in: parent id -> child ids
-        self._open_kids: dict[str, int] = {}  # fan-in: parent id -> non-terminal children
-        self._joining: dict[str, Job] = {}  # fan-in: jobs waiting for their children
-        self._applied: set[str] = set()
+        self._lanes = Lanes(self)
+        self._waiting = Waiting(self)
+        self._commits = Commits(self)
         self._finished: asyncio.Future[None] | None = None
         self._stopping = self._interrupted = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._in_exec: set[asyncio.Task[None]] = set()
         self._listeners: list[StatusListener] = []
         self._clock = time.monotonic
         self._offset = self._started = 0.0
 
     def __repr__(self) -> str:
-        return f"<Processor states={list(self.states)} lanes={list(self._lanes.values())}>"
+        return f"<Processor states={list(self.states)} lanes={list(self._lanes.by_name.values())}>"
 
     # -- public entry points -----------------------------------------------------------------
 
@@ -238,10 +155,7 @@ class Processor:
         loop = asyncio.get_running_loop()
         answers = self._prepare(run, loop)
         self._loop = loop
-        with self._submit_lock:
-            self._steering = loop  # from now on, steering calls go to this loop
-            self._exec_number += 1
-            self._in_transit = 0
+        self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
         try:
@@ -252,7 +166,7 @@ class Processor:
                 listener.start(self.statistics())
             for name in sorted(run.paused):
                 self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
-            self._spawn(self._watch_inbox())  # reaped: if it dies, the exec says so
+            self._spawn(self._steering.watch_inbox())  # reaped: if it dies, the exec says so
             self._check_finished()
             assert self._finished is not None
             await self._finished
@@ -274,9 +188,9 @@ class Processor:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
         rows = []
         for name, state in self.states.items():
-            lane = self._lanes.get(name)
+            lane = self._lanes.by_name.get(name)
             if lane is None:
-                rows.append(StateStatus(name, True, self._counts.get(name, 0)))
+                rows.append(StateStatus(name, True, self._lanes.counts.get(name, 0)))
                 continue
             rate = lane.rate
             busy = lane.running + lane.delayed + lane.awaiting
@@ -297,75 +211,28 @@ class Processor:
                     rate=None if rate.n == math.inf else rate.current / rate.per,
                 )
             )
-        finished = sum(self._counts.values())
-        total = finished + sum(lane.jobs for lane in self._lanes.values())
+        finished = sum(self._lanes.counts.values())
+        total = finished + sum(lane.jobs for lane in self._lanes.by_name.values())
         elapsed = time.monotonic() - self._started if self._started else 0.0
-        return Status(tuple(rows), total, finished, elapsed, self._transitions)
+        return Status(tuple(rows), total, finished, elapsed, self._commits.transitions)
 
     # -- steering from Python (the command line goes through the run's inbox) -----------------
 
     def pause(self, state: str) -> None:
         """Stop new exec starts in ``state``; applied at once if executing, else at exec start."""
-        self._submit("pause", {"name": state})
+        self._steering.submit("pause", {"name": state})
 
     def resume(self, state: str) -> None:
         """Let ``state`` start execs again."""
-        self._submit("resume", {"name": state})
+        self._steering.submit("resume", {"name": state})
 
     def redrive(self, source: str, target: str, job_ids: list[str] | None = None) -> None:
         """Move the jobs in ``source`` (or only ``job_ids``) to ``target``."""
-        self._submit("redrive", {"from": source, "to": target, "jobs": job_ids})
+        self._steering.submit("redrive", {"from": source, "to": target, "jobs": job_ids})
 
     def add_jobs(self, ctxs: list[dict[str, Any]], state: str = "new") -> None:
         """Add jobs to the run being executed (from any thread)."""
-        self._submit("add", {"ctxs": ctxs, "state": state})
-
-    def _submit(self, op: str, args: dict[str, Any]) -> None:
-        for key in ("name", "to", "state"):
-            name = args.get(key)
-            if key in args and name not in self.states:
-                raise StateError(f"{op}: no state {name!r} declared (states: {list(self.states)})")
-        if op in ("pause", "resume") and self.states[args["name"]].terminal:
-            raise StateError(f"{op}: state {args['name']!r} is terminal: it starts no execs")
-        if op == "add":
-            for ctx in args["ctxs"]:
-                try:
-                    orjson.dumps(ctx)
-                except TypeError as e:
-                    raise JorbError(f"add_jobs: a ctx is not JSON: {e}") from None
-        req = control.new_request(op, args)
-        with self._submit_lock:
-            loop = self._steering
-            if loop is None:
-                self._queued.append(req)  # applied when the next exec starts
-                return
-            self._in_transit += 1  # the exec does not end with a change on its way to it
-            loop.call_soon_threadsafe(self._steer_soon, req, self._exec_number)
-
-    def _steer_soon(self, req: dict[str, Any], number: int) -> None:
-        with self._submit_lock:
-            if number != self._exec_number:  # sent to an exec that ended before it arrived
-                self._queued.append(req)
-                return
-            if self._steering is None or self._ending():
-                self._queued.append(req)  # the exec is stopping: keep it for the next one
-                self._in_transit -= 1
-                return
-            self._spawn(self._steer(req))
-
-    async def _steer(self, req: dict[str, Any]) -> None:
-        try:
-            answer = await self._change(req)
-        except (JorbError, TypeError, KeyError, ValueError) as e:
-            answer = {"error": str(e)}
-            if self._store is not None and self._store.failure is not None:
-                raise  # the run cannot checkpoint: stop the exec
-        finally:
-            with self._submit_lock:
-                self._in_transit -= 1
-        if "error" in answer:
-            self._note(f"change refused: {answer['error']}")
-        self._check_finished()  # (a refused change leaves nothing to run)
+        self._steering.submit("add", {"ctxs": ctxs, "state": state})
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -387,12 +254,10 @@ class Processor:
             run._holder = store
         store.durable = self.durable
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
-        self._applied = control.applied_ids(run)  # grows as changes are applied
-        answers = control.apply_inbox(run, self._applied)
-        with self._submit_lock:
-            queued, self._queued = self._queued, []
-        for req in queued:
-            control.apply_one(run, req, self._applied)
+        applied = self._steering.applied = control.applied_ids(run)  # grows as applied
+        answers = control.apply_inbox(run, applied)
+        for req in self._steering.take_queued():
+            control.apply_one(run, req, applied)
         self._check_states(run)
         self._run, self._store = run, store
         store.begin(run)  # every added job, change and the declarations reach disk here
@@ -407,10 +272,10 @@ class Processor:
         unlimited: dict[str, Rate] = {}
         for name, state in self.states.items():
             if state.terminal:
-                self._counts[name] = 0
+                self._lanes.counts[name] = 0
             else:
                 rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                self._lanes[name] = _Lane(state, rate, name in run.paused, self._order)
+                self._lanes.by_name[name] = Lane(state, rate, name in run.paused, self._order)
         return answers
 
     def _check_states(self, run: Run) -> None:
@@ -437,21 +302,16 @@ class Processor:
     def _start_lanes(self) -> None:
         run = self._run
         assert run is not None
+        lanes = self._lanes
         if self._joins:
-            for job in run.jobs.values():
-                if job.parent is not None:
-                    self._kids.setdefault(job.parent, []).append(job.id)
-                    if job.state in self._lanes:
-                        self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
+            self._waiting.index(run)
         now = self._now()
         for job in run.jobs.values():
-            self._count_in(job.state)
-            lane = self._lanes.get(job.state)
+            lanes.count_in(job.state)
+            lane = lanes.by_name.get(job.state)
             if lane is not None:
-                self._enqueue(lane, job, now)
-        for lane in self._lanes.values():
-            if lane.ready:
-                self._wake(lane)
+                lanes.enqueue(lane, job, now)
+        lanes.wake_all()
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -475,69 +335,11 @@ class Processor:
             for listener in self._listeners:
                 listener.update(status)
 
-    # -- queues and workers ------------------------------------------------------------------
+    # -- helpers the parts share ------------------------------------------------------------
 
     def _now(self) -> float:
         """Unix time, read from the event loop's clock (so a fake loop clock fakes it too)."""
         return self._clock() + self._offset
-
-    def _count_in(self, state: str) -> None:
-        lane = self._lanes.get(state)
-        if lane is None:
-            self._counts[state] += 1
-        else:
-            lane.jobs += 1
-            self._active += 1
-
-    def _count_out(self, state: str) -> None:
-        lane = self._lanes.get(state)
-        if lane is None:
-            self._counts[state] -= 1
-        else:
-            lane.jobs -= 1
-            self._active -= 1
-
-    def _enqueue(self, lane: _Lane, job: Job, now: float) -> None:
-        """Queue a job of the lane: ready, delayed, or waiting for its children. The caller
-        then wakes the lane (once, after queueing all it has: that is a call per job less)."""
-        if lane.state.join and self._waits_for_kids(lane, job):
-            return
-        if job.not_before is not None and job.not_before > now:
-            lane.delayed += 1
-            heapq.heappush(self._delayed, (job.not_before, next(self._order), job))
-            if self._delayed[0][2] is job:
-                self._arm_timer(now)
-            return
-        lane.ready.push(job)
-
-    def _waits_for_kids(self, lane: _Lane, job: Job) -> bool:
-        """Put a job of a join state that still has open children aside until they end."""
-        if not self._open_kids.get(job.id):
-            return False
-        lane.awaiting += 1
-        self._joining[job.id] = job
-        return True
-
-    def _wake(self, lane: _Lane) -> None:
-        """Get a worker moving on the lane's ready jobs, unless one is already on its way.
-
-        One at a time: a worker that takes a job wakes the next if jobs are left (it may wait
-        in its exec), so execs that never wait are run by one worker, not one per job.
-        """
-        if lane.paused or self._stopping or lane.waking:
-            return
-        if lane.held + lane.claims >= lane.state.concurrency:
-            return  # every slot is taken: a commit frees them and wakes the lane
-        while lane.idle:
-            parked = lane.idle.pop()
-            if not parked.done():  # (a worker cancelled while parked left a cancelled one)
-                lane.waking += 1
-                parked.set_result(None)
-                return
-        if lane.workers < lane.state.concurrency:
-            lane.workers += 1
-            lane.waking += 1
-            self._spawn(self._work(lane))
 
     def _spawn(self, coro: Any) -> None:
         assert self._loop is not None
@@ -560,154 +362,9 @@ class Processor:
         if self._finished is not None and not self._finished.done():
             self._finished.set_exception(failure)
 
-    def _arm_timer(self, now: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        assert self._loop is not None
-        delay = max(0.0, self._delayed[0][0] - now)
-        self._timer = self._loop.call_later(delay, self._release_delayed)
-
-    def _release_delayed(self) -> None:
-        self._timer = None
-        now = self._now()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, job = heapq.heappop(self._delayed)
-            lane = self._lanes[job.state]
-            lane.delayed -= 1
-            lane.ready.push(job)
-            self._wake(lane)
-        if self._delayed:
-            self._arm_timer(now)
-
-    async def _work(self, lane: _Lane) -> None:
-        """One worker of a lane: throttle, take a job and a slot, run, settle; repeat."""
-        loop = asyncio.get_running_loop()
-        task = asyncio.current_task()
-        assert task is not None
-        rate, limit = lane.rate, lane.state.concurrency
-        lane.waking -= 1
-        try:
-            while not self._stopping:
-                # Park unless a ready job is left that no worker waiting for the Rate will
-                # take, and a slot is free for it.
-                if (
-                    len(lane.ready) <= lane.claims
-                    or lane.held + lane.claims >= limit
-                    or lane.paused
-                ):
-                    parked: asyncio.Future[None] = loop.create_future()
-                    lane.idle.append(parked)
-                    await parked
-                    lane.waking -= 1
-                    continue
-                if rate.paused_until or rate.n != math.inf:
-                    # Wait for the Rate *before* taking a job, so the job taken is the best one
-                    # when the start is allowed, and a queued job can still be redriven.
-                    lane.claims += 1
-                    try:
-                        await rate.acquire()
-                    finally:
-                        lane.claims -= 1
-                    if self._stopping or lane.paused or not lane.ready or lane.held >= limit:
-                        continue  # the start allowed goes unused: rare, and never exceeds the Rate
-                job = lane.ready.pop()
-                if lane.state.join and self._waits_for_kids(lane, job):
-                    continue  # a child was redriven back to work since it was queued
-                lane.held += 1
-                if not lane.waking and lane.ready:  # (the test _wake starts with, without a call)
-                    self._wake(lane)  # another worker for the rest, in case this exec waits
-                await self._attempt(lane, job, task)
-        finally:
-            lane.workers -= 1
-
-    async def _attempt(self, lane: _Lane, job: Job, task: asyncio.Task[None]) -> None:
-        """Run one exec of ``job`` (its slot is taken), settle it and queue its record."""
-        run, store, executor = self._run, self._store, self._executor
-        assert run is not None and store is not None and executor is not None
-        # The exec gets its own copy, exactly as it is on disk: a failed attempt that changed
-        # it in place leaves nothing behind, before a restart or after.
-        args: tuple[Any, ...] = (self.app, run.overall, orjson.loads(orjson.dumps(job.ctx)))
-        if lane.state.join:
-            args += (self._children(job.id),)
-        lane.running += 1
-        self._running.add(job.id)
-        self._in_exec.add(task)
-        started = self._clock() + self._offset  # self._now(), without a call (hot path)
-        try:
-            result = await executor.call(lane.state, args)
-            error: Exception | None = None
-        except Exception as e:
-            result, error = None, e
-        except asyncio.CancelledError as e:
-            if self._stopping or task.cancelling():
-                lane.held -= 1  # we are cancelling it: the job runs again on resume
-                self._running.discard(job.id)
-                raise
-            # The exec's own code let a CancelledError out (a cancelled future it awaited):
-            # that is its failure, not ours to stop on.
-            result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
-        finally:
-            lane.running -= 1
-            self._in_exec.discard(task)
-        data, kids = self._settle(lane, job, result, error, started)
-        for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
-            self._running.add(kid.id)
-        batch = store.append(data)
-        if batch is not self._batch:  # the first record of a new group commit
-            self._batch, self._batch_jobs = batch, []
-            batch.add_done_callback(functools.partial(self._committed, self._batch_jobs))
-        self._batch_jobs.append((lane, job, kids))
-
-    def _committed(
-        self, settled: list[tuple[_Lane, Job, list[Job]]], batch: asyncio.Future[None]
-    ) -> None:
-        """A group commit is on disk: free its slots; its jobs' next steps and kids may start."""
-        failure = batch.exception()  # (nothing cancels a batch: no worker awaits it)
-        if failure is not None:
-            if self._finished is not None and not self._finished.done():
-                self._finished.set_exception(failure)
-            return  # the run cannot checkpoint: the exec stops (nothing more may start)
-        now = self._now()
-        for lane, job, kids in settled:
-            lane.held -= 1
-            self._running.discard(job.id)
-            next_lane = self._lanes.get(job.state)  # queue its next step, or note that it ended
-            if next_lane is not None:
-                self._enqueue(next_lane, job, now)
-            elif job.parent is not None and self._joins:
-                self._child_ended(job.parent)
-            for kid in kids:  # a kid born terminal was never counted open: nothing to place
-                self._running.discard(kid.id)
-                kid_lane = self._lanes.get(kid.state)
-                if kid_lane is not None:
-                    self._enqueue(kid_lane, kid, now)
-        for lane in self._lanes.values():
-            if lane.ready:
-                self._wake(lane)  # slots were freed, jobs queued
-        self._check_finished()
-
-    def _child_ended(self, parent: str) -> None:
-        left = self._open_kids.get(parent, 0) - 1
-        if left > 0:
-            self._open_kids[parent] = left
-            return
-        self._open_kids.pop(parent, None)
-        waiting = self._joining.pop(parent, None)
-        if waiting is not None:
-            lane = self._lanes[waiting.state]
-            lane.awaiting -= 1
-            self._enqueue(lane, waiting, self._now())
-            self._wake(lane)
-
-    def _children(self, parent: str) -> list[Child]:
-        run = self._run
-        assert run is not None
-        kids = (run.jobs.get(i) for i in self._kids.get(parent, ()))
-        return [Child(k.id, k.state, orjson.loads(orjson.dumps(k.ctx))) for k in kids if k]
-
     def _check_finished(self) -> None:
         finished = self._finished
-        if finished is None or finished.done() or self._active or self._in_transit:
+        if finished is None or finished.done() or self._lanes.active or self._steering.in_transit:
             return
         finished.set_result(None)
 
@@ -715,168 +372,6 @@ class Processor:
         """Whether the exec's end is decided (every job terminal, a signal, or a failure): a
         change applied now could leave a job open, so changes wait for the next exec."""
         return self._finished is None or self._finished.done()
-
-    # -- settling an attempt into one journal record ------------------------------------------
-
-    def _settle(
-        self, lane: _Lane, job: Job, result: Any, error: Exception | None, started: float
-    ) -> tuple[bytes, list[Job]]:
-        """Turn an exec's outcome into a record, apply it to the run, and return its bytes."""
-        run = self._run
-        assert run is not None and self._loop is not None
-        now = self._clock() + self._offset  # self._now(), without a call (hot path)
-        seq = run.seq + 1
-        kids: list[Job] = []
-        if error is None:
-            try:
-                record, kids = outcome.success(self.states, job, result, run.next_id, started, now)
-                record["seq"] = seq
-                data = orjson.dumps(record, option=_LINE)
-            except ExecResultError as e:
-                error = e
-            except TypeError as e:  # orjson: a ctx holds something JSON cannot represent
-                error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
-            if error is not None:
-                kids = []
-        if error is None:
-            lane.done += 1
-            if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
-                lane.rate.succeeded(self._loop.time())
-        else:
-            record, gave_up = outcome.failure(
-                lane.state,
-                job,
-                error,
-                error_state=self.error_state,
-                retry_in=self._retry_in(lane, job, error),
-                started=started,
-                now=now,
-            )
-            record["seq"] = seq
-            data = orjson.dumps(record, default=repr, option=_LINE)
-            lane.errors += 1
-            lane.failed += gave_up
-        old = job.state
-        apply_record(run, record)
-        self._transitions += 1
-        if job.state != old:
-            lane.jobs -= 1
-            self._active -= 1
-            self._count_in(job.state)
-        for kid in kids:
-            self._count_in(kid.state)
-            if self._joins:
-                self._kids.setdefault(job.id, []).append(kid.id)
-                if kid.state in self._lanes:
-                    self._open_kids[job.id] = self._open_kids.get(job.id, 0) + 1
-        return data, kids
-
-    def _retry_in(self, lane: _Lane, job: Job, error: Exception) -> float | None:
-        """Seconds before the job's next attempt; a rate limit also adapts the Rate."""
-        state = lane.state
-        if isinstance(error, RateLimited):
-            assert self._loop is not None
-            lane.rate.limited(self._loop.time(), error.retry_after)
-            if error.retry_after is None and lane.rate.n == math.inf:
-                return state.retry_delay(job.throttled + 1, random.random())
-            return None  # the Rate (cut, or paused for retry_after) spaces the next start
-        if state.backoff <= 0:
-            return None
-        return state.retry_delay(job.attempts + 1, random.random())
-
-    # -- changes from outside (command line, Python API) ---------------------------------------
-
-    async def _watch_inbox(self) -> None:
-        run = self._run
-        assert run is not None and run.path is not None
-        while True:
-            await asyncio.sleep(self.poll_interval)
-            for file, req in control.pending(run.path):
-                if self._ending():
-                    return  # the rest wait in the inbox: applied offline once the lock is free
-                try:
-                    answer = await self._change(req)
-                except (JorbError, TypeError, KeyError, ValueError) as e:
-                    answer = {"error": f"could not apply the change: {e}"}
-                control.reply(file, answer)
-                if self._store is not None and self._store.failure is not None:
-                    raise self._store.failure  # the run cannot checkpoint: stop the exec
-
-    async def _change(self, req: dict[str, Any]) -> dict[str, Any]:
-        """Apply one change through the journal and the lanes; returns the command's answer."""
-        run, store = self._run, self._store
-        assert run is not None and store is not None
-        if req.get("id") in self._applied:
-            return control.previous(run, req["id"])
-        try:
-            record = control.plan(run, req, busy=self._running.__contains__)
-        except JorbError as e:
-            return {"error": str(e)}
-        except control.Unchanged as e:
-            return {"result": e.result}
-        op = record["op"]
-        moved = [run.jobs[i] for i in record["jobs"]] if op == "redrive" else []
-        before = {job.id: job.state for job in moved}
-        self._detach(moved)
-        record["seq"] = run.seq + 1
-        data = orjson.dumps(record, option=_LINE)
-        apply_record(run, record)
-        self._applied.add(req["id"])
-        added = record["jobs"] if op == "add" else []
-        for job in added:
-            self._count_in(job.state)
-        ended = []  # parents whose child the redrive ends: they may join once it is on disk
-        for job in moved:
-            self._count_out(before[job.id])
-            self._count_in(job.state)
-            if self._joins and job.parent is not None:
-                was_open, is_open = before[job.id] in self._lanes, job.state in self._lanes
-                if is_open and not was_open:  # the parent waits for it again, from now on
-                    self._open_kids[job.parent] = self._open_kids.get(job.parent, 0) + 1
-                elif was_open and not is_open:
-                    ended.append(job.parent)
-        for job in [*added, *moved]:
-            self._running.add(job.id)  # busy until placed: another change must not move it
-        if op == "pause":
-            self._lanes[record["name"]].paused = True
-        await asyncio.shield(store.append(data))
-        # On disk: the jobs may start, and a join waiting for a moved child may be released.
-        now = self._now()
-        for job in [*added, *moved]:
-            self._running.discard(job.id)
-            lane = self._lanes.get(job.state)
-            if lane is not None:
-                self._enqueue(lane, job, now)
-                self._wake(lane)
-        for parent in ended:
-            self._child_ended(parent)
-        if op == "resume":
-            lane = self._lanes[record["name"]]
-            lane.paused = record["name"] in run.paused  # a pause applied meanwhile stands
-            self._wake(lane)
-        self._note(f"applied: {record['change']['what']} (by {req.get('who')})")
-        self._check_finished()
-        return {"result": record["change"]["result"]}
-
-    def _detach(self, jobs: list[Job]) -> None:
-        """Take jobs out of the lanes' queues (a redrive is about to move them)."""
-        ids = {job.id for job in jobs}
-        if not ids:
-            return
-        for lane in self._lanes.values():
-            lane.ready.discard(ids)
-        kept = []
-        for entry in self._delayed:
-            if entry[2].id in ids:
-                self._lanes[entry[2].state].delayed -= 1
-            else:
-                kept.append(entry)
-        if len(kept) != len(self._delayed):
-            self._delayed = kept
-            heapq.heapify(kept)
-        for ident in ids & self._joining.keys():
-            job = self._joining.pop(ident)
-            self._lanes[job.state].awaiting -= 1
 
     # -- stopping ------------------------------------------------------------------------------
 
@@ -907,7 +402,7 @@ class Processor:
             )
             os._exit(130)
         self._interrupted = True
-        running = sum(lane.running for lane in self._lanes.values())
+        running = sum(lane.running for lane in self._lanes.by_name.values())
         message = (
             f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
             f"Ctrl-C again to stop at once"
@@ -924,22 +419,16 @@ class Processor:
     async def _shutdown(self, grace: float) -> None:
         """Stop starting execs, let running ones finish (up to ``grace``), fold the journal in."""
         self._stopping = True
-        with self._submit_lock:
-            self._steering = None  # steering calls from now on wait for the next exec
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        for lane in self._lanes.values():
-            for parked in lane.idle:
-                if not parked.done():
-                    parked.set_result(None)
-            lane.idle.clear()
+        self._steering.stop()  # steering calls from now on wait for the next exec
+        self._waiting.stop()
+        self._lanes.unpark_all()
         # Tasks not inside an exec are only waiting (for a rate, a slot, the disk): cancel now.
+        in_exec = self._lanes.in_exec
         for task in list(self._tasks):
-            if task not in self._in_exec:
+            if task not in in_exec:
                 task.cancel()
-        if self._in_exec and grace > 0:
-            await asyncio.wait(set(self._in_exec), timeout=grace)
+        if in_exec and grace > 0:
+            await asyncio.wait(set(in_exec), timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
