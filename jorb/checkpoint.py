@@ -45,7 +45,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -638,6 +638,15 @@ def _locked_message(path: Path, lpath: Path, holder: int | None) -> str:
     )
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """A file's identity and version: inode, size, modification time (None if it is gone)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # -- the writer --------------------------------------------------------------------------------
 
 
@@ -684,6 +693,10 @@ class Store:
         # Writes happen on the event loop while executing, or on whatever thread calls
         # begin/finish/compact/close; this keeps them from ever interleaving.
         self._files = threading.Lock()
+        #: Called with the path of a copy of the run file when an edit made to it while this
+        #: process writes it is set aside (the processor tells the user).
+        self.on_edit: Callable[[Path], None] | None = None
+        self._written: tuple[int, int, int] | None = None  # the file as this store last wrote it
         self._lock_fd = _take_lock(path)
 
     def __repr__(self) -> str:
@@ -743,7 +756,10 @@ class Store:
         then start its journal."""
         with self._files:
             seq = run.seq
+            if self._written is not None:
+                self._keep_edit()
             length, crc = atomic_write(self.path, self._pieces(run), durable=self.durable)
+            self._written = _stamp(self.path)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
@@ -760,6 +776,20 @@ class Store:
             self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
             self._size = len(header)
             self.stats["journal_bytes"] += len(header)
+
+    def _keep_edit(self) -> None:
+        """The file is about to be replaced: if someone edited it since this store wrote it
+        (while a process runs it, that edit cannot be applied), keep a copy beside it."""
+        if _stamp(self.path) == self._written:
+            return
+        try:
+            edited = self.path.read_bytes()
+        except OSError:
+            return  # (deleted, or unreadable: nothing to keep)
+        aside = self.path.with_name(f"{self.path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}")
+        atomic_write(aside, edited, durable=self.durable)
+        if self.on_edit is not None:
+            self.on_edit(aside)
 
     def _pieces(self, run: Run) -> Iterator[bytes | memoryview]:
         try:

@@ -73,8 +73,8 @@ class Commits:
                 data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:
                 error = e
-            except TypeError as e:  # orjson: a ctx holds something JSON cannot represent
-                error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
+            except TypeError:  # orjson: a ctx holds something JSON cannot represent
+                error = outcome.not_json(lane.state, result)
             if error is not None:
                 kids = []
         if error is None:
@@ -82,6 +82,7 @@ class Commits:
             if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
                 lane.rate.succeeded(proc._loop.time())
         else:
+            bug = isinstance(error, ExecResultError) and proc.stop_on_bug
             record, gave_up = outcome.failure(
                 lane.state,
                 job,
@@ -90,7 +91,11 @@ class Commits:
                 retry_in=self._retry_in(lane, job, error),
                 started=started,
                 now=now,
+                stay=bug,
             )
+            if bug and isinstance(error, ExecResultError):
+                proc._stop_on_bug(job, lane.state, error)
+            proc._errors_seen(lane.state.name, record["error"])
             record["seq"] = seq
             data = orjson.dumps(record, default=repr, option=_LINE)
             lane.errors += 1

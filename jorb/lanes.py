@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import ExecResultError
+from .errors import JorbError
 from .model import Job
 from .states import Rate, State
 
@@ -244,7 +244,7 @@ class Lanes:
         assert run is not None and executor is not None
         # The exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after.
-        args: tuple[Any, ...] = (proc.app, run.overall, orjson.loads(orjson.dumps(job.ctx)))
+        args: tuple[Any, ...] = (proc.app, proc._overall, orjson.loads(orjson.dumps(job.ctx)))
         if lane.state.join:
             args += (proc._waiting.children(job.id),)
         lane.running += 1
@@ -263,7 +263,14 @@ class Lanes:
                 raise
             # The exec's own code let a CancelledError out (a cancelled future it awaited):
             # that is its failure, not ours to stop on.
-            result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
+            result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+        except (SystemExit, KeyboardInterrupt) as e:
+            # sys.exit() (or an interrupt) inside an exec: the job stays where it is, the run
+            # is saved, and the exec stops saying which job and exec raised it.
+            lane.held -= 1
+            self.running.discard(job.id)
+            proc._exec_exit(job, lane.state, e)
+            return
         finally:
             lane.running -= 1
             self.in_exec.discard(task)

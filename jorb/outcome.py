@@ -21,7 +21,7 @@ from .errors import ExecResultError, RateLimited, TimedOut
 from .model import Job, Kick
 from .states import State, exec_name, short_path
 
-__all__ = ["failure", "not_json", "success", "user_traceback", "where_stopped"]
+__all__ = ["failure", "not_json", "raised_at", "success", "user_traceback", "where_stopped"]
 
 
 def success(
@@ -83,11 +83,14 @@ def failure(
     retry_in: float | None,
     started: float,
     now: float,
+    stay: bool = False,
 ) -> tuple[dict[str, Any], bool]:
     """The record of a failed attempt, and whether the job gave up (was routed away).
 
     A ``RateLimited`` uses the separate ``rate_limit_retries`` budget, anything else the
-    state's ``retries``. ``retry_in`` is the backoff before the next attempt (None: at once).
+    state's ``retries``; an ``ExecResultError`` (a bug) is never retried. ``retry_in`` is the
+    backoff before the next attempt (None: at once). ``stay``: the exec stops at this bug,
+    so the job stays in its state as it was (the error recorded, no attempt used up).
     """
     limited = isinstance(error, RateLimited)
     attempts, throttled = job.attempts, job.throttled
@@ -110,6 +113,9 @@ def failure(
     if isinstance(error, RateLimited):
         details.update(status=error.status, retry_after=error.retry_after)
     record: dict[str, Any] = {"job": job.id, "in": state.name, "error": details}
+    if stay:
+        record.update(to=state.name, attempts=job.attempts, throttled=job.throttled)
+        return record, False
     if give_up:  # routed away: like a success, it resets (so leaves out) the counts and backoff
         to = state.on_error or error_state
         record.update(to=to, history=step(state.name, to, now, started))
@@ -129,12 +135,15 @@ def not_json(state: State, result: Any) -> ExecResultError:
     key holds what JSON cannot represent."""
     ctx, _, kicks = _unpack(result, state)
     where = _unwritable(ctx, "ctx")
-    if where is None:
-        for n, kick in enumerate(kicks):
-            where = _unwritable(kick.ctx, f"the ctx of kick {n} (into {kick.state!r}),")
-            if where is not None:
-                break
-    return _bad(state, f"returned what JSON cannot hold: {where or 'the ctx'}")
+    if where is not None:
+        return _bad(state, f"returned a ctx that is not JSON: {where}")
+    for n, kick in enumerate(kicks):
+        where = _unwritable(kick.ctx, f"kicks[{n}].ctx")
+        if where is not None:
+            return _bad(
+                state, f"returned a kick (into {kick.state!r}) whose ctx is not JSON: {where}"
+            )
+    return _bad(state, "returned a ctx that is not JSON")
 
 
 def _unwritable(value: Any, where: str) -> str | None:
@@ -292,6 +301,20 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
         seen.add(id(current))
         yield current
         current = current.__cause__ or current.__context__
+
+
+def raised_at(error: BaseException) -> str | None:
+    """``crawl.py:14 in fetch``: the innermost frame of the user's code that ``error`` passed
+    through (None if it never did: jorb raised it about an exec's answer)."""
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not _is_machinery(frame.filename)
+    ]
+    if not frames:
+        return None
+    frame = frames[-1]
+    return f"{short_path(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def where_stopped(error: BaseException) -> str | None:

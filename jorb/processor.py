@@ -40,26 +40,32 @@ one loop owns it all, so there are no locks and no copies.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
-from . import control
+from . import control, outcome
 from .checkpoint import Store
 from .commit import Commits
-from .errors import JorbError, RunFileError, StateError
+from .errors import ExecResultError, JorbError, RunFileError, StateError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
-from .model import Run
-from .states import Rate, State, validate
+from .model import Job, Run
+from .readonly import read_only
+from .states import Rate, State, exec_name, validate
 from .status import StateStatus, Status, StatusListener
 from .steering import Steering
 from .waiting import Waiting
@@ -77,6 +83,7 @@ class Processor:
     exec and never written to disk.
     """
 
+    @public
     def __init__(
         self,
         app: Any,
@@ -90,6 +97,8 @@ class Processor:
         status_interval: float = 0.2,
         poll_interval: float = 0.25,
         executor: Executor | None = None,
+        stop_on_bug: bool = True,
+        lifespan: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         #: The app context given to every exec.
         self.app = app
@@ -109,6 +118,12 @@ class Processor:
         self.status_interval = status_interval
         #: Seconds between two looks at the run's inbox for changes from the command line.
         self.poll_interval = poll_interval
+        #: Stop the exec at the first bug in the script (an ``ExecResultError``: an answer that
+        #: cannot be right); False records it on the job, routes the job, and goes on.
+        self.stop_on_bug = stop_on_bug
+        #: ``() -> async context manager``, entered on the exec's loop before the first exec and
+        #: exited at the end; what it yields is the app (an ``aiohttp.ClientSession``...).
+        self.lifespan = lifespan
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -128,61 +143,168 @@ class Processor:
         self._listeners: list[StatusListener] = []
         self._clock = time.monotonic
         self._offset = self._started = 0.0
+        self._overall: dict[str, Any] = {}  # what execs receive: the run's, read-only
+        self._bug: ExecResultError | None = None  # the bug the exec stopped at
+        self._exit: tuple[Job, State, BaseException] | None = None  # sys.exit() in an exec
+        self._signalled = False  # a SIGINT/SIGTERM stopped it (through our handler)
+        self._error_kinds: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._error_lines: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.by_name.values())}>"
 
     # -- public entry points -----------------------------------------------------------------
 
+    @public
     def exec(self, run: Run) -> Run:
         """Drive ``run`` until every job is terminal; Ctrl-C stops cleanly (see README)."""
         try:
-            asyncio.run(self._exec_with_signals(run))
-        except KeyboardInterrupt:
-            self._interrupted = True
-        if self._interrupted:
-            print(
-                f"jorb: interrupted; progress is saved in {run.path}. "
-                f"Run the script again to resume: {_command_line()}",
-                file=sys.stderr,
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise JorbError(
+                "processor.exec(run) was called inside a running event loop (Jupyter, or an "
+                "async def): use `await processor.aexec(run)` there"
             )
-            raise SystemExit(130)
+        try:
+            asyncio.run(self.aexec(run))
+        except KeyboardInterrupt:
+            # (Only where aexec could not take the signal: not the main thread.)
+            self._say_interrupted(run)
+            raise SystemExit(130) from None
+        except ExecResultError:
+            raise SystemExit(1) from None  # aexec told the user where the bug is
         return run
 
+    @public
     async def aexec(self, run: Run) -> Run:
-        """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises."""
+        """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises.
+
+        Ctrl-C (SIGINT) or SIGTERM, when no one else handles them, stop it as gracefully as
+        :meth:`exec`: running execs get ``grace`` seconds, the run is saved, one line says how
+        to resume, and ``SystemExit(130)`` is raised.
+        """
         self._reset()
         loop = asyncio.get_running_loop()
         answers = self._prepare(run, loop)
         self._loop = loop
+        self._overall = read_only(run.overall)
         self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
+        restore = self._take_signals(loop)
+        app = self.app
         try:
-            for file, answer in answers:
-                control.reply(file, answer)
-            self._start_lanes()  # queues the jobs; nothing runs before the first await
-            for listener in listeners:
-                listener.start(self.statistics())
-            for name in sorted(run.paused):
-                self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
-            self._spawn(self._steering.watch_inbox())  # reaped: if it dies, the exec says so
-            self._check_finished()
-            assert self._finished is not None
-            await self._finished
-        except BaseException:
-            await self._shutdown(grace=0.0)
-            raise
-        else:
-            await self._shutdown(grace=self.grace)
+            async with self._lifespan():
+                try:
+                    for file, answer in answers:
+                        control.reply(file, answer)
+                    self._start_lanes()  # queues the jobs; nothing runs before the first await
+                    for listener in listeners:
+                        listener.start(self.statistics())
+                    for name in sorted(run.paused):
+                        self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
+                    self._spawn(self._steering.watch_inbox())  # reaped: if it dies, exec says so
+                    self._check_finished()
+                    assert self._finished is not None
+                    await self._finished
+                except BaseException:
+                    await self._shutdown(grace=0.0)
+                    raise
+                else:
+                    await self._shutdown(grace=self.grace)
         finally:
+            self.app = app
+            restore()
             if ticker is not None:
                 ticker.cancel()
+            status = self.statistics()
             for listener in listeners:
-                listener.stop(self.statistics())
+                listener.stop(status)
+            if self.progress:
+                from .progress import print_summary
+
+                print_summary(status, self._common_errors())
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
+        self._raise_stop(run)
         return run
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
+        """Enter the lifespan (if any) on this loop; execs get what it yields as their app."""
+        if self.lifespan is None:
+            yield
+            return
+        async with self.lifespan() as app:
+            self.app = app
+            yield
+
+    def _raise_stop(self, run: Run) -> None:
+        """After a stop that was not the run's completion: tell the user, raise what says so."""
+        if self._exit is not None:
+            job, state, raised = self._exit
+            _say(
+                f"jorb: job {job.id}'s exec {exec_name(state.exec)} in state {state.name!r} "
+                f"raised {type(raised).__name__}({_args(raised)}); the run stopped and is saved "
+                f"in {run.path}, with job {job.id} still in {state.name!r} (it runs again when "
+                f"you resume: {_command_line()})"
+            )
+            raise raised
+        if self._bug is not None:
+            _say(
+                f"jorb: stopped at a bug in the script: {self._bug}\n"
+                f"jorb: the run is saved in {run.path}, the job still in its state; fix the "
+                f"script and run it again to resume ({_command_line()}), or pass "
+                f"stop_on_bug=False to jorb.Processor to record such errors and go on"
+            )
+            raise self._bug
+        if self._signalled:
+            self._say_interrupted(run)
+            raise SystemExit(130)
+
+    @staticmethod
+    def _say_interrupted(run: Run) -> None:
+        _say(
+            f"jorb: interrupted; progress is saved in {run.path}. "
+            f"Run the script again to resume: {_command_line()}"
+        )
+
+    def _stop_on_bug(self, job: Job, state: State, error: ExecResultError) -> None:
+        """An exec's answer cannot be right: stop the exec (its job stays where it is)."""
+        if self._bug is None:
+            where = outcome.raised_at(error)  # (an answer jorb refused names its exec itself)
+            said = f"{error} (raised at {where})" if where else str(error)
+            self._bug = ExecResultError(f"job {job.id} in {state.name!r}: {said}")
+            self._bug.job_id = job.id  # type: ignore[attr-defined]
+            if self._listeners:  # (a live display shows it at once; the end says it anyway)
+                self._note(f"stopping at a bug: job {job.id}: {error}")
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)  # running execs finish, as after a first Ctrl-C
+
+    def _exec_exit(self, job: Job, state: State, raised: BaseException) -> None:
+        """An exec raised SystemExit or KeyboardInterrupt: stop, then raise it from exec."""
+        if self._exit is None:
+            self._exit = (job, state, raised)
+            if self._listeners:
+                self._note(f"job {job.id}'s exec raised {type(raised).__name__}: stopping")
+        if self._finished is not None and not self._finished.done():
+            self._finished.set_result(None)
+
+    def _errors_seen(self, state: str, error: dict[str, Any]) -> None:
+        """Count an error for the end-of-exec summary (messages differing in numbers as one)."""
+        line = f"{error['type'].rpartition('.')[2]}: {str(error['message']).splitlines()[0]}"
+        key = (state, _DIGITS.sub("#", line))
+        self._error_kinds[key] += 1
+        self._error_lines.setdefault(key, line)
+
+    def _common_errors(self, top: int = 3) -> list[tuple[int, str, str]]:
+        """The most common errors of this exec: (count, state, first message of the kind)."""
+        return [
+            (count, key[0], self._error_lines[key])
+            for key, count in self._error_kinds.most_common(top)
+        ]
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
@@ -260,6 +382,7 @@ class Processor:
             control.apply_one(run, req, applied)
         self._check_states(run)
         self._run, self._store = run, store
+        store.on_edit = self._edit_kept
         store.begin(run)  # every added job, change and the declarations reach disk here
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
@@ -277,6 +400,14 @@ class Processor:
                 rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
                 self._lanes.by_name[name] = Lane(state, rate, name in run.paused, self._order)
         return answers
+
+    def _edit_kept(self, aside: Path) -> None:
+        self._note(
+            f"{self._store.path if self._store else 'the run file'} was edited while this "
+            f"process runs it; this process is its only writer, so the edit is not applied: "
+            f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
+            f"`jorb add`, `jorb pause`; edit the file once it has stopped"
+        )
 
     def _check_states(self, run: Run) -> None:
         unknown: dict[str, list[str]] = {}
@@ -375,20 +506,33 @@ class Processor:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    async def _exec_with_signals(self, run: Run) -> None:
-        loop = asyncio.get_running_loop()
-        installed = []
+    def _take_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Handle SIGINT and SIGTERM on the loop while the exec runs, unless someone else does:
+        the default handlers, or asyncio.run's own (which would cancel the main task, with a
+        traceback and no grace period). Returns what puts the previous handlers back."""
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # (signals only reach the main thread)
         for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            bound = getattr(handler, "func", handler)  # (asyncio.run's is a partial)
+            ours_to_take = handler in (signal.SIG_DFL, signal.default_int_handler) or isinstance(
+                getattr(bound, "__self__", None), asyncio.Runner
+            )
+            if not ours_to_take:
+                continue
             try:
                 loop.add_signal_handler(signum, self._on_signal)
-                installed.append(signum)
             except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread, or no signals here: Ctrl-C raises KeyboardInterrupt
-        try:
-            await self.aexec(run)
-        finally:
-            for signum in installed:
+                continue  # a loop without signal support: Ctrl-C raises KeyboardInterrupt
+            previous[signum] = handler
+
+        def restore() -> None:
+            for signum, handler in previous.items():
                 loop.remove_signal_handler(signum)
+                signal.signal(signum, handler)
+
+        return restore
 
     def _on_signal(self) -> None:
         if self._interrupted:
@@ -401,7 +545,7 @@ class Processor:
                 f"resume: {_command_line()}\n".encode(),
             )
             os._exit(130)
-        self._interrupted = True
+        self._interrupted = self._signalled = True
         running = sum(lane.running for lane in self._lanes.by_name.values())
         message = (
             f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
@@ -443,6 +587,18 @@ class Processor:
             store.finish()
             if store.failure is not None:
                 raise store.failure
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _say(message: str) -> None:
+    """One message to the user on stderr (the display is stopped by now)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def _args(raised: BaseException) -> str:
+    return ", ".join(repr(arg) for arg in raised.args)
 
 
 def _command_line() -> str:

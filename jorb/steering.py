@@ -139,7 +139,7 @@ class Steering:
         if req.get("id") in self.applied:
             return control.previous(run, req["id"])
         try:
-            record = control.plan(run, req, busy=lanes.running.__contains__)
+            record = control.plan(run, req, busy=lanes.running.__contains__, live=True)
         except JorbError as e:
             return {"error": str(e)}
         except control.Unchanged as e:
