@@ -523,12 +523,16 @@ def fold(runfile: RunFile) -> None:
         return
     yours = done.yours
     shown = ", ".join(yours[:10]) + (", ..." if len(yours) > 10 else "")
+    won = (
+        f"; where the journal had also moved a job ({shown}), your edit won, and that "
+        f"job's {done.dropped:,} journal transition(s) run again"
+        if yours
+        else ""
+    )
     typer.echo(
         f"{runfile} had been edited after the crash; kept both sides:\n"
-        f"  the journal: {done.transitions:,} transition(s) applied to the jobs you did not move\n"
-        f"  your edit:   kept for {len(yours):,} job(s) whose state you changed"
-        f"{f' ({shown})' if yours else ''}; their {done.dropped:,} journal transition(s) run "
-        f"again\n"
+        f"  the journal: {done.transitions:,} transition(s) applied\n"
+        f"  your edit:   kept{won}\n"
         f"  as they were: {done.edited_aside} (your edited file) and {done.journal_aside} "
         f"(the journal); to go back: `mv {done.edited_aside} {runfile}` and "
         f"`mv {done.journal_aside} {runfile}.journal`"

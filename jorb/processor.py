@@ -280,6 +280,7 @@ class Processor:
             self._bug.job_id = job.id  # type: ignore[attr-defined]
             if self._listeners:  # (a live display shows it at once; the end says it anyway)
                 self._note(f"stopping at a bug: job {job.id}: {error}")
+        self._stopping = True  # no exec starts from now on
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)  # running execs finish, as after a first Ctrl-C
 
@@ -289,6 +290,7 @@ class Processor:
             self._exit = (job, state, raised)
             if self._listeners:
                 self._note(f"job {job.id}'s exec raised {type(raised).__name__}: stopping")
+        self._stopping = True
         if self._finished is not None and not self._finished.done():
             self._finished.set_result(None)
 
