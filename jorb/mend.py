@@ -63,6 +63,8 @@ def fold(path: Path) -> Folded:
     ``RunFileError``/``CorruptRunError`` if the files cannot be read.
     """
     path = Path(path)
+    if not path.exists():  # (before the lock: taking it would create the lock file)
+        raise RunFileError(f"{path}: no such run file")
     with Store(path) as store:
         jpath = journal_path(path)
         header, records = read_journal(jpath)

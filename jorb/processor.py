@@ -196,8 +196,9 @@ class Processor:
         restore = self._take_signals(loop)
         app = self.app
         try:
-            async with self._lifespan():
+            async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
                 try:
+                    await stack.enter_async_context(self._lifespan())
                     for file, answer in answers:
                         control.reply(file, answer)
                     self._start_lanes()  # queues the jobs; nothing runs before the first await

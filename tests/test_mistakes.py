@@ -308,8 +308,36 @@ def test_ctrl_c_under_asyncio_run_and_aexec_is_graceful(
     os.write(fd, b"x" * 6)
     again = python(tmp_path, script, fifo)
     assert again.returncode == 0, again.stderr
-    assert "started 1" not in again.stdout and "complete" in again.stdout
+    assert "started 1" not in again.stdout
+    assert again.stdout.endswith("session closed\ncomplete\n")  # closed after the last exec
     assert set(states_of(saved(tmp_path)).values()) == {"done"}
+
+
+def test_a_lifespan_that_fails_to_start_leaves_the_run_as_it_was(tmp_path: Path) -> None:
+    script = write(
+        tmp_path,
+        "main.py",
+        """
+        import contextlib
+        import jorb
+
+        @contextlib.asynccontextmanager
+        async def lifespan():
+            raise ConnectionRefusedError("the API is down")
+            yield
+
+        run = jorb.Run.open("runs/x.json")
+        run.add_job({})
+        states = [jorb.State("new", exec=lambda app, overall, ctx: (ctx, "done")),
+                  jorb.State("done", terminal=True)]
+        jorb.Processor(None, states, progress=False, lifespan=lifespan).exec(run)
+        """,
+    )
+    result = python(tmp_path, script)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == "ConnectionRefusedError: the API is down"
+    assert states_of(saved(tmp_path)) == {"1": "new"}  # saved, nothing ran
+    assert not journal_path(tmp_path / "runs/x.json").exists()  # and cleanly: no journal left
 
 
 # -- 3. a crashed run file is easy to mend -------------------------------------------------------
