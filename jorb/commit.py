@@ -94,8 +94,8 @@ class Commits:
                 stay=bug,
             )
             if bug and isinstance(error, ExecResultError):
-                proc._stop_on_bug(job, lane.state, error)
-            proc._errors_seen(lane.state.name, record["error"])
+                proc._stops.bug(job, lane.state, error)
+            proc._stops.error(lane.state.name, record["error"])
             record["seq"] = seq
             data = orjson.dumps(record, default=repr, option=_LINE)
             lane.errors += 1

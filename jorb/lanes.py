@@ -269,7 +269,7 @@ class Lanes:
             # is saved, and the exec stops saying which job and exec raised it.
             lane.held -= 1
             self.running.discard(job.id)
-            proc._exec_exit(job, lane.state, e)
+            proc._stops.exit(job, lane.state, e)
             return
         finally:
             lane.running -= 1

@@ -30,6 +30,9 @@ Modules of the engine, each with one job (the arrows are the only imports allowe
   (``model.apply_record``, the same function replay uses), append it to the ``Store`` and, when
   its group commit is durable, free the slot and queue the job's next step and its children.
   Imports outcome, model, errors.
+- ``stops``: how an exec ends when it does not simply complete (the first bug in the script,
+  ``sys.exit()`` in an exec), the errors for the end-of-exec summary, and the message that
+  says what happened and how to resume. Imports outcome, states, errors.
 - Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
   ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
 
@@ -40,16 +43,12 @@ one loop owns it all, so there are no locks and no copies.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
 import math
 import os
-import re
-import shlex
 import signal
-import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -57,17 +56,18 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from . import control, outcome
+from . import control
 from .checkpoint import Store
 from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, StateError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
-from .model import Job, Run
+from .model import Run
 from .readonly import read_only
-from .states import Rate, State, exec_name, validate
+from .states import Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 from .steering import Steering
+from .stops import Stops, command_line, say_interrupted
 from .waiting import Waiting
 
 __all__ = ["Processor"]
@@ -144,11 +144,7 @@ class Processor:
         self._clock = time.monotonic
         self._offset = self._started = 0.0
         self._overall: dict[str, Any] = {}  # what execs receive: the run's, read-only
-        self._bug: ExecResultError | None = None  # the bug the exec stopped at
-        self._exit: tuple[Job, State, BaseException] | None = None  # sys.exit() in an exec
-        self._signalled = False  # a SIGINT/SIGTERM stopped it (through our handler)
-        self._error_kinds: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._error_lines: dict[tuple[str, str], str] = {}
+        self._stops = Stops(self)
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.by_name.values())}>"
@@ -171,7 +167,7 @@ class Processor:
             asyncio.run(self.aexec(run))
         except KeyboardInterrupt:
             # (Only where aexec could not take the signal: not the main thread.)
-            self._say_interrupted(run)
+            say_interrupted(run)
             raise SystemExit(130) from None
         except ExecResultError:
             raise SystemExit(1) from None  # aexec told the user where the bug is
@@ -226,10 +222,10 @@ class Processor:
             if self.progress:
                 from .progress import print_summary
 
-                print_summary(status, self._common_errors())
+                print_summary(status, self._stops.common())
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
-        self._raise_stop(run)
+        self._stops.raise_stop(run, self._interrupted)
         return run
 
     @contextlib.asynccontextmanager
@@ -241,73 +237,6 @@ class Processor:
         async with self.lifespan() as app:
             self.app = app
             yield
-
-    def _raise_stop(self, run: Run) -> None:
-        """After a stop that was not the run's completion: tell the user, raise what says so."""
-        if self._exit is not None:
-            job, state, raised = self._exit
-            _say(
-                f"jorb: job {job.id}'s exec {exec_name(state.exec)} in state {state.name!r} "
-                f"raised {type(raised).__name__}({_args(raised)}); the run stopped and is saved "
-                f"in {run.path}, with job {job.id} still in {state.name!r} (it runs again when "
-                f"you resume: {_command_line()})"
-            )
-            raise raised
-        if self._bug is not None:
-            _say(
-                f"jorb: stopped at a bug in the script: {self._bug}\n"
-                f"jorb: the run is saved in {run.path}, the job still in its state; fix the "
-                f"script and run it again to resume ({_command_line()}), or pass "
-                f"stop_on_bug=False to jorb.Processor to record such errors and go on"
-            )
-            raise self._bug
-        if self._signalled:
-            self._say_interrupted(run)
-            raise SystemExit(130)
-
-    @staticmethod
-    def _say_interrupted(run: Run) -> None:
-        _say(
-            f"jorb: interrupted; progress is saved in {run.path}. "
-            f"Run the script again to resume: {_command_line()}"
-        )
-
-    def _stop_on_bug(self, job: Job, state: State, error: ExecResultError) -> None:
-        """An exec's answer cannot be right: stop the exec (its job stays where it is)."""
-        if self._bug is None:
-            where = outcome.raised_at(error)  # (an answer jorb refused names its exec itself)
-            said = f"{error} (raised at {where})" if where else str(error)
-            self._bug = ExecResultError(f"job {job.id} in {state.name!r}: {said}")
-            self._bug.job_id = job.id  # type: ignore[attr-defined]
-            if self._listeners:  # (a live display shows it at once; the end says it anyway)
-                self._note(f"stopping at a bug: job {job.id}: {error}")
-        self._stopping = True  # no exec starts from now on
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)  # running execs finish, as after a first Ctrl-C
-
-    def _exec_exit(self, job: Job, state: State, raised: BaseException) -> None:
-        """An exec raised SystemExit or KeyboardInterrupt: stop, then raise it from exec."""
-        if self._exit is None:
-            self._exit = (job, state, raised)
-            if self._listeners:
-                self._note(f"job {job.id}'s exec raised {type(raised).__name__}: stopping")
-        self._stopping = True
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)
-
-    def _errors_seen(self, state: str, error: dict[str, Any]) -> None:
-        """Count an error for the end-of-exec summary (messages differing in numbers as one)."""
-        line = f"{error['type'].rpartition('.')[2]}: {str(error['message']).splitlines()[0]}"
-        key = (state, _DIGITS.sub("#", line))
-        self._error_kinds[key] += 1
-        self._error_lines.setdefault(key, line)
-
-    def _common_errors(self, top: int = 3) -> list[tuple[int, str, str]]:
-        """The most common errors of this exec: (count, state, first message of the kind)."""
-        return [
-            (count, key[0], self._error_lines[key])
-            for key, count in self._error_kinds.most_common(top)
-        ]
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
@@ -545,10 +474,10 @@ class Processor:
                 2,
                 show_cursor
                 + f"\njorb: stopped at once; running execs run again when you "
-                f"resume: {_command_line()}\n".encode(),
+                f"resume: {command_line()}\n".encode(),
             )
             os._exit(130)
-        self._interrupted = self._signalled = True
+        self._interrupted = True
         running = sum(lane.running for lane in self._lanes.by_name.values())
         message = (
             f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
@@ -590,30 +519,3 @@ class Processor:
             store.finish()
             if store.failure is not None:
                 raise store.failure
-
-
-_DIGITS = re.compile(r"\d+")
-
-
-def _say(message: str) -> None:
-    """One message to the user on stderr (the display is stopped by now)."""
-    print(message, file=sys.stderr, flush=True)
-
-
-def _args(raised: BaseException) -> str:
-    return ", ".join(repr(arg) for arg in raised.args)
-
-
-def _command_line() -> str:
-    """The command that ran this script: the interpreter as invoked, then ``sys.argv``.
-
-    ``sys.argv`` as the script left it, so a script that consumed a one-off flag (``--fresh``)
-    by removing it is not told to start over.
-    """
-    if not sys.orig_argv or not sys.argv or not sys.argv[0]:
-        return "your script"
-    script = sys.argv[0]
-    if script != "-c" and script in sys.orig_argv[1:]:
-        interpreter = sys.orig_argv[: sys.orig_argv.index(script, 1)]
-        return shlex.join([*interpreter, *sys.argv])
-    return shlex.join(sys.orig_argv)  # python -c / -m: as invoked
