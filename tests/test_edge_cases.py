@@ -155,8 +155,8 @@ def test_the_resume_hint_is_the_command_as_the_script_left_its_argv(tmp_path: Pa
     script.write_text(
         "import sys\n"
         "sys.argv.remove('--fresh')\n"
-        "from jorb.processor import _command_line\n"
-        "print(_command_line())\n"
+        "from jorb.stops import command_line\n"
+        "print(command_line())\n"
     )
     done = subprocess.run(
         [sys.executable, "-X", "dev", str(script), "--fresh", "--repos", "5"],
