@@ -131,6 +131,10 @@ def _header_seconds(text: str) -> float | None:
 class TimedOut(JorbError):
     """An exec attempt ran longer than its state's ``timeout``."""
 
+    #: Where a ``def`` exec's thread was when it timed out (a ``traceback.StackSummary``), if
+    #: known; an ``async def`` exec's place is in the cancellation it was given.
+    stack: Any = None
+
 
 class RateLimited(JorbError):
     """Raise from an exec when the service it calls says "slow down".

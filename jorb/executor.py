@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
+import traceback
 from collections.abc import Iterable
 from concurrent import futures
 from typing import Any, Protocol
@@ -65,6 +67,17 @@ class _DaemonThreads(futures.Executor):
                 future.set_exception(e)
 
 
+def _noting_thread(thread: list[int], fn: Any, args: tuple[Any, ...]) -> Any:
+    thread.append(threading.get_ident())
+    return fn(*args)
+
+
+def _stack_of(ident: int) -> traceback.StackSummary | None:
+    """Where a thread is now (its frames, outermost first), if it still runs."""
+    frame = sys._current_frames().get(ident)
+    return traceback.extract_stack(frame) if frame is not None else None
+
+
 class LocalExecutor:
     """Async execs on the loop, sync execs in threads; timeouts cancel or abandon the attempt.
 
@@ -98,16 +111,21 @@ class LocalExecutor:
                 if not deadline.expired():
                     raise  # the exec's own TimeoutError, not ours
                 raise TimedOut(f"timed out after {timeout:g}s") from None
-        future = asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        loop = asyncio.get_running_loop()
         if timeout is None:
-            return await future
+            return await loop.run_in_executor(self._pool, fn, *args)
+        thread: list[int] = []  # the thread running it, to say where it was at the timeout
+        future = loop.run_in_executor(self._pool, _noting_thread, thread, fn, args)
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
             if not future.cancelled():
                 raise  # the exec's own TimeoutError, not ours
+            stack = _stack_of(thread[0]) if thread else None
             self._abandon()
-            raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
+            late = TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)")
+            late.stack = stack
+            raise late from None
 
     def _abandon(self) -> None:
         """A thread is stuck in an abandoned exec: give new calls a fresh pool of threads.

@@ -10,6 +10,7 @@ import concurrent.futures
 import difflib
 import inspect
 import os
+import threading
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
@@ -242,11 +243,15 @@ def _describe(value: Any) -> str:
 
 # -- tracebacks: the user's frames, not jorb's --------------------------------------------
 
-#: Where the code that calls an exec lives: jorb itself, asyncio, concurrent.futures.
-_MACHINERY = tuple(
-    os.path.dirname(path) + os.sep
-    for path in (__file__, asyncio.__file__, concurrent.futures.__file__)
-    if path
+#: Where the code that calls an exec lives: jorb itself, asyncio, concurrent.futures (their
+#: directories), and the threading module a ``def`` exec's thread starts in.
+_MACHINERY = (
+    *(
+        os.path.dirname(path) + os.sep
+        for path in (__file__, asyncio.__file__, concurrent.futures.__file__)
+        if path
+    ),
+    threading.__file__,
 )
 
 
@@ -282,7 +287,11 @@ def _is_machinery(filename: str) -> bool:
 
 
 def _where_cancelled(error: BaseException) -> traceback.StackSummary | None:
-    """The user's frames a timeout cancelled (from the CancelledError it interrupted)."""
+    """The user's frames a timeout stopped: from the CancelledError it interrupted (an async
+    def exec), or the stack of the thread it abandoned (a def exec)."""
+    if isinstance(error, TimedOut) and error.stack:
+        frames = [frame for frame in error.stack if not _is_machinery(frame.filename)]
+        return traceback.StackSummary.from_list(frames) if frames else None
     for inner in _chain(error):
         if isinstance(inner, asyncio.CancelledError):
             frames = [

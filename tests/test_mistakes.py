@@ -579,7 +579,7 @@ def test_error_messages_name_the_key_the_status_and_the_line(tmp_path: Path) -> 
             if n == 2:
                 return ctx, "done", [jorb.Kick("done", {"when": object()})]
             if n == 3:
-                raise jorb.RateLimited(retry_after="7", status=429)
+                raise jorb.RateLimited(retry_after="0.2", status=429)
             if n == 4:
                 await asyncio.sleep(3600)
             return ctx, "done"
@@ -602,11 +602,48 @@ def test_error_messages_name_the_key_the_status_and_the_line(tmp_path: Path) -> 
         "exec fetch (script.py:5) returned a kick (into 'done') whose ctx is not JSON: "
         "kicks[0].ctx['when'] is an object, which JSON cannot hold"
     )
-    assert message["3"] == "rate limited (HTTP 429, retry after 7s)"
+    assert message["3"] == "rate limited (HTTP 429, retry after 0.2s)"
     limited = errors_in(doc, "3")[-1]
-    assert (limited["status"], limited["retry_after"], limited["rate_limited"]) == (429, 7.0, True)
+    assert (limited["status"], limited["retry_after"], limited["rate_limited"]) == (429, 0.2, True)
     assert message["4"] == "timed out after 0.5s, at script.py:15 in fetch"
     assert "await asyncio.sleep(3600)" in errors_in(doc, "4")[-1]["traceback"]
+
+
+def test_a_def_exec_that_times_out_says_where_its_thread_was(
+    tmp_path: Path, gate: tuple[Path, int]
+) -> None:
+    fifo, fd = gate
+    script = workflow(
+        tmp_path,
+        """
+        def wait_for_gate():
+            with open(sys.argv[1], "rb", buffering=0) as gate:
+                gate.read(1)
+
+        def work(app, overall, ctx):
+            if ctx["n"] == 2:
+                wait_for_gate()
+            return ctx, "done"
+        """,
+        '[jorb.State("new", exec=work, timeout=0.5), jorb.State("done", terminal=True)]',
+    )
+    try:
+        result = python(tmp_path, script, fifo)
+    finally:
+        os.write(fd, b"x")  # let the abandoned thread end
+    assert result.returncode == 0, result.stderr
+    (error,) = errors_in(saved(tmp_path), "2")
+    assert error["message"] == (
+        "timed out after 0.5s (its thread was abandoned), at script.py:7 in wait_for_gate"
+    )
+    trace = error["traceback"]
+    assert trace.startswith("The exec was here when it timed out:\n")
+    assert [line.strip() for line in trace.splitlines()[1:5]] == [
+        f'File "{script}", line 11, in work',
+        "wait_for_gate()",
+        f'File "{script}", line 7, in wait_for_gate',
+        "gate.read(1)",
+    ]
 
 
 # -- 9. docs that work as written --------------------------------------------------------------
