@@ -42,7 +42,8 @@ app = typer.Typer(
         "Look into a jorb run file and steer it from the shell.\n\n"
         "Reading commands (status, jobs, show, graph) work while a process runs the file. "
         "Changing commands (redrive, add, pause, resume) edit the file under its lock, or hand "
-        "the change to the running process and return once it is applied."
+        "the change to the running process and return once it is applied. "
+        "`fold` brings a crashed run's file up to date without the script."
     ),
     no_args_is_help=True,
     add_completion=False,
