@@ -5,24 +5,19 @@ Pure functions over a job and an outcome; the processor applies the record and w
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import difflib
 import inspect
-import os
-import threading
-import traceback
-from collections.abc import Iterator, Mapping, Sequence
-from types import TracebackType
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from .errors import ExecResultError, RateLimited, TimedOut
 from .model import Job, Kick
-from .states import State, exec_name, short_path
+from .states import State, exec_name
+from .tracebacks import user_traceback, where_stopped
 
-__all__ = ["failure", "not_json", "raised_at", "success", "user_traceback", "where_stopped"]
+__all__ = ["failure", "not_json", "success"]
 
 
 def success(
@@ -239,100 +234,6 @@ def _describe(value: Any) -> str:
     if " at 0x" in text:  # <function f at 0x7f...>: the address would make each one unique
         return _kind(value)
     return f"{_kind(value)} {text[:60]}{'...' if len(text) > 60 else ''}"
-
-
-# -- tracebacks: the user's frames, not jorb's --------------------------------------------
-
-#: Where the code that calls an exec lives: jorb itself, asyncio, concurrent.futures (their
-#: directories), and the threading module a ``def`` exec's thread starts in.
-_MACHINERY = (
-    *(
-        os.path.dirname(path) + os.sep
-        for path in (__file__, asyncio.__file__, concurrent.futures.__file__)
-        if path
-    ),
-    threading.__file__,
-)
-
-
-def user_traceback(error: BaseException) -> str:
-    """``error``'s traceback as text, from the first frame of the user's code: the frames of
-    jorb, asyncio and concurrent.futures that called the exec are left out. A timeout says
-    where the exec was waiting when it was stopped."""
-    text = "".join(traceback.format_exception(type(error), error, _trimmed(error)))
-    if isinstance(error, TimedOut):
-        stack = _where_cancelled(error)
-        if stack:
-            text = (
-                "The exec was here when it timed out:\n"
-                + "".join(traceback.format_list(stack))
-                + text
-            )
-    return text
-
-
-def _trimmed(error: BaseException) -> TracebackType | None:
-    """The traceback from its first frame outside the machinery (None if it has none there:
-    jorb raised it, and its message says where); all of it with ``JORB_TRACEBACK=1``."""
-    tb = error.__traceback__
-    if os.environ.get("JORB_TRACEBACK"):
-        return tb
-    while tb is not None and _is_machinery(tb.tb_frame.f_code.co_filename):
-        tb = tb.tb_next
-    return tb
-
-
-def _is_machinery(filename: str) -> bool:
-    return filename.startswith(_MACHINERY)
-
-
-def _where_cancelled(error: BaseException) -> traceback.StackSummary | None:
-    """The user's frames a timeout stopped: from the CancelledError it interrupted (an async
-    def exec), or the stack of the thread it abandoned (a def exec)."""
-    if isinstance(error, TimedOut) and error.stack:
-        frames = [frame for frame in error.stack if not _is_machinery(frame.filename)]
-        return traceback.StackSummary.from_list(frames) if frames else None
-    for inner in _chain(error):
-        if isinstance(inner, asyncio.CancelledError):
-            frames = [
-                frame
-                for frame in traceback.extract_tb(inner.__traceback__)
-                if not _is_machinery(frame.filename)
-            ]
-            return traceback.StackSummary.from_list(frames) if frames else None
-    return None
-
-
-def _chain(error: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
-
-
-def raised_at(error: BaseException) -> str | None:
-    """``crawl.py:14 in fetch``: the innermost frame of the user's code that ``error`` passed
-    through (None if it never did: jorb raised it about an exec's answer)."""
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if not _is_machinery(frame.filename)
-    ]
-    if not frames:
-        return None
-    frame = frames[-1]
-    return f"{short_path(frame.filename)}:{frame.lineno} in {frame.name}"
-
-
-def where_stopped(error: BaseException) -> str | None:
-    """``crawl.py:14 in fetch``: the innermost user frame of a timed-out exec, if known."""
-    stack = _where_cancelled(error)
-    if not stack:
-        return None
-    frame = stack[-1]
-    return f"{short_path(frame.filename)}:{frame.lineno} in {frame.name}"
 
 
 def _message(error: BaseException) -> str:

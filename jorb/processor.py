@@ -32,7 +32,7 @@ Modules of the engine, each with one job (the arrows are the only imports allowe
   Imports outcome, model, errors.
 - ``stops``: how an exec ends when it does not simply complete (the first bug in the script,
   ``sys.exit()`` in an exec), the errors for the end-of-exec summary, and the message that
-  says what happened and how to resume. Imports outcome, states, errors.
+  says what happened and how to resume. Imports tracebacks, states, errors.
 - Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
   ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
 

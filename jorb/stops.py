@@ -5,7 +5,7 @@ exec. It keeps the first bug in the script an exec stopped at (an ``ExecResultEr
 ``stop_on_bug``), a ``SystemExit``/``KeyboardInterrupt`` an exec raised, and the errors of the
 exec for the end-of-exec summary; when the exec is over, :meth:`Stops.raise_stop` prints the
 one message that says what happened and how to resume, and raises what ``exec``/``aexec``
-must raise. Imports errors, outcome, states.
+must raise. Imports errors, tracebacks, states.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, Any
 
-from . import outcome
 from .errors import ExecResultError
 from .states import State, exec_name
+from .tracebacks import raised_at
 
 if TYPE_CHECKING:
     from .model import Job, Run
@@ -50,7 +50,7 @@ class Stops:
     def bug(self, job: Job, state: State, error: ExecResultError) -> None:
         """An exec's answer cannot be right: stop the exec (its job stays where it is)."""
         if self.bug_error is None:
-            where = outcome.raised_at(error)  # (an answer jorb refused names its exec itself)
+            where = raised_at(error)  # (an answer jorb refused names its exec itself)
             said = f"{error} (raised at {where})" if where else str(error)
             self.bug_error = ExecResultError(f"job {job.id} in {state.name!r}: {said}")
             if self.proc._listeners:  # (a live display shows it at once; the end says it too)
