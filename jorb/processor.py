@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -98,7 +99,7 @@ class Processor:
         poll_interval: float = 0.25,
         executor: Executor | None = None,
         stop_on_bug: bool = True,
-        lifespan: Callable[[], AbstractAsyncContextManager[Any]] | None = None,
+        lifespan: Callable[..., AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         #: The app context given to every exec.
         self.app = app
@@ -121,8 +122,9 @@ class Processor:
         #: Stop the exec at the first bug in the script (an ``ExecResultError``: an answer that
         #: cannot be right); False records it on the job, routes the job, and goes on.
         self.stop_on_bug = stop_on_bug
-        #: ``() -> async context manager``, entered on the exec's loop before the first exec and
-        #: exited at the end; what it yields is the app (an ``aiohttp.ClientSession``...).
+        #: ``() -> async context manager`` (or ``(app) -> ...``, given the app above, as
+        #: Starlette's), entered on the exec's loop before the first exec and exited at the end;
+        #: what it yields is the app execs get (an ``aiohttp.ClientSession``...).
         self.lifespan = lifespan
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
@@ -234,7 +236,7 @@ class Processor:
         if self.lifespan is None:
             yield
             return
-        async with self.lifespan() as app:
+        async with _entered(self.lifespan, self.app) as app:
             self.app = app
             yield
 
@@ -519,3 +521,16 @@ class Processor:
             store.finish()
             if store.failure is not None:
                 raise store.failure
+
+
+def _entered(
+    lifespan: Callable[..., AbstractAsyncContextManager[Any]], app: Any
+) -> AbstractAsyncContextManager[Any]:
+    """``lifespan(app)`` if it takes an argument (Starlette's convention), else ``lifespan()``."""
+    try:
+        inspect.signature(lifespan).bind(app)
+    except TypeError:
+        return lifespan()
+    except ValueError:  # (no signature to read)
+        return lifespan()
+    return lifespan(app)

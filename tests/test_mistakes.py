@@ -244,7 +244,8 @@ class Session:                      # like aiohttp.ClientSession: made inside a 
         self.closed = False
 
 @contextlib.asynccontextmanager
-async def lifespan():
+async def lifespan(config):           # (given the app passed to the Processor, as Starlette's)
+    assert config == {"retries": 2}
     session = Session()
     try:
         yield session
@@ -265,7 +266,8 @@ async def main():
         for n in range(1, 9):
             run.add_job({"n": n})
     states = [jorb.State("new", exec=fetch, concurrency=2), jorb.State("done", terminal=True)]
-    await jorb.Processor(None, states, progress=False, lifespan=lifespan).aexec(run)
+    processor = jorb.Processor({"retries": 2}, states, progress=False, lifespan=lifespan)
+    await processor.aexec(run)
     print("complete", flush=True)
 
 asyncio.run(main())
