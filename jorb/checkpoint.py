@@ -782,12 +782,12 @@ class Store:
         (while a process runs it, that edit cannot be applied), keep a copy beside it."""
         if _stamp(self.path) == self._written:
             return
+        aside = self.path.with_name(f"{self.path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}")
         try:
-            edited = self.path.read_bytes()
+            with self.path.open("rb") as edited:  # (copied a MB at a time: it may be big)
+                atomic_write(aside, iter(lambda: edited.read(1 << 20), b""), durable=self.durable)
         except OSError:
             return  # (deleted, or unreadable: nothing to keep)
-        aside = self.path.with_name(f"{self.path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}")
-        atomic_write(aside, edited, durable=self.durable)
         if self.on_edit is not None:
             self.on_edit(aside)
 
