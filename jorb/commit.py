@@ -82,7 +82,7 @@ class Commits:
             if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
                 lane.rate.succeeded(proc._loop.time())
         else:
-            bug = isinstance(error, ExecResultError) and proc.stop_on_bug
+            bug = error if isinstance(error, ExecResultError) and proc.stop_on_bug else None
             record, gave_up = outcome.failure(
                 lane.state,
                 job,
@@ -91,10 +91,10 @@ class Commits:
                 retry_in=self._retry_in(lane, job, error),
                 started=started,
                 now=now,
-                stay=bug,
+                stay=bug is not None,  # the exec stops at it: the job stays where it is
             )
-            if bug and isinstance(error, ExecResultError):
-                proc._stops.bug(job, lane.state, error)
+            if bug is not None:
+                proc._stops.bug(job, lane.state, bug)
             proc._stops.error(lane.state.name, record["error"])
             record["seq"] = seq
             data = orjson.dumps(record, default=repr, option=_LINE)
