@@ -33,7 +33,7 @@ def success(
     if usual and type(result[0]) is dict and type(result[1]) is str:
         (ctx, next_state), kicks = result, ()
     else:
-        ctx, next_state, kicks = _unpack(result, states[job.state])
+        ctx, next_state, kicks = _unpack(result, states.get(job.state))
     if next_state not in states:
         raise _undeclared(states, job, f"returned undeclared state {next_state!r}", next_state)
     record: dict[str, Any] = {
@@ -49,19 +49,19 @@ def success(
     for kick in kicks:
         if not isinstance(kick, Kick):
             _close_if_coroutine(kick)
-            raise _bad(states[job.state], f"kicks must be jorb.Kick objects, not {_kind(kick)}")
+            raise _bad(states.get(job.state), f"kicks must be jorb.Kick objects, not {_kind(kick)}")
         if kick.state not in states:
             what = f"kicked a job into undeclared state {kick.state!r}"
             raise _undeclared(states, job, what, kick.state)
         if not isinstance(kick.ctx, dict):
             what = f"a kick's ctx must be a dict, not {_kind(kick.ctx)}"
-            raise _bad(states[job.state], what)
+            raise _bad(states.get(job.state), what)
         if type(kick.priority) is not int:
             what = f"a kick's priority must be an int, not {kick.priority!r}"
-            raise _bad(states[job.state], what)
+            raise _bad(states.get(job.state), what)
         delay = kick.delay
         if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
-            raise _bad(states[job.state], f"a kick's delay must be seconds >= 0, not {delay!r}")
+            raise _bad(states.get(job.state), f"a kick's delay must be seconds >= 0, not {delay!r}")
         not_before = now + kick.delay if kick.delay else None
         kids.append(Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before))
         next_id += 1
@@ -167,7 +167,7 @@ def _unwritable(value: Any, where: str) -> str | None:
     return f"{where} is {_kind(value)}, which JSON cannot hold"
 
 
-def _unpack(result: Any, state: State) -> tuple[dict[str, Any], str, Sequence[Kick]]:
+def _unpack(result: Any, state: State | None) -> tuple[dict[str, Any], str, Sequence[Kick]]:
     if inspect.isawaitable(result):
         _close_if_coroutine(result)
         raise _bad(state, f"returned {_kind(result)} instead of its answer: a forgotten `await`?")
@@ -196,8 +196,10 @@ def _unpack(result: Any, state: State) -> tuple[dict[str, Any], str, Sequence[Ki
     return ctx, next_state, kicks
 
 
-def _bad(state: State, what: str) -> ExecResultError:
+def _bad(state: State | None, what: str) -> ExecResultError:
     """An ExecResultError naming the exec and where it is defined: ``fetch (crawl.py:12) ...``."""
+    if state is None or state.exec is None:
+        return ExecResultError(f"the exec {what}")
     return ExecResultError(f"exec {exec_name(state.exec)} {what}")
 
 
@@ -206,7 +208,7 @@ def _undeclared(states: Mapping[str, State], job: Job, what: str, name: str) -> 
     if not close and name.lower() in {s.lower() for s in states}:  # ("Done" for "done")
         close = [s for s in states if s.lower() == name.lower()]
     hint = f"; did you mean {close[0]!r}?" if close else f" (states: {', '.join(states)})"
-    return _bad(states[job.state], what + hint)
+    return _bad(states.get(job.state), what + hint)
 
 
 def _kind(value: Any) -> str:
