@@ -464,12 +464,15 @@ def summary(status: Status, errors: list[tuple[int, str, str]], width: int = 100
     """What ``exec`` prints to stderr when it ends with its display on: jobs per terminal
     state, the average throughput, and ``errors`` (``(count, state, message)``, most common
     first) of this exec."""
-    ends = ", ".join(f"{row.name} {row.jobs:,}" for row in status.states if row.terminal)
+    ends = ", ".join(
+        f"{row.name} {row.jobs:,}" for row in status.states if row.terminal and row.jobs
+    )
+    ends = f": {ends}" if ends else ""
     if status.finished == status.jobs:
-        head = f"jorb: complete: all {status.jobs:,} jobs are in terminal states: {ends}"
+        head = f"jorb: complete: all {status.jobs:,} jobs are in terminal states{ends}"
     else:
         head = (
-            f"jorb: stopped: {status.finished:,} of {status.jobs:,} jobs in terminal states: {ends}"
+            f"jorb: stopped: {status.finished:,} of {status.jobs:,} jobs in terminal states{ends}"
         )
     elapsed = max(status.elapsed, 1e-9)
     lines = [

@@ -627,7 +627,11 @@ def test_a_def_exec_that_times_out_says_where_its_thread_was(
                 wait_for_gate()
             return ctx, "done"
         """,
-        '[jorb.State("new", exec=work, timeout=0.5), jorb.State("done", terminal=True)]',
+        # (concurrency=5: the others run while the abandoned thread is stuck)
+        """[
+            jorb.State("new", exec=work, timeout=0.5, concurrency=5),
+            jorb.State("done", terminal=True),
+        ]""",
     )
     try:
         result = python(tmp_path, script, fifo)

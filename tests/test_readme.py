@@ -80,6 +80,8 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("readme")
     for name in ("dev.sh", "pyproject.toml"):
         shutil.copy2(ROOT / name, root / name)
+    # Older than .venv's install: dev.sh must never reinstall into the shared .venv from here.
+    os.utime(root / "pyproject.toml", (0, 0))
     shutil.copytree(ROOT / "examples", root / "examples")
     (root / ".venv").symlink_to(ROOT / ".venv")
     return root
