@@ -11,7 +11,7 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     echo "dev.sh: installing jorb and its dev tools into .venv (log: .venv/install.log)" >&2
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -e '.[dev]'; } >.venv/install.log 2>&1; then
+           .venv/bin/python -m pip install -e '.[dev,dask]'; } >.venv/install.log 2>&1; then
         cat .venv/install.log >&2
         echo "dev.sh: installation failed (log above)" >&2
         exit 1

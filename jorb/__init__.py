@@ -18,8 +18,10 @@ from .errors import (
     RunLockedError,
     StateError,
     TimedOut,
+    WorkerLost,
 )
 from .model import Child, Job, Kick, Run, Step
+from .pool import ProcessPool
 from .processor import Processor
 from .states import Rate, State
 from .status import StateStatus, Status, StatusListener
@@ -33,6 +35,7 @@ __all__ = [
     "JorbError",
     "JournalConflictError",
     "Kick",
+    "ProcessPool",
     "Processor",
     "Rate",
     "RateLimited",
@@ -46,6 +49,7 @@ __all__ = [
     "StatusListener",
     "Step",
     "TimedOut",
+    "WorkerLost",
 ]
 __version__ = "0.1.0"
 

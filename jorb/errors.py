@@ -11,6 +11,7 @@ The tree::
     ├── CheckpointError            writing a checkpoint failed; the last good one is intact
     ├── ExecResultError            an exec returned something jorb cannot use (recorded on the job)
     ├── TimedOut                   an exec ran past its state's timeout (recorded on the job)
+    ├── WorkerLost                 the pool worker running an exec died (recorded on the job)
     └── RateLimited                raised *by an exec*: the API said "slow down"
 
 A JorbError raised to a script (from ``Run.open``, ``exec`` and the other entry points marked
@@ -41,6 +42,7 @@ __all__ = [
     "RunLockedError",
     "StateError",
     "TimedOut",
+    "WorkerLost",
 ]
 
 
@@ -136,6 +138,14 @@ class TimedOut(JorbError):
     stack: Any = None
 
 
+class WorkerLost(JorbError):
+    """The pool worker running an exec attempt died (killed, out of memory, a lost machine).
+
+    Recorded on the job and retried or routed like any other error; the pool replaces the
+    worker.
+    """
+
+
 class RateLimited(JorbError):
     """Raise from an exec when the service it calls says "slow down".
 
@@ -174,3 +184,12 @@ class RateLimited(JorbError):
         self.retry_after: float | None = seconds
         #: The HTTP status (or other code) the service answered with, if the exec gave it.
         self.status = status
+        self._said = message  # (the message as given, before the details were added)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (So one raised in a pool's worker process arrives with its retry_after and status.)
+        return _rate_limited, (self.retry_after, self._said, self.status)
+
+
+def _rate_limited(retry_after: float | None, message: str, status: int | None) -> RateLimited:
+    return RateLimited(retry_after, message, status=status)

@@ -1,8 +1,8 @@
 """The one seam through which every exec runs.
 
 ``LocalExecutor`` runs ``async def`` execs on the event loop and ``def`` execs in a thread pool
-sized to the sync states' combined concurrency. A process pool or a cluster executor would
-implement the same one method; the processor never calls an exec any other way.
+sized to the sync states' combined concurrency; a state with a ``pool`` (``jorb.ProcessPool``,
+``jorb.dask.DaskPool``) has its execs sent there. The processor never calls an exec any other way.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import queue
 import sys
 import threading
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
 from .errors import TimedOut
 from .states import State
 
-__all__ = ["Executor", "LocalExecutor"]
+__all__ = ["Executor", "LocalExecutor", "Pool"]
 
 
 class Executor(Protocol):
@@ -31,6 +31,27 @@ class Executor(Protocol):
 
     def close(self) -> None:
         """Release resources (threads) once the processor is done."""
+        ...
+
+
+class Pool(Protocol):
+    """Where a state's execs run when it has one: ``State(..., pool=jorb.ProcessPool())``.
+
+    Started as an exec starts (before any job: a pool that cannot start stops the exec there),
+    closed when it ends. ``call`` gets the same arguments as an executor's; ``args[0]`` is the
+    processor's app, which a pool replaces with the app its worker made.
+    """
+
+    def start(self, states: Sequence[State]) -> None:
+        """Get ready to run ``states``' execs (called on the processor's running loop)."""
+        ...
+
+    async def call(self, state: State, args: tuple[Any, ...]) -> Any:
+        """Run one attempt of ``state``'s exec and return what it returned (or raise)."""
+        ...
+
+    def close(self) -> None:
+        """Stop: end the workers (no process of the pool is left behind)."""
         ...
 
 
@@ -85,10 +106,19 @@ class LocalExecutor:
     its thread is a daemon, so it never keeps the process from exiting.
     """
 
-    __slots__ = ("_async", "_pool", "_pools")
+    __slots__ = ("_async", "_pool", "_pools", "_started")
 
     def __init__(self, states: Iterable[State]) -> None:
         states = [s for s in states if s.exec is not None]
+        self._started: list[Pool] = []  # the states' pools, in the order they started
+        for pool in dict.fromkeys(s.pool for s in states if s.pool is not None):
+            try:
+                pool.start([s for s in states if s.pool is pool])
+            except BaseException:
+                self.close()
+                raise
+            self._started.append(pool)
+        states = [s for s in states if s.pool is None]
         self._async = {s.name for s in states if s.is_async}
         threads = sum(s.concurrency for s in states if s.name not in self._async)
         self._pools = 1
@@ -98,6 +128,8 @@ class LocalExecutor:
         return f"<LocalExecutor async={sorted(self._async)} pool={self._pool}>"
 
     async def call(self, state: State, args: tuple[Any, ...]) -> Any:
+        if state.pool is not None:
+            return await state.pool.call(state, args)
         fn: Any = state.exec
         timeout = state.timeout
         if state.name in self._async:
@@ -139,5 +171,8 @@ class LocalExecutor:
         old.shutdown(wait=False)
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
+        threads = getattr(self, "_pool", None)  # (None too if a pool failed to start)
+        if threads is not None:
+            threads.shutdown(wait=False)
+        while self._started:  # last started first: a later pool's processes were forked
+            self._started.pop().close()  # holding copies of an earlier one's sockets

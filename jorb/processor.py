@@ -315,10 +315,11 @@ class Processor:
         for req in self._steering.take_queued():
             control.apply_one(run, req, applied)
         self._check_states(run)
+        # (Pools start here, before any job: one that cannot start stops the exec now.)
+        self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
         store.on_edit = self._edit_kept
         store.begin(run)  # every added job, change and the declarations reach disk here
-        self._executor = self._executor or LocalExecutor(self.states.values())
         self._finished = loop.create_future()
         # The loop's clock, so a fake loop clock fakes history times too (read directly when
         # it is the usual one: it is read twice per transition).

@@ -10,11 +10,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiolimiter import AsyncLimiter
 
 from .errors import StateError
+
+if TYPE_CHECKING:
+    from .executor import Pool
 
 __all__ = ["ExecFn", "Rate", "State", "exec_name", "validate"]
 
@@ -213,6 +216,9 @@ class State:
     join: bool = field(default=False, kw_only=True)
     """Fan-in: a job here waits, holding no slot, until every child it kicked is terminal;
     the exec then takes a fourth argument, ``children``: a list of :class:`~jorb.Child`."""
+    pool: Pool | None = field(default=None, kw_only=True)
+    """Where the execs run: None is this process; a :class:`~jorb.ProcessPool` (or
+    ``jorb.dask.DaskPool``) sends them to its workers, with the app each worker made."""
 
     def __post_init__(self) -> None:
         if self.exec is not None and callable(self.exec):
@@ -318,6 +324,8 @@ def _check(state: State, by_name: dict[str, State]) -> Iterable[str]:
             yield f"terminal state {name!r} has a timeout"
         if state.join:
             yield f"terminal state {name!r} cannot join (it has no exec to receive children)"
+        if state.pool is not None:
+            yield f"terminal state {name!r} has a pool (it has no exec to run there)"
         return
     if state.exec is None or not callable(state.exec):
         yield f"state {name!r} is not terminal and has no callable exec"
@@ -325,6 +333,13 @@ def _check(state: State, by_name: dict[str, State]) -> Iterable[str]:
         yield f"state {name!r}: concurrency must be an int >= 1, not {state.concurrency!r}"
     if not isinstance(state.retries, int) or state.retries < 0:
         yield f"state {name!r}: retries must be an int >= 0, not {state.retries!r}"
+    if state.pool is not None and not all(
+        callable(getattr(state.pool, m, None)) for m in ("start", "call", "close")
+    ):
+        yield (
+            f"state {name!r}: pool must be a jorb.ProcessPool or jorb.dask.DaskPool, "
+            f"not {type(state.pool).__name__}"
+        )
     if state.rate is not None and not isinstance(state.rate, Rate):
         yield f"state {name!r}: rate must be a jorb.Rate, not {type(state.rate).__name__}"
     if state.on_error is not None and state.on_error not in by_name:

@@ -23,6 +23,7 @@ EXPORTS = {
     "State",
     "Rate",
     "Processor",
+    "ProcessPool",
     # status snapshots for listeners
     "Status",
     "StateStatus",
@@ -37,6 +38,7 @@ EXPORTS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
 }
 
@@ -49,6 +51,7 @@ ERRORS = {
     "CheckpointError",
     "ExecResultError",
     "TimedOut",
+    "WorkerLost",
     "RateLimited",
 }
 
@@ -94,7 +97,7 @@ def test_rate_limited_carries_the_wait_the_service_asked_for() -> None:
 def test_importing_jorb_does_not_import_rich_or_typer() -> None:
     check = (
         "import jorb, jorb.testing, sys; "
-        "heavy = sorted(m for m in ('rich', 'typer') if m in sys.modules); "
+        "heavy = sorted(m for m in ('rich', 'typer', 'dask', 'distributed') if m in sys.modules); "
         "assert not heavy, heavy"
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)

@@ -68,3 +68,11 @@ def test_breakdown_bench_splits_the_cpu_of_an_exec() -> None:
     assert [r["durable"] for r in results] == [True, False]
     for r in results:  # (each child exits 1 unless every job ended "done")
         assert r["cpu"] > 0 and 0 < r["snapshots"] < r["cpu"]
+
+
+def test_cpu_bound_bench_runs_threads_and_both_pools() -> None:
+    out = _run("cpu_bound.py", "--n", "100", "--runs", "1", "--ms", "0.2", "--json")
+    result = json.loads(out.splitlines()[-1])
+    for mode in ("threads", "process", "dask"):  # (each run exits 1 unless every job is done)
+        assert result[mode]["execs_per_s"] > 0 and result[mode]["cores"] >= 0
+    assert result["round_trip"]["cpu_us"] > 0

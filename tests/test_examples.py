@@ -8,6 +8,7 @@ the expected states reached, children recorded with their parents, errors kept.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,21 @@ def test_a_failed_attempt_leaves_the_jobs_ctx_as_it_was(tmp_path: Path) -> None:
     jorb.Processor(None, states, progress=False).exec(run)
     assert seen == [[], [], []]
     assert jorb.Run.load(tmp_path / "s.json").jobs["1"].ctx == {"tags": ["x"]}
+
+
+# -- cpu_pool.py ------------------------------------------------------------------------------
+
+
+def test_cpu_pool_renders_every_tile_in_worker_processes_and_resumes_to_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cpu.json"
+    out = run_example("cpu_pool.py", "--jobs", "100", "--run", str(path), cwd=tmp_path).stdout
+    run = jorb.Run.load(path)
+    assert run.counts() == {"done": 100}
+    workers = {job.ctx["pid"] for job in run.jobs.values()}
+    assert len(workers) == min(2, os.cpu_count() or 1)  # one worker per core, all of them used
+    assert "100 tiles in" in out
+    again = run_example("cpu_pool.py", "--jobs", "100", "--run", str(path), cwd=tmp_path).stdout
+    assert "100 tiles in" in again
+    assert [len(job.history) for job in jorb.Run.load(path).jobs.values()] == [1] * 100  # no rerun

@@ -10,14 +10,16 @@ The README is read block by block:
   PATH, so ``jorb`` and ``python`` are this checkout's), and each line shown below it must be in
   its output, compared with numbers, spacing and directories set aside (``...`` skips lines).
 - every other ``python`` block is run as written too; one that cannot be (a fragment using
-  names it does not define) must be listed in ``FRAGMENTS`` with what it lacks, and must still
-  compile. A ``json`` block must parse once its ``...`` are set aside.
+  names it does not define) must be marked in ``FRAGMENTS`` (by a line it holds) with what it
+  lacks, and must still compile. A ``json`` block must parse once its ``...`` are set aside.
 
-Nothing may be skipped silently: ``SKIPPED`` names the commands not run, and why.
+Nothing may be skipped silently: ``SKIPPED`` names the commands not run, and why; ``NEEDS``
+those run only where an optional extra is installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -39,13 +41,24 @@ LIMIT = 300
 #: Commands the README shows that this test does not run, with the reason.
 SKIPPED = {
     "./dev.sh test": "it runs this very test suite",
+    "dask scheduler --port 8786": "a Dask cluster's scheduler: it runs until stopped",
+    "dask worker tcp://scheduler-host:8786 --nthreads 1": "a worker of that cluster",
+    ".venv/bin/python examples/cpu_pool.py --fresh --dask tcp://scheduler-host:8786": (
+        "needs that cluster"
+    ),
 }
 
-#: Python blocks that are fragments of a script (by their first line), and what they lack.
+#: Commands run only where a module they need is installed (an optional extra).
+NEEDS = {
+    ".venv/bin/python examples/cpu_pool.py --fresh --dask local": "distributed",
+}
+
+#: Python blocks that are fragments of a script (by a line they hold), and what they lack.
 FRAGMENTS = {
-    "import jorb": "the canonical shape: app, repos and upload stand for the user's own",
-    "@contextlib.asynccontextmanager": "needs aiohttp, states and run",
+    "app.git.clone": "the canonical shape: app, repos and upload stand for the user's own",
+    "aiohttp.ClientSession()": "needs aiohttp, states and run",
     "class Exporter:": "needs a Prometheus gauge, app, states and run",
+    "import jorb.dask": "needs `pip install 'jorb[dask]'` and make_app",
 }
 
 
@@ -58,6 +71,11 @@ class Block:
     @property
     def first(self) -> str:
         return self.text.splitlines()[0] if self.text else ""
+
+    @property
+    def fragment(self) -> str | None:
+        """The FRAGMENTS marker this block holds, if any."""
+        return next((marker for marker in FRAGMENTS if marker in self.text), None)
 
 
 def blocks() -> list[Block]:
@@ -143,10 +161,11 @@ def test_every_block_is_understood() -> None:
     """A block of a kind this test does not run, or a stale entry in its lists, fails here."""
     found = blocks()
     assert {block.lang for block in found} <= {"sh", "python", "text", "json"}
-    firsts = {block.first for block in found if block.lang == "python"}
-    assert set(FRAGMENTS) <= firsts, f"FRAGMENTS not in the README: {set(FRAGMENTS) - firsts}"
+    python = [block.text for block in found if block.lang == "python"]
+    for marker in FRAGMENTS:  # each marks exactly one block
+        assert sum(marker in text for text in python) == 1, marker
     commands = {c for block in found if block.lang == "sh" for c in _commands(block)}
-    assert set(SKIPPED) <= commands
+    assert set(SKIPPED) | set(NEEDS) <= commands
 
 
 def test_the_readme_runs_as_written(sandbox: Path) -> None:
@@ -157,6 +176,8 @@ def test_the_readme_runs_as_written(sandbox: Path) -> None:
             for command in _commands(block):
                 if command in SKIPPED:
                     continue
+                if command in NEEDS and importlib.util.find_spec(NEEDS[command]) is None:
+                    continue  # (an optional extra this environment lacks)
                 result = shell(command, sandbox)
                 assert result.returncode == 0, f"{where}: {command}\n{result.stderr}"
         elif block.lang == "python" and re.fullmatch(r"# [\w-]+\.py", block.first):
@@ -171,7 +192,7 @@ def test_the_readme_runs_as_written(sandbox: Path) -> None:
         elif block.lang == "python":
             (sandbox / "fragment.py").write_text(block.text)
             result = shell("python fragment.py", sandbox)
-            if block.first in FRAGMENTS:
+            if block.fragment is not None:
                 compile(block.text, where, "exec")  # a fragment: it must at least parse
                 assert result.returncode != 0, f"{where} runs as written: not a fragment"
             else:
