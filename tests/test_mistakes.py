@@ -735,3 +735,22 @@ def test_overall_is_read_only_inside_an_exec_and_says_so(tmp_path: Path) -> None
         "count)"
     )
     assert saved(tmp_path)["overall"] == {}
+
+
+def test_a_rate_limit_raised_in_a_pool_worker_keeps_its_status(tmp_path: Path) -> None:
+    script = workflow(
+        tmp_path,
+        """
+        def call(app, overall, ctx):
+            raise jorb.RateLimited(retry_after=0.1, status=503)
+        """,
+        """[
+            jorb.State("new", exec=call, rate_limit_retries=0, pool=jorb.ProcessPool(1)),
+            jorb.State("done", terminal=True),
+        ]""",
+    )
+    result = python(tmp_path, script)
+    assert result.returncode == 0, result.stderr
+    (error,) = errors_in(saved(tmp_path), "1")
+    assert error["message"] == "rate limited (HTTP 503, retry after 0.1s)"
+    assert (error["status"], error["retry_after"]) == (503, 0.1)
