@@ -36,7 +36,8 @@ def _refuse(*args: Any, **kwargs: Any) -> NoReturn:
 
 
 class ReadOnlyDict(dict[str, Any]):
-    """A dict that refuses changes; ``copy.deepcopy`` or ``dict(...)`` of it is a plain dict."""
+    """A dict that refuses changes (pickled, in a pool's worker too); ``copy.deepcopy`` or
+    ``dict(...)`` of it is a plain dict."""
 
     __slots__ = ()
     __setitem__ = __delitem__ = __ior__ = _refuse
@@ -50,8 +51,8 @@ class ReadOnlyDict(dict[str, Any]):
 
         return {key: copy.deepcopy(item, memo) for key, item in self.items()}
 
-    def __reduce__(self) -> tuple[Any, ...]:  # pickled (to a process pool): a plain dict
-        return (dict, (dict(self),))
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled (to a pool's worker): read-only there too
+        return (ReadOnlyDict, (dict(self),))
 
 
 class ReadOnlyList(list[Any]):
@@ -70,4 +71,4 @@ class ReadOnlyList(list[Any]):
         return [copy.deepcopy(item, memo) for item in self]
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (list, (list(self),))
+        return (ReadOnlyList, (list(self),))

@@ -754,3 +754,24 @@ def test_a_rate_limit_raised_in_a_pool_worker_keeps_its_status(tmp_path: Path) -
     (error,) = errors_in(saved(tmp_path), "1")
     assert error["message"] == "rate limited (HTTP 503, retry after 0.1s)"
     assert (error["status"], error["retry_after"]) == (503, 0.1)
+
+
+def test_overall_is_read_only_in_a_pool_worker_too(tmp_path: Path) -> None:
+    script = workflow(
+        tmp_path,
+        """
+        def count(app, overall, ctx):
+            overall["seen"] = 1
+            return ctx, "done"
+        """,
+        """[
+            jorb.State("new", exec=count, pool=jorb.ProcessPool(1)),
+            jorb.State("done", terminal=True),
+        ]""",
+    )
+    result = python(tmp_path, script)
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[0].startswith(
+        "jorb: stopped at a bug in the script: job 1 in 'new': overall is read-only inside an exec"
+    )
+    assert saved(tmp_path)["overall"] == {}
