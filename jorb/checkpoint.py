@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import gc
 import io
 import itertools
@@ -46,6 +47,7 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent import futures
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -106,6 +108,11 @@ def lock_path(path: Path) -> Path:
 #: Jobs encoded at a time when a run is written: a snapshot of a million jobs never exists
 #: whole in memory, as bytes or as documents (that peak was twice the run's own size).
 ENCODE_CHUNK = 1000
+#: fsync durable journal appends on the event loop (True, the default) or on the store's thread
+#: (False: the loop runs execs meanwhile, batches written during an fsync share the next one).
+#: Measured no faster on this project's VM (BENCHMARKS.md, issue 13); kept for disks where an
+#: fsync takes long.
+FSYNC_ON_LOOP = True
 
 
 _CHUNK_OPEN = b'{\n  "jobs": [\n    '  # a chunk of jobs encoded as {"jobs": [...]}: its start
@@ -690,6 +697,14 @@ class Store:
         self._upto = 0  # the run's seq at the last append
         self._pending: list[bytes] = []
         self._batch: asyncio.Future[None] | None = None
+        # Durable journal appends: written on the loop, fsync'd on a thread (see _flush).
+        self._syncing: threading.Event | None = None  # set when the fsync in flight returns
+        self._unsynced: list[asyncio.Future[None]] = []  # batches written, for the next one
+        self._synced_size = 0  # the journal's bytes known to be on disk
+        self._sync_thread: futures.ThreadPoolExecutor | None = None
+        #: Called first thing in every flush: the processor's chance to append the records it
+        #: settled in bulk this turn (see ``commit``).
+        self.prepare: Callable[[], None] | None = None
         # Writes happen on the event loop while executing, or on whatever thread calls
         # begin/finish/compact/close; this keeps them from ever interleaving.
         self._files = threading.Lock()
@@ -715,6 +730,9 @@ class Store:
         """Close the journal and release the lock (after any write in progress)."""
         with self._files:
             self._close_journal()
+        if self._sync_thread is not None:
+            self._sync_thread.shutdown(wait=False)
+            self._sync_thread = None
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = -1
@@ -774,7 +792,7 @@ class Store:
             header = _journal_header(length, crc, seq)
             atomic_write(self.journal, header, durable=self.durable)
             self._fd = os.open(self.journal, os.O_WRONLY | os.O_APPEND)
-            self._size = len(header)
+            self._size = self._synced_size = len(header)
             self.stats["journal_bytes"] += len(header)
 
     def _keep_edit(self) -> None:
@@ -803,6 +821,9 @@ class Store:
             ) from None
 
     def _close_journal(self) -> None:
+        syncing = self._syncing
+        if syncing is not None:  # let the fsync in flight end before its descriptor does
+            syncing.wait()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -832,6 +853,13 @@ class Store:
             return failed
         self._pending.append(record)
         self._upto = run.seq  # the caller applied the record first: a later snapshot holds it
+        return self._batch or self.pending()
+
+    def pending(self) -> asyncio.Future[None]:
+        """The group commit the next records join: resolved once they are on disk.
+
+        Opening one schedules its flush at the end of this turn of the event loop.
+        """
         batch = self._batch
         if batch is None:  # the first record of this turn (asking for the loop costs, once)
             loop = asyncio.get_running_loop()
@@ -841,7 +869,7 @@ class Store:
 
     async def drain(self) -> None:
         """Write everything appended so far (or fail it) before returning."""
-        if self._pending:
+        if self._pending or self._batch is not None:
             self._flush()
 
     def _flush(self) -> None:
@@ -856,9 +884,19 @@ class Store:
         the GIL over, does overlap the fsync but doubles the fsyncs and context switches
         (-15%, +2.4 CPU µs per transition).
         """
+        if self.prepare is not None:
+            try:
+                self.prepare()
+            except Exception as e:  # a bug: fail the batch rather than leave it hanging
+                self._fail(e, self._batch)
+                return
         records, batch, upto = self._pending, self._batch, self._upto
         self._pending, self._batch = [], None
-        if not records or batch is None:
+        if batch is None:
+            return
+        if not records:
+            if not batch.done():
+                batch.set_result(None)
             return
         run = self._run  # None once finish() folded everything in
         try:
@@ -874,11 +912,61 @@ class Store:
             return
         self.stats["records"] += len(records)
         self.stats["batches"] += 1
-        if not batch.done():
+        if self.durable and self._size > self._synced_size and not FSYNC_ON_LOOP:
+            # Written, not yet durable: the fsync runs on a thread while the loop goes on
+            # (one at a time; batches written meanwhile share the next).
+            self._unsynced.append(batch)
+            if self._syncing is None:
+                self._sync()
+        elif not batch.done():
             batch.set_result(None)
 
+    def _sync(self) -> None:
+        """fsync the journal on the store's thread; its batches resolve when that returns."""
+        batches, self._unsynced = self._unsynced, []
+        loop = asyncio.get_running_loop()
+        if self._sync_thread is None:
+            self._sync_thread = futures.ThreadPoolExecutor(1, thread_name_prefix="jorb-fsync")
+        size, fd = self._size, self._fd
+        syncing = self._syncing = threading.Event()
+
+        def fsync() -> None:
+            try:
+                os.fsync(fd)
+            finally:
+                syncing.set()
+
+        # Through the loop's run_in_executor, so a test's virtual clock waits for it.
+        done = loop.run_in_executor(self._sync_thread, fsync)
+        done.add_done_callback(functools.partial(self._synced, syncing, batches, size))
+
+    def _synced(
+        self,
+        syncing: threading.Event,
+        batches: list[asyncio.Future[None]],
+        size: int,
+        done: asyncio.Future[None],
+    ) -> None:
+        """On the loop: an fsync returned. Resolve its batches; start the next if any wait."""
+        if self._syncing is syncing:
+            self._syncing = None
+        error = done.exception() if not done.cancelled() else CheckpointError("fsync cancelled")
+        if error is not None:
+            if self._fd >= 0:  # cut what may not be on disk, so later loads see no garbage
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._synced_size)
+            self._fail(error, *batches)
+            return
+        self.stats["fsyncs"] += 1
+        self._synced_size = max(self._synced_size, size)
+        for batch in batches:
+            if not batch.done():
+                batch.set_result(None)
+        if self._unsynced and self._syncing is None and self.failure is None and self._fd >= 0:
+            self._sync()
+
     def _write(self, records: list[bytes], upto: int) -> None:
-        """Append one batch and fsync it."""
+        """Append one batch (fsync'd on the loop only if ``_flush`` will not hand it off)."""
         with self._files:
             if self._snapshot_seq >= upto:
                 return  # a snapshot taken since holds every record of this batch
@@ -888,9 +976,10 @@ class Store:
             start = self._size
             try:
                 write_all(self._fd, data)
-                if self.durable:
+                if self.durable and FSYNC_ON_LOOP:
                     os.fsync(self._fd)
                     self.stats["fsyncs"] += 1
+                    self._synced_size = self._size + len(data)
             except OSError:
                 # Cut the journal back to its last whole record so later loads see no garbage.
                 with contextlib.suppress(OSError):
@@ -899,9 +988,7 @@ class Store:
             self._size += len(data)
             self.stats["journal_bytes"] += len(data)
 
-    def _fail(
-        self, error: BaseException, batch: asyncio.Future[None] | None = None
-    ) -> CheckpointError:
+    def _fail(self, error: BaseException, *batches: asyncio.Future[None] | None) -> CheckpointError:
         """Turn ``error`` into a CheckpointError, keep the first as ``failure``, and fail every
         waiting append with it."""
         if isinstance(error, CheckpointError):
@@ -918,10 +1005,10 @@ class Store:
             )
             failure.__cause__ = error
         self.failure = self.failure or failure
-        for future in (batch, self._batch):
+        for future in (*batches, self._batch, *self._unsynced):
             if future is not None and not future.done():
                 future.set_exception(failure)
-        self._pending, self._batch = [], None
+        self._pending, self._batch, self._unsynced = [], None, []
         return failure
 
 

@@ -1,5 +1,19 @@
-"""The commit path: settle an attempt into one journal record, apply it, append it, and when its
-group commit is on disk free the slot and start what comes next."""
+"""The commit path: settle an attempt into a journal record, apply it, append it, and when its
+group commit is on disk start what comes next.
+
+Plain successes (an exec that returned ``(ctx, next_state)`` with nothing unusual) settled during
+one turn of the event loop become ONE record, ``{"seq": n, "ok": [[id, to, ctx, time, duration],
+...]}``: one ``orjson.dumps``, one ``apply_record`` and one append for the lot, built when the
+turn's group commit is written (``Store.prepare``). Anything else (errors, kicks, rate limits)
+becomes a record of its own at once. Either way ``model.apply_record`` applies it, the same
+function replay uses.
+
+A plain success that leaves its state frees its slot at once; anything else keeps it until
+its record is on disk. Either way the job's next step and its children wait for the disk. What
+a crash can make run again is then bounded by the execs running plus the transitions settled
+and not yet on disk, at most ``Processor(max_pending=...)``: each lane stops starting execs
+while its share of that many is waiting for the disk.
+"""
 
 from __future__ import annotations
 
@@ -20,43 +34,171 @@ if TYPE_CHECKING:
     from .processor import Processor
 
 _LINE = orjson.OPT_APPEND_NEWLINE
+_NO_KIDS: tuple[Job, ...] = ()
+# Attempts settled into a group commit: their lane, their jobs, the kids they made, and whether
+# their slots are still held until it is on disk (True; False: freed at settle; None: held by
+# those that stayed in the lane's state, the rest freed).
+_Settled = tuple["Lane", list[Job], tuple[Job, ...] | list[Job], bool | None]
 
 
 class Commits:
     """Settles attempts and follows their group commits.
 
-    ``commits.settle_and_queue(lane, job, result, error, started)`` after every exec; the slot
-    it held is freed, and the job's next step queued, once its record is durable.
+    ``commits.settle(lane, job, result, error, started)`` after an exec (or ``settle_ok`` for a
+    batch of plain successes); the job's next step is queued once its record is durable.
     """
 
-    __slots__ = ("batch", "batch_jobs", "proc", "transitions")
+    __slots__ = ("batch", "batch_jobs", "ok", "ok_settled", "proc", "transitions")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
         self.transitions = 0
         self.batch: asyncio.Future[None] | None = None  # the group commit being filled
-        self.batch_jobs: list[tuple[Lane, Job, list[Job]]] = []  # settled into it
+        self.batch_jobs: list[_Settled] = []  # settled into it
+        self.ok: list[list[Any]] = []  # plain successes settled, not yet in a record
+        self.ok_settled: list[tuple[Lane, list[Job]]] = []  # their lanes and jobs, in order
 
     def __repr__(self) -> str:
-        return f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)}>"
+        return (
+            f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)} "
+            f"ok={len(self.ok)}>"
+        )
 
-    def settle_and_queue(
+    def settle(
         self, lane: Lane, job: Job, result: Any, error: Exception | None, started: float
     ) -> None:
-        """Settle an attempt and queue its record for the next group commit."""
+        """Settle one attempt and queue its transition for the next commit."""
+        if error is None and type(result) is tuple and len(result) == 2:
+            ctx, to = result
+            proc = self.proc
+            if type(ctx) is dict and type(to) is str and to in proc.states:
+                now = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
+                self.settle_ok(lane, [[job.id, to, ctx, now, now - started]], [job])
+                return
+        lane.unsynced += 1
+        self._settle_one(lane, job, result, error, started, True)
+
+    def settle_ok(self, lane: Lane, entries: list[list[Any]], jobs: list[Job]) -> None:
+        """Settle plain successes of ``lane`` (``[id, to, ctx, time, duration]`` each): they go
+        out as one record with the turn's others, when its group commit is written.
+
+        A plain success that leaves the state frees its slot at once. Anything else keeps it
+        until its record is on disk (a retry or a job staying in its state then competes for
+        the slot as it always did: by priority, then arrival).
+        """
+        proc = self.proc
+        n = len(entries)
+        lane.unsynced += n
+        lane.done += n
+        if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
+            assert proc._loop is not None
+            now = proc._loop.time()
+            for _ in range(n):
+                lane.rate.succeeded(now)
+        ok = self.ok
+        if not ok:
+            store = proc._store
+            assert store is not None
+            store.pending()  # written at the end of this turn, by prepare()
+        ok += entries
+        self.ok_settled.append((lane, jobs))
+        name = lane.state.name
+        moved: dict[str, int] = {}
+        for entry in entries:
+            to = entry[1]
+            if to != name:
+                moved[to] = moved.get(to, 0) + 1
+        if moved:  # counted where they go now (applied at the flush); their slots are free
+            lanes = proc._lanes
+            for to, k in moved.items():
+                lane.held -= k
+                lane.jobs -= k
+                lanes.active -= k
+                lanes.count_many(to, k)
+
+    def prepare(self) -> None:
+        """Write the plain successes settled this turn as one record (the store calls this
+        first thing in each flush)."""
+        ok, settled = self.ok, self.ok_settled
+        if not ok:
+            return
+        self.ok, self.ok_settled = [], []
+        proc = self.proc
+        run, store = proc._run, proc._store
+        assert run is not None and store is not None
+        record = {"seq": run.seq + 1, "ok": ok}
+        try:
+            data = orjson.dumps(record, option=_LINE)
+        except TypeError:  # a returned ctx holds something JSON cannot represent
+            ok, settled = self._weed(ok, settled)
+            if not ok:
+                return
+            record = {"seq": run.seq + 1, "ok": ok}
+            data = orjson.dumps(record, option=_LINE)
+        apply_record(run, record)
+        self.transitions += len(ok)
+        self._join(store.append(data), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
+
+    def _weed(
+        self, ok: list[list[Any]], settled: list[tuple[Lane, list[Job]]]
+    ) -> tuple[list[list[Any]], list[tuple[Lane, list[Job]]]]:
+        """Settle the successes whose ctx is not JSON as the errors they are; keep the rest."""
+        kept: list[list[Any]] = []
+        kept_settled = []
+        entries = iter(ok)
+        for lane, jobs in settled:
+            group = []
+            for job in jobs:
+                entry = next(entries)
+                try:
+                    orjson.dumps(entry[2])
+                except TypeError:
+                    lane.done -= 1
+                    holds = entry[1] == lane.state.name
+                    if not holds:  # settle_ok counted it moved and freed its slot: it stays
+                        lanes = self.proc._lanes
+                        lanes.count_out(entry[1])
+                        lane.jobs += 1
+                        lanes.active += 1
+                    error = outcome.not_json(lane.state, (entry[2], entry[1]))
+                    self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
+                    continue
+                kept.append(entry)
+                group.append(job)
+            if group:
+                kept_settled.append((lane, group))
+        return kept, kept_settled
+
+    def _settle_one(
+        self,
+        lane: Lane,
+        job: Job,
+        result: Any,
+        error: Exception | None,
+        started: float,
+        holds: bool,
+    ) -> None:
+        """Settle an attempt into a record of its own and append it; ``holds``: whether its
+        slot stays taken until the record is on disk."""
         store = self.proc._store
         assert store is not None
-        data, kids = self.settle(lane, job, result, error, started)
+        data, kids = self._record(lane, job, result, error, started)
         running = self.proc._lanes.running
         for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
             running.add(kid.id)
-        batch = store.append(data)
+        self._join(store.append(data), [(lane, [job], kids, holds)])
+
+    def _join(
+        self,
+        batch: asyncio.Future[None],
+        settled: list[_Settled],
+    ) -> None:
         if batch is not self.batch:  # the first record of a new group commit
             self.batch, self.batch_jobs = batch, []
             batch.add_done_callback(functools.partial(self._committed, self.batch_jobs))
-        self.batch_jobs.append((lane, job, kids))
+        self.batch_jobs += settled
 
-    def settle(
+    def _record(
         self, lane: Lane, job: Job, result: Any, error: Exception | None, started: float
     ) -> tuple[bytes, list[Job]]:
         """Turn an exec's outcome into a record, apply it to the run, and return its bytes."""
@@ -127,9 +269,12 @@ class Commits:
         return state.retry_delay(job.attempts + 1, random.random())
 
     def _committed(
-        self, settled: list[tuple[Lane, Job, list[Job]]], batch: asyncio.Future[None]
+        self,
+        settled: list[_Settled],
+        batch: asyncio.Future[None],
     ) -> None:
-        """A group commit is on disk: free its slots; its jobs' next steps and kids may start."""
+        """A group commit is on disk: its jobs' next steps and kids may start, and the slots
+        still held for them are freed."""
         proc = self.proc
         finished = proc._finished
         failure = batch.exception()  # (nothing cancels a batch: no worker awaits it)
@@ -138,16 +283,24 @@ class Commits:
                 finished.set_exception(failure)
             return  # the run cannot checkpoint: the exec stops (nothing more may start)
         lanes = proc._lanes
-        by_name, running = lanes.by_name, lanes.running
+        by_name, running, joins = lanes.by_name, lanes.running, proc._joins
         now = proc._now()
-        for lane, job, kids in settled:
-            lane.held -= 1
-            running.discard(job.id)
-            next_lane = by_name.get(job.state)  # queue its next step, or note that it ended
-            if next_lane is not None:
-                lanes.enqueue(next_lane, job, now)
-            elif job.parent is not None and proc._joins:
-                proc._waiting.child_ended(job.parent)
+        for lane, jobs, kids, holds in settled:
+            lane.unsynced -= len(jobs)
+            name = lane.state.name
+            for job in jobs:
+                running.discard(job.id)
+                state = job.state
+                if holds or (holds is None and state == name):
+                    lane.held -= 1
+                next_lane = by_name.get(state)  # queue its next step, or note that it ended
+                if next_lane is not None:
+                    if job.not_before is None and not job.priority and not next_lane.state.join:
+                        next_lane.ready.plain.append(job)  # (what enqueue does, without a call)
+                    else:
+                        lanes.enqueue(next_lane, job, now)
+                elif job.parent is not None and joins:
+                    proc._waiting.child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
                 running.discard(kid.id)
                 kid_lane = by_name.get(kid.state)

@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import heapq
+import itertools
 import math
-from collections.abc import Iterator
+import time
+import types
+from collections.abc import Coroutine, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -24,6 +27,10 @@ if TYPE_CHECKING:
     from .processor import Processor
 
 
+#: How long a worker runs execs that never wait, batch after batch, before it lets the loop turn.
+INLINE_SECONDS = 0.02
+
+
 class Ready:
     """A lane's ready jobs: higher priority first, first in first out among equals.
 
@@ -32,12 +39,13 @@ class Ready:
     million deque slots, not a million tuples the garbage collector walks again and again.
     """
 
-    __slots__ = ("order", "plain", "ranked")
+    __slots__ = ("front", "order", "plain", "ranked")
 
     def __init__(self, order: Iterator[int]) -> None:
         self.plain: collections.deque[Job] = collections.deque()
         self.ranked: list[tuple[int, int, Job]] = []
         self.order = order
+        self.front = itertools.count(-1, -1)  # orders before every pushed job
 
     def __len__(self) -> int:
         return len(self.plain) + len(self.ranked)
@@ -50,6 +58,13 @@ class Ready:
             heapq.heappush(self.ranked, (-job.priority, next(self.order), job))
         else:
             self.plain.append(job)
+
+    def push_front(self, job: Job) -> None:
+        """Put back a job taken but not started: it is the next of its priority to start."""
+        if job.priority:
+            heapq.heappush(self.ranked, (-job.priority, next(self.front), job))
+        else:
+            self.plain.appendleft(job)
 
     def pop(self) -> Job:
         """The next job to start (the caller knows one is ready)."""
@@ -72,6 +87,7 @@ class Lane:
 
     __slots__ = (
         "awaiting",
+        "budget",
         "claims",
         "delayed",
         "done",
@@ -85,18 +101,25 @@ class Lane:
         "ready",
         "running",
         "state",
+        "unsynced",
+        "waits",
         "waking",
         "workers",
     )
 
-    def __init__(self, state: State, rate: Rate, paused: bool, order: Iterator[int]) -> None:
+    def __init__(
+        self, state: State, rate: Rate, paused: bool, order: Iterator[int], budget: int
+    ) -> None:
         self.state = state
         self.rate = rate
         self.paused = paused
         self.ready = Ready(order)
         self.idle: list[asyncio.Future[None]] = []  # parked workers
         self.workers = self.jobs = self.delayed = self.awaiting = self.running = 0
-        self.held = 0  # slots taken: jobs in an exec, or settled and waiting for the disk
+        self.held = 0  # slots taken: jobs taken by a worker and not settled yet
+        self.unsynced = 0  # transitions settled whose group commit is not on disk yet
+        self.budget = budget  # no exec starts while this many are (the lane's crash bound)
+        self.waits = False  # whether its last exec waited (then refills are made in bulk)
         self.claims = 0  # workers waiting for the Rate, each about to take a ready job
         self.waking = 0  # workers woken (or spawned) that have not run yet
         self.done = self.errors = self.failed = 0
@@ -104,7 +127,8 @@ class Lane:
     def __repr__(self) -> str:
         return (
             f"<Lane {self.state.name} ready={len(self.ready)} running={self.running} "
-            f"held={self.held}/{self.state.concurrency} workers={self.workers}>"
+            f"held={self.held}/{self.state.concurrency} unsynced={self.unsynced} "
+            f"workers={self.workers}>"
         )
 
 
@@ -114,7 +138,7 @@ class Lanes:
     ``lanes.enqueue(lane, job, now)`` then ``lanes.wake(lane)`` gets a job started.
     """
 
-    __slots__ = ("active", "by_name", "counts", "in_exec", "order", "proc", "running")
+    __slots__ = ("active", "by_name", "counts", "in_exec", "proc", "running")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
@@ -125,13 +149,9 @@ class Lanes:
         # by a record that is not on disk yet (kicked children, added or redriven jobs).
         self.running: set[str] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
-        self.order: Iterator[int] = proc._order
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
-
-    def get(self, state: str) -> Lane | None:
-        return self.by_name.get(state)
 
     def count_in(self, state: str) -> None:
         lane = self.by_name.get(state)
@@ -140,6 +160,15 @@ class Lanes:
         else:
             lane.jobs += 1
             self.active += 1
+
+    def count_many(self, state: str, n: int) -> None:
+        """``count_in(state)`` ``n`` times."""
+        lane = self.by_name.get(state)
+        if lane is None:
+            self.counts[state] += n
+        else:
+            lane.jobs += n
+            self.active += n
 
     def count_out(self, state: str) -> None:
         lane = self.by_name.get(state)
@@ -161,25 +190,36 @@ class Lanes:
         lane.ready.push(job)
 
     def wake(self, lane: Lane) -> None:
-        """Get a worker moving on the lane's ready jobs, unless one is already on its way.
+        """Get workers moving on the lane's ready jobs, unless enough are on their way.
 
-        One at a time: a worker that takes a job wakes the next if jobs are left (it may wait
-        in its exec), so execs that never wait are run by one worker, not one per job.
+        A lane whose execs return without waiting gets one worker at a time: it takes a batch
+        of jobs, up to the free slots, and runs them inline. A lane whose execs wait gets a
+        worker per free slot at once (each takes a job), so freed slots refill in one turn.
         """
-        if lane.paused or self.proc._stopping or lane.waking:
+        if lane.paused or self.proc._stopping:
             return
-        if lane.held + lane.claims >= lane.state.concurrency:
-            return  # every slot is taken: a commit frees them and wakes the lane
-        while lane.idle:
-            parked = lane.idle.pop()
-            if not parked.done():  # (a worker cancelled while parked left a cancelled one)
+        free = lane.state.concurrency - lane.held - lane.claims
+        if free <= 0 or lane.unsynced >= lane.budget:
+            return  # a commit frees them and wakes the lane
+        if lane.waits and lane.rate.n == math.inf and not lane.rate.paused_until:
+            want = min(len(lane.ready), free) - lane.waking
+        else:
+            want = 0 if lane.waking else 1
+        idle = lane.idle
+        while want > 0:
+            while idle:
+                parked = idle.pop()
+                if not parked.done():  # (a worker cancelled while parked left a cancelled one)
+                    lane.waking += 1
+                    parked.set_result(None)
+                    break
+            else:
+                if lane.workers >= lane.state.concurrency:
+                    return
+                lane.workers += 1
                 lane.waking += 1
-                parked.set_result(None)
-                return
-        if lane.workers < lane.state.concurrency:
-            lane.workers += 1
-            lane.waking += 1
-            self.proc._spawn(self._work(lane))
+                self.proc._spawn(self._work(lane))
+            want -= 1
 
     def wake_all(self) -> None:
         """Wake every lane with ready jobs (slots were freed, jobs queued)."""
@@ -196,26 +236,30 @@ class Lanes:
             lane.idle.clear()
 
     async def _work(self, lane: Lane) -> None:
-        """One worker of a lane: throttle, take a job and a slot, run, settle; repeat."""
+        """One worker of a lane: throttle, take jobs and slots, run, settle; repeat."""
         proc = self.proc
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        rate, limit = lane.rate, lane.state.concurrency
+        rate, limit, ready = lane.rate, lane.state.concurrency, lane.ready
+        join = lane.state.join
         lane.waking -= 1
+        since = time.monotonic()  # when this worker last let the loop turn
         try:
             while not proc._stopping:
                 # Park unless a ready job is left that no worker waiting for the Rate will
-                # take, and a slot is free for it.
+                # take, a slot is free for it, and the lane's commits keep up.
                 if (
-                    len(lane.ready) <= lane.claims
+                    len(ready) <= lane.claims
                     or lane.held + lane.claims >= limit
                     or lane.paused
+                    or lane.unsynced >= lane.budget
                 ):
                     parked: asyncio.Future[None] = loop.create_future()
                     lane.idle.append(parked)
                     await parked
                     lane.waking -= 1
+                    since = time.monotonic()
                     continue
                 if rate.paused_until or rate.n != math.inf:
                     # Wait for the Rate *before* taking a job, so the job taken is the best one
@@ -225,39 +269,143 @@ class Lanes:
                         await rate.acquire()
                     finally:
                         lane.claims -= 1
-                    if proc._stopping or lane.paused or not lane.ready or lane.held >= limit:
+                    if (
+                        proc._stopping
+                        or lane.paused
+                        or not ready
+                        or lane.held >= limit
+                        or lane.unsynced >= lane.budget
+                    ):
                         continue  # the start allowed goes unused: rare, and never exceeds the Rate
-                job = lane.ready.pop()
-                if lane.state.join and proc._waiting.waits_for_kids(lane, job):
-                    continue  # a child was redriven back to work since it was queued
-                lane.held += 1
-                if not lane.waking and lane.ready:  # (the test wake starts with, without a call)
-                    self.wake(lane)  # another worker for the rest, in case this exec waits
-                await self._attempt(lane, job, task)
+                    take = 1
+                elif lane.waits:
+                    take = 1  # its execs wait: each worker takes one (wake sent enough)
+                else:
+                    take = min(len(ready), limit - lane.held, lane.budget - lane.unsynced)
+                if not join and not ready.ranked:  # the usual case: priority 0, no fan-in
+                    plain = ready.plain
+                    jobs = [plain.popleft() for _ in range(take)]
+                else:
+                    jobs = []
+                    for _ in range(take):
+                        job = ready.pop()
+                        if join and proc._waiting.waits_for_kids(lane, job):
+                            continue  # a child was redriven back to work since it was queued
+                        jobs.append(job)
+                    if not jobs:
+                        continue
+                lane.held += len(jobs)
+                if not lane.waking and ready:  # (the test wake starts with, without a call)
+                    self.wake(lane)  # another worker for the rest, in case these execs wait
+                await self._attempts(lane, jobs, task)
+                if lane.waits:  # its last exec waited: the loop turned meanwhile
+                    since = time.monotonic()
+                elif time.monotonic() - since > INLINE_SECONDS:
+                    # Execs that never wait but take long (CPU work in an async def): let the
+                    # loop turn (commits, timers, Ctrl-C, the progress display) between batches.
+                    await asyncio.sleep(0)
+                    since = time.monotonic()
         finally:
             lane.workers -= 1
 
-    async def _attempt(self, lane: Lane, job: Job, task: asyncio.Task[None]) -> None:
-        """Run one exec of ``job`` (its slot is taken), settle it and queue its record."""
+    async def _attempts(self, lane: Lane, jobs: list[Job], task: asyncio.Task[None]) -> None:
+        """Run the execs of ``jobs`` (their slots are taken) one after the other, and settle
+        each. An exec that returns without waiting is driven inline; at the first that waits,
+        the jobs not started yet go back to the lane (other workers take them) and this
+        worker waits for it. Plain successes are settled together, once per batch."""
         proc = self.proc
         run, executor = proc._run, proc._executor
         assert run is not None and executor is not None
-        # The exec gets its own copy, exactly as it is on disk: a failed attempt that changed
-        # it in place leaves nothing behind, before a restart or after.
-        args: tuple[Any, ...] = (proc.app, proc._overall, orjson.loads(orjson.dumps(job.ctx)))
-        if lane.state.join:
-            args += (proc._waiting.children(job.id),)
-        lane.running += 1
-        self.running.add(job.id)
+        running = self.running
+        running.update([job.id for job in jobs])
+        # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
+        # it in place leaves nothing behind, before a restart or after. One round trip for all.
+        if len(jobs) == 1:
+            copies = [orjson.loads(orjson.dumps(jobs[0].ctx))]
+        else:
+            copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
+        state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
+        commits, call, states = proc._commits, executor.call, proc.states
+        clock, offset = proc._clock, proc._offset
+        ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
+        ok_jobs: list[Job] = []
+        for i, job in enumerate(jobs):
+            args: tuple[Any, ...] = (app, overall, copies[i])
+            if join:
+                args += (proc._waiting.children(job.id),)
+            started = clock() + offset  # proc._now(), without a call (hot path)
+            coro = call(state, args)
+            if type(coro) is not types.CoroutineType:  # an executor's call returned another
+                coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
+            lane.running += 1
+            try:
+                yielded = coro.send(None)
+            except StopIteration as stop:  # it returned without waiting
+                lane.running -= 1
+                result = stop.value
+                if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
+                    ctx, to = result
+                    if type(ctx) is dict and type(to) is str and to in states:
+                        now = clock() + offset
+                        ok.append([job.id, to, ctx, now, now - started])
+                        ok_jobs.append(job)
+                        continue
+                commits.settle(lane, job, result, None, started)
+                continue
+            except Exception as e:
+                lane.running -= 1
+                commits.settle(lane, job, None, e, started)
+                continue
+            except asyncio.CancelledError as e:
+                lane.running -= 1
+                if proc._stopping or task.cancelling():
+                    if ok:
+                        commits.settle_ok(lane, ok, ok_jobs)
+                    self._give_back(lane, jobs[i + 1 :])
+                    lane.held -= 1  # we are cancelling it: the job runs again on resume
+                    running.discard(job.id)
+                    raise
+                error = JorbError(f"the exec raised CancelledError: {e}")
+                commits.settle(lane, job, None, error, started)
+                continue
+            except (SystemExit, KeyboardInterrupt) as e:
+                lane.running -= 1
+                if ok:
+                    commits.settle_ok(lane, ok, ok_jobs)
+                self._give_back(lane, jobs[i + 1 :])
+                self._exited(lane, job, e)
+                return
+            # It waits: the jobs not started go back to the lane, for other workers.
+            if ok:
+                commits.settle_ok(lane, ok, ok_jobs)
+            self._give_back(lane, jobs[i + 1 :])
+            lane.waits = True
+            if lane.ready:
+                self.wake(lane)
+            await self._wait_for(lane, job, task, coro, yielded, started)
+            return
+        if ok:
+            commits.settle_ok(lane, ok, ok_jobs)
+        lane.waits = False
+
+    async def _wait_for(
+        self,
+        lane: Lane,
+        job: Job,
+        task: asyncio.Task[None],
+        coro: Coroutine[Any, Any, Any],
+        yielded: Any,
+        started: float,
+    ) -> None:
+        """Go on with an exec that waits (counted running already), then settle it."""
         self.in_exec.add(task)
-        started = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
         try:
-            result = await executor.call(lane.state, args)
+            result = await _resume(coro, yielded)
             error: Exception | None = None
         except Exception as e:
             result, error = None, e
         except asyncio.CancelledError as e:
-            if proc._stopping or task.cancelling():
+            if self.proc._stopping or task.cancelling():
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
                 self.running.discard(job.id)
                 raise
@@ -265,13 +413,56 @@ class Lanes:
             # that is its failure, not ours to stop on.
             result, error = None, JorbError(f"the exec raised CancelledError: {e}")
         except (SystemExit, KeyboardInterrupt) as e:
-            # sys.exit() (or an interrupt) inside an exec: the job stays where it is, the run
-            # is saved, and the exec stops saying which job and exec raised it.
-            lane.held -= 1
-            self.running.discard(job.id)
-            proc._stops.exit(job, lane.state, e)
+            self._exited(lane, job, e)
             return
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
-        proc._commits.settle_and_queue(lane, job, result, error, started)
+        self.proc._commits.settle(lane, job, result, error, started)
+
+    def _exited(self, lane: Lane, job: Job, raised: BaseException) -> None:
+        """sys.exit() (or an interrupt) inside an exec: the job stays where it is (its slot is
+        freed, nothing recorded), the run is saved, and the exec stops saying which job and
+        exec raised it."""
+        lane.held -= 1
+        self.running.discard(job.id)
+        self.proc._stops.exit(job, lane.state, raised)
+
+    def _give_back(self, lane: Lane, jobs: list[Job]) -> None:
+        """Free the slots of jobs taken but not settled; those not started go back in line."""
+        if not jobs:
+            return
+        lane.held -= len(jobs)
+        self.running.difference_update(job.id for job in jobs)
+        if not self.proc._stopping:
+            for job in reversed(jobs):
+                lane.ready.push_front(job)
+
+
+async def _awaiting(awaitable: Any) -> Any:
+    return await awaitable
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Await the rest of a coroutine started by hand (``send(None)``) that yielded ``yielded``.
+
+    What the task running it sends or throws in goes on to the coroutine, as if the task had
+    awaited it from the start (so a cancellation, a timeout, reaches the exec's own code).
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as e:
+            try:
+                yielded = coro.throw(e)
+            except StopIteration as stop:
+                return stop.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as stop:
+                return stop.value

@@ -9,10 +9,11 @@ the run that disagree. ``jorb fold RUNFILE`` (:func:`fold`) settles both cases::
 
 With no edit, the journal is folded in, exactly as a rerun of the script would. With an edit
 (the file no longer is the snapshot the journal continues), nothing is thrown away: the
-journal's records are applied to the *edited* file, except to the jobs whose state the edit
-changed (the edit is newer, so it wins for those: their transitions in the journal run
-again); the edited file and the journal, as they were, are set aside beside the run under
-names that say what they are, so either side can be restored by hand.
+journal's records are applied to the *edited* file, except to the jobs the edit moved: those
+whose state is no longer the one their last recorded transition led to (the edit is newer,
+so it wins for them, and their transitions in the journal run again; see :func:`_keep`). The
+edited file and the journal, as they were, are set aside beside the run under names that say
+what they are, so either side can be restored by hand.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
+    Records,
     Store,
     _read_snapshot,
     _replay,
@@ -33,7 +35,7 @@ from .checkpoint import (
     read_journal,
 )
 from .errors import JournalConflictError, RunFileError
-from .model import Run, apply_record
+from .model import Job, Run, apply_record
 
 __all__ = ["Folded", "fold"]
 
@@ -73,14 +75,23 @@ def fold(path: Path) -> Folded:
             base = run.seq
             if header is None:
                 return Folded(0)
+            counted = [0]
             try:
-                _replay(run, path, snapshot, header, records)
+                _replay(run, path, snapshot, header, _counting(records, base, counted))
             except JournalConflictError:
                 pass
             else:
                 store.compact(run, finish=True)
-                return Folded(run.seq - base)
+                return Folded(counted[0])
         return _merge(path, store)
+
+
+def _counting(records: Records, base: int, counted: list[int]) -> Records:
+    """``records`` as they are, adding up the transitions of those after ``base``."""
+    for line, record in records:
+        if record["seq"] > base:
+            counted[0] += _transitions(record)
+        yield line, record
 
 
 def _merge(path: Path, store: Store) -> Folded:
@@ -100,11 +111,10 @@ def _merge(path: Path, store: Store) -> Folded:
                 continue
             last = record["seq"]
             kept = _keep(run, record, yours, seen)
-            if kept is None:
-                dropped += 1
-                continue
-            apply_record(run, kept)
-            applied += 1
+            taken = 0 if kept is None else _transitions(kept)
+            applied, dropped = applied + taken, dropped + _transitions(record) - taken
+            if kept is not None:
+                apply_record(run, kept)
     run.seq = max(run.seq, last)  # a journal left behind by a crash from here on is folded in
     stamp = time.strftime("%Y%m%d-%H%M%S")
     edited_aside = path.with_name(f"{path.name}.edited-{stamp}")
@@ -130,23 +140,21 @@ def _keep(
 ) -> dict[str, Any] | None:
     """The part of ``record`` to apply to the edited run (None: nothing of it).
 
-    A job's state before the journal first touched it is in that first record (the history
-    entry's ``from``, or the state a failed attempt happened ``in``); if the edited file has
-    the job in another state, the edit moved it, and the edit wins for that job.
+    A job is *yours* (the edit moved it, so the edit wins for it and the journal's records of
+    it are dropped) when the edited file has it in another state than the one it was in when
+    the journal first touched it: the state its last recorded transition led to, or, for a job
+    with none yet, the state the journal's first record of it names (a transition's ``from``,
+    or the state a failed attempt happened ``in``). A job with neither takes the journal's side.
     """
+    if "ok" in record:  # plain successes written together: [id, to, ctx, time, duration] each
+        ok = [entry for entry in record["ok"] if _touch(run, entry[0], None, yours, seen)]
+        return {**record, "ok": ok} if ok else None
     op = record.get("op")
     if op is None:  # an exec's record
-        ident = record["job"]
-        job = run.jobs.get(ident)
-        if job is None or ident in yours:
-            return None  # deleted by the edit (or a child of a dropped record), or moved by it
-        if ident not in seen:
-            seen.add(ident)
-            step = record.get("history")
-            before = step["from"] if isinstance(step, dict) else record.get("in")
-            if before is not None and job.state != before:
-                yours.add(ident)
-                return None
+        step = record.get("history")
+        before = step["from"] if isinstance(step, dict) else record.get("in")
+        if not _touch(run, record["job"], before, yours, seen):
+            return None
         kids = record.get("kids") or []
         if any(_kid_id(kid) in run.jobs for kid in kids):
             raise RunFileError(
@@ -155,13 +163,40 @@ def _keep(
             )
         return record
     if op == "redrive":
-        jobs = [i for i in record["jobs"] if i in run.jobs and i not in yours]
-        seen.update(jobs)
+        jobs = [i for i in record["jobs"] if _touch(run, i, None, yours, seen)]
         return {**record, "jobs": jobs} if jobs else None
     if op == "add":
         jobs = [job for job in record["jobs"] if _kid_id(job) not in run.jobs]
         return {**record, "jobs": jobs} if jobs else None
     return record  # pause, resume
+
+
+def _touch(run: Run, ident: str, before: str | None, yours: set[str], seen: set[str]) -> bool:
+    """Whether the journal's record of job ``ident`` applies (see :func:`_keep`)."""
+    job = run.jobs.get(ident)
+    if job is None or ident in yours:
+        return False  # deleted by the edit (or a child of a dropped record), or moved by it
+    if ident not in seen:
+        seen.add(ident)
+        was = _last_state(job) or before
+        if was is not None and job.state != was:
+            yours.add(ident)
+            return False
+    return True
+
+
+def _last_state(job: Job) -> str | None:
+    """The state the job's last recorded transition led to (None if it has none)."""
+    if not job.history:
+        return None
+    entry = job.history[-1]
+    to = entry.get("to") if isinstance(entry, dict) else entry[1]
+    return to if isinstance(to, str) else None
+
+
+def _transitions(record: dict[str, Any]) -> int:
+    """How many transitions (or changes) a journal record holds."""
+    return len(record["ok"]) if "ok" in record else 1
 
 
 def _kid_id(raw: Any) -> str:

@@ -70,6 +70,38 @@ def test_breakdown_bench_splits_the_cpu_of_an_exec() -> None:
         assert r["cpu"] > 0 and 0 < r["snapshots"] < r["cpu"]
 
 
+def test_io_bound_bench_runs_the_floor_and_jorb_and_counts_execs_in_flight(
+    tmp_path: Path,
+) -> None:
+    out = _run(
+        "io_bound.py",
+        "--n",
+        "300",
+        "--concurrency",
+        "50",
+        "--sleep",
+        "0.01",
+        "--runs",
+        "1",
+        "--dir",
+        str(tmp_path),
+        "--json",
+    )
+    (result,) = json.loads(out.splitlines()[-1])  # (it exits 1 unless every job is "done")
+    assert result["transitions"] == 900
+    assert abs(result["ideal_s"] - 0.08) < 1e-9  # 6 waves of 10 ms in the first state, then 2 more
+    for key in ("floor", "jorb"):
+        assert result[f"{key}_wall"] > 0
+        assert 0 < result[f"{key}_in_flight"] <= 3 * 50
+
+
+def test_add_jobs_bench_adds_in_bulk_and_one_at_a_time(tmp_path: Path) -> None:
+    out = _run("add_jobs.py", "--n", "500", "--runs", "1", "--dir", str(tmp_path), "--json")
+    (result,) = json.loads(out.splitlines()[-1])  # (it exits 1 unless all jobs were added)
+    assert result["n"] == 500
+    assert result["bulk_add_s"] > 0 and result["loop_add_s"] > 0
+
+
 def test_cpu_bound_bench_runs_threads_and_both_pools() -> None:
     out = _run("cpu_bound.py", "--n", "100", "--runs", "1", "--ms", "0.2", "--json")
     result = json.loads(out.splitlines()[-1])

@@ -61,7 +61,7 @@ def roots(n: int = 12) -> list[Ctx]:
 
 def assert_consistent(run: jorb.Run) -> None:
     """The run is one a process really had: no transition half-applied, none lost between
-    a parent and its children, ``seq`` equal to the transitions made."""
+    a parent and its children, ``seq`` counting the records that made the transitions."""
     for job in run.jobs.values():
         first = "b" if job.parent else "a"
         chain = [first] + [h["to"] for h in job.steps()]
@@ -77,7 +77,9 @@ def assert_consistent(run: jorb.Run) -> None:
         else:
             assert run.jobs[job.parent].state != "a"
         assert int(job.id) < run.next_id
-    assert run.seq == sum(len(job.history) for job in run.jobs.values())
+    transitions = sum(len(job.history) for job in run.jobs.values())
+    # A record per exec with kicks, one per batch of plain successes: never more than those.
+    assert (run.seq > 0) == (transitions > 0) and run.seq <= transitions
 
 
 def assert_complete(run: jorb.Run, n: int) -> None:
@@ -551,6 +553,9 @@ FAULTS: dict[str, dict[str, Any]] = {
         call="write", match=_is_journal, after=2, short=True
     ),
     "fsync of the journal fails": dict(call="fsync", match=_is_journal, after=2, error=errno.EIO),
+    "fsync of the journal fails on the store's thread": dict(
+        call="fsync", match=_is_journal, after=2, error=errno.EIO, thread=True
+    ),
     "disk full writing a compaction's snapshot": dict(
         call="write", match=_is_snapshot_temp, after=2, compact=True
     ),
@@ -575,6 +580,7 @@ def test_a_write_fault_fails_the_exec_and_leaves_the_last_good_checkpoint(
     make_run: MakeRun, monkeypatch: pytest.MonkeyPatch, fault: str
 ) -> None:
     options = dict(FAULTS[fault])
+    monkeypatch.setattr(checkpoint, "FSYNC_ON_LOOP", not options.pop("thread", False))
     if options.pop("compact", False):  # compact after every couple of batches
         monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 700)
         monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.0)
@@ -745,7 +751,7 @@ def test_a_jobs_next_exec_and_its_childrens_first_start_only_once_on_disk(
 
     async def c(app: Any, overall: Ctx, ctx: Ctx) -> Any:
         key = ctx["key"]
-        if not durable_record(lambda r: r["to"] == "c" and r["ctx"]["key"] == key):
+        if not durable_record(lambda r: ("c", key) in _moves(r)):
             late.append(f"{key} started in c before its move to c was on disk")
         return ctx, "done"
 
@@ -758,6 +764,16 @@ def test_a_jobs_next_exec_and_its_childrens_first_start_only_once_on_disk(
     process(states, run, durable=durable)
     assert late == []
     assert run.counts() == {"done": 40}
+
+
+def _moves(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(new state, ctx key) of each transition in a journal record: one exec's record, or a
+    batch of plain successes ``{"ok": [[id, to, ctx, time, duration], ...]}``."""
+    if "ok" in record:
+        return [(to, ctx["key"]) for _, to, ctx, _, _ in record["ok"]]
+    if "to" in record:
+        return [(record["to"], record["ctx"]["key"])] if "ctx" in record else []
+    return []
 
 
 def test_records_settled_during_a_write_share_the_next_write_and_fsync(
@@ -995,3 +1011,90 @@ def test_a_new_runs_folder_is_made_durable_with_the_run(
     run = jorb.Run.open(tmp_path / "runs" / "run.json")
     assert synced == [str(tmp_path)], "the folder's entry in its parent"
     run.close()
+
+
+# -- the journal's record forms --------------------------------------------------------------
+
+# A journal as jorb wrote it before batch records (982d88e): a record per transition, with the
+# full history entry; one with a kicked child. Byte for byte what that version appended.
+OLD_RECORDS = [
+    b'{"job":"1","to":"b","ctx":{"key":"r0","a":true},"history":{"from":"a","to":"b",'
+    b'"time":1700000000.5,"duration":0.25},"seq":1}\n',
+    b'{"job":"2","to":"done","ctx":{"key":"r1","a":true},"history":{"from":"a","to":"done",'
+    b'"time":1700000001.0,"duration":0.5},"kids":[{"id":"4","state":"b","ctx":{"key":"r1/0"},'
+    b'"parent":"2"}],"next_id":5,"seq":2}\n',
+    b'{"job":"3","in":"a","error":{"message":"blip","type":"ConnectionError","traceback":"",'
+    b'"time":1700000001.5,"attempt":1,"rate_limited":false},"to":"a","attempts":1,'
+    b'"throttled":0,"not_before":null,"seq":3}\n',
+]
+
+
+def _journal_after_snapshot(run: jorb.Run, lines: list[bytes]) -> None:
+    """Write the run's snapshot and journal header (as an exec's start does), then ``lines``
+    as its records, and let go of the run as a crash would."""
+    store = run._holder
+    assert store is not None and run.path is not None
+    store.begin(run)
+    with journal_path(run.path).open("ab") as journal:
+        journal.writelines(lines)
+    run.close()
+
+
+def test_a_journal_in_the_old_record_form_is_replayed_and_the_run_resumes(
+    make_run: MakeRun,
+) -> None:
+    run = make_run(roots(3), "a")
+    assert run.path is not None
+    _journal_after_snapshot(run, OLD_RECORDS)
+
+    loaded = jorb.Run.load(run.path)
+    jobs = loaded.jobs
+    assert [jobs[i].state for i in "1234"] == ["b", "done", "a", "b"]
+    assert jobs["1"].history == [("a", "b", 1700000000.5, 0.25)]
+    assert jobs["4"].parent == "2" and jobs["4"].ctx == {"key": "r1/0"}
+    assert jobs["3"].attempts == 1 and jobs["3"].errors["a"][0]["message"] == "blip"
+    assert loaded.seq == 3 and loaded.next_id == 5
+
+    async def to_b(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        return {**ctx, "a": True}, "b"
+
+    async def to_done(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        return {**ctx, "b": True}, "done"
+
+    resumed = jorb.Run.open(run.path)
+    states = [jorb.State("a", exec=to_b), jorb.State("b", exec=to_done, concurrency=3), DONE]
+    process(states, resumed)
+    assert resumed.counts() == {"done": 4}
+    assert [h["to"] for h in resumed.jobs["3"].steps()] == ["b", "done"]
+
+
+def test_plain_successes_settled_together_are_one_record_that_replays_to_the_same_run(
+    make_run: MakeRun,
+) -> None:
+    """Execs that return without waiting settle as one ``ok`` record per group commit; a load
+    replaying it gets every transition the process had, with its history."""
+    run = make_run(roots(5), "a")
+    assert run.path is not None
+    path = run.path
+    seen: list[tuple[jorb.Run, list[dict[str, Any]]]] = []
+
+    async def to_b(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        return {**ctx, "a": True}, "b"
+
+    async def look(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        if not seen:  # every move to b is on disk: read it as a crash would leave it
+            _, records = read_journal(journal_path(path))
+            seen.append((jorb.Run.load(path), [record for _, record in records]))
+        return ctx, "done"
+
+    states = [jorb.State("a", exec=to_b, concurrency=5), jorb.State("b", exec=look), DONE]
+    process(states, run)
+    assert run.counts() == {"done": 5}
+    ((loaded, records),) = seen
+    ok = [record for record in records if "ok" in record]
+    assert len(ok) == 1 and len(ok[0]["ok"]) == 5
+    assert {job.id: job.state for job in loaded.jobs.values()} == dict.fromkeys("12345", "b")
+    for job in loaded.jobs.values():
+        ((source, to, _, duration),) = job.history
+        assert (source, to) == ("a", "b") and duration >= 0
+        assert job.ctx["a"] is True

@@ -15,13 +15,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from scripts.fanout import CONCURRENCY
+from scripts.fanout import CONCURRENCY, PENDING
 from scripts.harness import Proc
 
 import jorb
 from jorb.checkpoint import is_locked, journal_path, read_journal
 
-IN_FLIGHT = sum(CONCURRENCY.values())
+#: What a kill may make run again in one state: its execs in flight, plus those settled and not
+#: yet on disk, at most the state's share of max_pending less one (see README, Durability).
+AGAIN = {state: n + PENDING // len(CONCURRENCY) - 1 for state, n in CONCURRENCY.items()}
 
 
 class Fanout:
@@ -77,8 +79,8 @@ class Fanout:
         An exec starts only once the transition that led to it is on disk, so each effect in the
         log vouches for one: ``split`` for its root's new->split, ``child`` for its parent's
         split (which created it), ``check`` for its own child->check. And of the execs that ran
-        since the last start, only those in flight at the kill (at most a state's concurrency)
-        may be missing from the file.
+        since the last start, only those in flight at the kill or settled and not yet on disk
+        (at most ``AGAIN`` per state) may be missing from the file.
         """
         run = jorb.Run.load(self.path)
         by_key = {job.ctx["key"]: job for job in run.jobs.values()}
@@ -97,7 +99,7 @@ class Fanout:
             state for key, state in self.effects_since(segment_start) if not done(key, state)
         )
         for state, n in lost.items():
-            assert n <= CONCURRENCY[state], f"{n} {state} execs lost at one kill: {lost}"
+            assert n <= AGAIN[state], f"{n} {state} execs lost at one kill: {lost}"
 
     def check_complete(self, kills: int, dropped: int = 0) -> None:
         """Every root and child exactly once, all done, every effect in ctx, and no more
@@ -121,14 +123,15 @@ class Fanout:
             else:
                 assert job.parent is not None
                 assert run.jobs[job.parent].ctx["key"] == key.rsplit("/", 1)[0]
-        assert run.seq == sum(len(job.history) for job in run.jobs.values())
+        assert 0 < run.seq <= sum(len(job.history) for job in run.jobs.values())
         seen = self.effects_seen()
         expected = self.expected_effects()
         assert set(seen) == expected, "every exec ran at least once, and nothing else did"
         again = sum(seen.values()) - len(expected)
-        assert again <= IN_FLIGHT * kills + dropped, (
-            f"{again} re-executions after {kills} kills; at most {IN_FLIGHT} execs can be in "
-            f"flight at a kill"
+        bound = sum(AGAIN.values())
+        assert again <= bound * kills + dropped, (
+            f"{again} re-executions after {kills} kills; at most {bound} execs can be in "
+            f"flight or waiting for the disk at a kill"
         )
 
 
@@ -151,6 +154,15 @@ KILL_SCENARIOS = {
         34,
         8,
         ("--durable", "1", "--compact-always", "--encode-chunk", "7"),
+    ),
+    # Execs that return at once settle many per turn: max_pending is what bounds the re-runs.
+    "instant execs, fsync": (35, 8, ("--durable", "1", "--instant")),
+    "instant execs, no-fsync": (36, 8, ("--durable", "0", "--instant")),
+    "fsync on the store's thread": (37, 8, ("--durable", "1", "--fsync-thread")),
+    "instant execs, fsync on the store's thread, compact every batch": (
+        38,
+        8,
+        ("--durable", "1", "--instant", "--fsync-thread", "--compact-always"),
     ),
 }
 
@@ -206,7 +218,7 @@ def test_a_reader_never_sees_a_torn_or_conflicting_run_while_a_process_compacts(
         run = jorb.Run.load(fanout.path)
         loads += 1
         assert run.seq >= last, "a later load went back in time"
-        assert run.seq == sum(len(job.history) for job in run.jobs.values())
+        assert run.seq <= sum(len(job.history) for job in run.jobs.values())
         last = run.seq
     proc.finish()
     fanout.check_complete(kills=0)

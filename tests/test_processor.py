@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections import Counter
 from itertools import pairwise
@@ -12,6 +13,7 @@ import pytest
 from conftest import DONE, InFlight, MakeRun, errors_of, process, process_fake_clock
 
 import jorb
+import jorb.lanes
 
 # -- completion ---------------------------------------------------------------------------------
 
@@ -722,3 +724,66 @@ def test_a_first_ctrl_c_with_no_exec_running_does_not_offer_to_wait_for_none(
     processor = jorb.Processor(None, [jorb.State("a", exec=lambda *a: None), DONE], progress=False)
     processor._on_signal()
     assert capfd.readouterr().err == "\njorb: stopping: no exec is running; saving the run\n"
+
+
+# -- the garbage collector ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["returns", "raises"])
+def test_an_exec_collects_young_garbage_less_often_and_restores_the_threshold(
+    make_run: MakeRun, failing: bool
+) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    async def look(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        seen.append(gc.get_threshold())
+        if failing:
+            raise KeyboardInterrupt  # the exec ends with an exception, not a return
+        return ctx, "done"
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    try:
+        run = make_run([{}])
+        if failing:
+            with pytest.raises(KeyboardInterrupt):
+                states = [jorb.State("new", exec=look), DONE]
+                asyncio.run(jorb.Processor(None, states, progress=False).aexec(run))
+        else:
+            process([jorb.State("new", exec=look), DONE], run)
+        assert seen == [(50_000, 10, 10)]
+        assert gc.get_threshold() == (700, 10, 10)
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_execs_that_never_wait_let_the_loop_turn_between_batches(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lane of execs that return without awaiting runs them a batch (its free slots) at a
+    time, inline; past ``INLINE_SECONDS`` (here: at once) it lets other tasks run in between."""
+    monkeypatch.setattr(jorb.lanes, "INLINE_SECONDS", -1.0)
+    turns = 0
+    seen: list[int] = []
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    async def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        seen.append(turns)  # never awaits: CPU work in an async def
+        return ctx, "done"
+
+    async def main() -> None:
+        counter = asyncio.create_task(count_turns())
+        states = [jorb.State("new", exec=work, concurrency=2), DONE]
+        await jorb.Processor(None, states, progress=False).aexec(run)
+        counter.cancel()
+
+    run = make_run([{"n": i} for i in range(6)])
+    asyncio.run(main())
+    assert run.counts() == {"done": 6}
+    assert seen[0::2] == seen[1::2], "a batch of two runs inline, in one turn"
+    assert seen[0] < seen[2] < seen[4], "other tasks ran between the batches"

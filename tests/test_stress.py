@@ -16,8 +16,9 @@ the contract is checked there:
 - **Concurrency.** Execs of a state in flight never exceed its ``concurrency``.
 - **Durability.** The job's current state and ctx are on disk before its exec starts: nothing
   starts from a transition a crash could lose.
-- **Slots held until durable.** Attempts of a state started and not yet recorded on disk never
-  exceed its ``concurrency``: that is all a crash can make run again.
+- **Crash bound.** Attempts of a state started and not yet recorded on disk never exceed its
+  ``concurrency`` plus its share of ``max_pending`` less one: that is all a crash can make run
+  again. (``max_pending`` is drawn per seed; with one per state the bound is ``concurrency``.)
 - **Pause.** No exec starts in a state that is paused on disk.
 - **Rate.** Over any window of ``T`` seconds the starts of the states sharing a Rate stay
   within its burst plus ``n * T / per``; and after a ``RateLimited(retry_after=r)`` nothing
@@ -113,7 +114,15 @@ class Stress:
             jorb.State("done", terminal=True),
         ]
         # durable=False skips only the fsyncs: what a reload reads is the same, and faster.
-        self.processor = jorb.Processor(None, self.states, progress=False, durable=False)
+        # Drawn apart from the workflow's stream, so each seed keeps the workflow it had.
+        self.pending = random.Random(f"pending {seed}").choice([3, 6, 12, 4096])
+        #: Attempts of a state that may be started and not on disk: the crash bound.
+        self.again = {
+            s: n + max(1, self.pending // len(WORKING)) - 1 for s, n in self.concurrency.items()
+        }
+        self.processor = jorb.Processor(
+            None, self.states, progress=False, durable=False, max_pending=self.pending
+        )
         self.initial = rng.randint(1, 60 + 3 * big)
         self.max_kicks = 40 + 3 * big
         self.keys = 0
@@ -333,10 +342,11 @@ class Stress:
         for started in self.unrecorded.values():
             started[:] = [(k, n) for k, n in started if _records(jobs[k]) <= n]
         self.unrecorded[state].append((key, _records(job)))
-        if len(self.unrecorded[state]) > limit:
+        if len(self.unrecorded[state]) > self.again[state]:
             problem(
                 f"{state}: {len(self.unrecorded[state])} attempts not on disk > "
-                f"concurrency {limit}: {self.unrecorded[state]}"
+                f"{self.again[state]} (concurrency {limit}, max_pending {self.pending}): "
+                f"{self.unrecorded[state]}"
             )
         if self.join and state == "c":
             self._check_children(job, disk, children[0] if children else [])
