@@ -351,10 +351,14 @@ class Lanes:
                         ok_jobs.append(job)
                         continue
                 commits.settle(lane, job, result, None, started)
+                if proc._stopping:  # a bug in the script stopped the exec: start no more
+                    break
                 continue
             except Exception as e:
                 lane.running -= 1
                 commits.settle(lane, job, None, e, started)
+                if proc._stopping:
+                    break
                 continue
             except asyncio.CancelledError as e:
                 lane.running -= 1
@@ -384,8 +388,11 @@ class Lanes:
                 self.wake(lane)
             await self._wait_for(lane, job, task, coro, yielded, started)
             return
+        else:
+            i = len(jobs)
         if ok:
             commits.settle_ok(lane, ok, ok_jobs)
+        self._give_back(lane, jobs[i + 1 :])  # (after a stop: the jobs not started)
         lane.waits = False
 
     async def _wait_for(
