@@ -6,6 +6,11 @@ call :mod:`jorb.control`, which edits the file under the run's lock or hands the
 process running it. A user mistake (a missing or corrupt file, an unknown state or job, bad
 JSON) prints one line to stderr and exits with status 1 (2 for a bad option), no traceback;
 so does anything unexpected, unless ``JORB_TRACEBACK=1`` is set.
+
+What a run file holds is data, never terminal commands or markup: every state name, id, ctx,
+error message or traceback printed goes through :func:`safe` (control characters written as
+escapes, ``\x1b``) and into a rich ``Text`` (no ``[markup]`` interpreted). New output of
+user data must do the same: ``_text(value)``, or ``safe(value)`` for plain strings.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import functools
 import gc
 import json
 import os
+import re
 import sys
 from collections.abc import Callable
 from datetime import datetime
@@ -25,7 +31,7 @@ from typing import Annotated, Any, NoReturn, TypeVar
 import orjson
 import typer
 from rich.console import Console
-from rich.json import JSON
+from rich.highlighter import JSONHighlighter
 from rich.table import Table
 from rich.text import Text
 
@@ -134,7 +140,7 @@ def _friendly(command: F) -> F:
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"jorb: error: {message}", err=True)
+    typer.echo(f"jorb: error: {safe(message, lines=True)}", err=True)
     raise typer.Exit(code)
 
 
@@ -173,7 +179,7 @@ def status(runfile: RunFile) -> None:
         for change in run.changes[-5:]:
             who = f"  ({change['who']})" if change.get("who") else ""
             text = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
-            console.print(text, markup=False, soft_wrap=True)
+            console.print(_text(text), soft_wrap=True)
 
 
 def _state_table(rows: list[report.StateReport]) -> Table:
@@ -204,7 +210,7 @@ def _state_table(rows: list[report.StateReport]) -> Table:
                 _seconds(timing.p95),
             )
         table.add_row(
-            Text(row.name, style="bold"),
+            _text(row.name, style="bold"),
             f"{row.jobs:,}",
             f"{row.delayed:,}" if row.delayed else "",
             _mark(row) if executed else "",
@@ -217,9 +223,9 @@ def _state_table(rows: list[report.StateReport]) -> Table:
 
 def _print_errors(summary: report.ErrorSummary) -> None:
     head = f"  {summary.state}: {summary.errors:,} error(s) in {summary.jobs:,} job(s)"
-    console.print(head, markup=False)
+    console.print(_text(head))
     for group in summary.common:
-        line = Text(f"    {group.count:>6,}× {group.line}")
+        line = _text(f"    {group.count:>6,}× {group.line}")
         console.print(line, no_wrap=True, overflow="ellipsis")
         if group.variants > 1:
             console.print(
@@ -234,7 +240,7 @@ def _headline(run: Run, rows: list[report.StateReport], path: Path) -> Text:
     total = len(run.jobs)
     finished = sum(row.jobs for row in rows if row.terminal)
     complete = report.is_complete(run)
-    text = Text(f"{path}: ", style="bold")
+    text = _text(f"{path}: ", style="bold")
     if complete is None:
         text.append(f"{total:,} jobs, never executed (no states recorded yet)")
     elif complete:
@@ -293,9 +299,9 @@ def jobs(
     table = Table(box=None, pad_edge=False, header_style="bold")
     fixed = 0
     for name, cells in (
-        ("id", [job.id for job in shown]),
-        ("state", [job.state for job in shown]),
-        ("parent", [job.parent or "" for job in shown]),
+        ("id", [safe(job.id) for job in shown]),
+        ("state", [safe(job.state) for job in shown]),
+        ("parent", [safe(job.parent or "") for job in shown]),
         ("errors", []),
     ):
         width = max([len(name), *(len(cell) for cell in cells)])
@@ -309,12 +315,12 @@ def jobs(
         count = sum(len(records) for records in job.errors.values())
         last = report.last_error(job)
         table.add_row(
-            job.id,
-            job.state,
-            job.parent or "",
+            _text(job.id),
+            _text(job.state),
+            _text(job.parent or ""),
             Text(f"{count:,}", style="red") if count else "",
-            Text(f"{last[0]}: {report.error_line(last[1])}") if last else "",
-            Text(_compact(job.ctx)),
+            _text(f"{last[0]}: {report.error_line(last[1])}") if last else "",
+            _text(_compact(job.ctx)),
         )
     console.print(table)
     if len(shown) < len(found):
@@ -339,15 +345,15 @@ def show(
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
-    facts.add_row("job", Text(job.id))
-    facts.add_row("state", Text(job.state))
+    facts.add_row("job", _text(job.id))
+    facts.add_row("state", _text(job.state))
     if job.parent is not None:
         where = f" (in {detail.parent.state})" if detail.parent else " (no longer in the file)"
-        facts.add_row("parent", Text(job.parent + where))
+        facts.add_row("parent", _text(job.parent + where))
     if detail.children:
         ids = ", ".join(kid.id for kid in detail.children[:20])
         more = f", ... ({len(detail.children):,} in all)" if len(detail.children) > 20 else ""
-        facts.add_row("children", Text(ids + more))
+        facts.add_row("children", _text(ids + more))
     if job.priority:
         facts.add_row("priority", str(job.priority))
     if job.attempts or job.throttled:
@@ -357,7 +363,7 @@ def show(
     console.print(facts)
     console.print()
     console.print(Text("ctx", style="bold"))
-    console.print(JSON(json.dumps(job.ctx, ensure_ascii=False), indent=2))
+    console.print(_json(job.ctx))
     if steps:
         console.print()
         console.print(Text("history", style="bold"))
@@ -367,8 +373,8 @@ def show(
         for step in steps:
             table.add_row(
                 _when(step.time),
-                Text(step.source),
-                Text(step.target),
+                _text(step.source),
+                _text(step.target),
                 "redrive" if step.redrive else _seconds(step.duration),
             )
         console.print(table)
@@ -377,11 +383,11 @@ def show(
             console.print()
             kind = "rate limited" if record.get("rate_limited") else "error"
             head = f"{kind} in {state}, attempt {record.get('attempt', '?')}"
-            console.print(Text(f"{head} at {_when(record.get('time'))}", style="bold red"))
-            console.print(Text(report.error_line(record)))
+            console.print(_text(f"{head} at {_when(record.get('time'))}", style="bold red"))
+            console.print(_text(report.error_line(record)))
             trace = str(record.get("traceback") or "").rstrip()
             if trace:
-                console.print(Text(trace, style="dim"))
+                console.print(_text(trace, style="dim", lines=True))
 
 
 class Format(enum.StrEnum):
@@ -402,7 +408,8 @@ def graph(
     Pipe it on: `jorb graph run.json -f dot | dot -Tsvg > graph.svg`.
     """
     g = report.graph(Run.load(runfile))
-    typer.echo(report.to_dot(g) if format is Format.dot else report.to_mermaid(g), nl=False)
+    text = report.to_dot(g) if format is Format.dot else report.to_mermaid(g)
+    typer.echo(safe(text, lines=True), nl=False)
 
 
 # -- changing --------------------------------------------------------------------------------
@@ -439,7 +446,7 @@ def redrive(
             f"; {target!r} is a state the run has not seen yet: declare it in the script "
             f"before its next exec"
         )
-    typer.echo(line)
+    typer.echo(safe(line))
 
 
 @app.command()
@@ -477,7 +484,7 @@ def add(
         _fail(f"{file}: no jobs in it", 2)
     ids = [str(i) for i in _change(control.add, runfile, ctxs, state).get("ids", [])]
     shown = ", ".join(ids) if len(ids) <= 10 else f"{ids[0]} to {ids[-1]}"
-    typer.echo(f"added {len(ids):,} job(s) in {state!r}: {shown}")
+    typer.echo(safe(f"added {len(ids):,} job(s) in {state!r}: {shown}"))
 
 
 @app.command()
@@ -490,7 +497,9 @@ def pause(
 ) -> None:
     """Stop new exec starts in a state (running ones finish); kept across restarts."""
     _change(control.pause, runfile, state)
-    typer.echo(f"paused {state!r}: no new execs start in it until `jorb resume {runfile} {state}`")
+    typer.echo(
+        safe(f"paused {state!r}: no new execs start in it until `jorb resume {runfile} {state}`")
+    )
 
 
 @app.command()
@@ -518,9 +527,10 @@ def fold(runfile: RunFile) -> None:
     done = mend.fold(runfile)
     if not done.conflict:
         if done.transitions:
-            typer.echo(f"folded {done.transitions:,} transition(s) from the journal into {runfile}")
+            said = f"folded {done.transitions:,} transition(s) from the journal into {runfile}"
+            typer.echo(safe(said))
         else:
-            typer.echo(f"{runfile} has no unsaved transitions: nothing to fold")
+            typer.echo(safe(f"{runfile} has no unsaved transitions: nothing to fold"))
         return
     yours = done.yours
     shown = ", ".join(yours[:10]) + (", ..." if len(yours) > 10 else "")
@@ -530,7 +540,7 @@ def fold(runfile: RunFile) -> None:
         if yours
         else ""
     )
-    typer.echo(
+    said = (
         f"{runfile} had been edited after the crash; kept both sides:\n"
         f"  the journal: {done.transitions:,} transition(s) applied\n"
         f"  your edit:   kept{won}\n"
@@ -538,6 +548,7 @@ def fold(runfile: RunFile) -> None:
         f"(the journal); to go back: `mv {done.edited_aside} {runfile}` and "
         f"`mv {done.journal_aside} {runfile}.journal`"
     )
+    typer.echo(safe(said, lines=True))
 
 
 def _change(apply: Callable[..., dict[str, Any]], path: Path, *args: Any) -> dict[str, Any]:
@@ -583,8 +594,51 @@ def _seconds(value: Any) -> str:
 def _when(value: Any) -> str:
     if not isinstance(value, int | float):
         return ""
-    return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        return datetime.fromtimestamp(value).strftime("%Y-%m-%d %H:%M:%S")
+    except (OverflowError, OSError, ValueError):  # a time no calendar holds: show the number
+        return f"{value!r} (no date)"
 
 
 def _compact(ctx: dict[str, Any]) -> str:
     return orjson.dumps(ctx).decode()
+
+
+# -- terminal safety -----------------------------------------------------------------------------
+
+#: What a terminal must never receive from a run file: C0 controls (ESC starts every escape
+#: sequence), DEL, C1 controls (0x9b is a one-byte CSI on some terminals) and the Unicode
+#: bidirectional controls (they reorder what is shown: "Trojan Source").
+_OTHERS = "\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_CONTROL = re.compile(f"[\x00-\x1f{_OTHERS}]")
+_CONTROL_BUT_LINES = re.compile(f"[\x00-\x08\x0b-\x1f{_OTHERS}]")  # (tab and line feed kept)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe(value: object, *, lines: bool = False) -> str:
+    """``value`` as text fit for a terminal: every control character written as an escape
+    (``\\x1b``, ``\\u202e``), so a state name or an error message cannot move the cursor,
+    retitle or clear the screen, or reorder what is shown. ``lines`` keeps line breaks and
+    tabs (a traceback)."""
+    text = value if type(value) is str else str(value)
+    pattern = _CONTROL_BUT_LINES if lines else _CONTROL
+    return pattern.sub(_escape, text) if pattern.search(text) else text
+
+
+def _text(value: object, style: str = "", *, lines: bool = False) -> Text:
+    """User data as a rich Text: escaped (:func:`safe`), and no ``[markup]`` read in it."""
+    return Text(safe(value, lines=lines), style=style)
+
+
+def _json(value: Any) -> Text:
+    """A JSON value indented and highlighted, its control characters in JSON's own escapes
+    (``\\u001b``: the text still reads as the same JSON)."""
+    dumped = json.dumps(value, indent=2, ensure_ascii=False)
+    dumped = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
+    text = JSONHighlighter()(dumped)
+    text.no_wrap = True
+    return text

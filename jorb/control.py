@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from .checkpoint import Store, atomic_write, is_locked, read_run
+from .checkpoint import Store, atomic_write, is_locked, read_run, resolve
 from .errors import JorbError, RunLockedError, StateError
 from .model import Job, Run, apply_record
 
@@ -294,7 +294,7 @@ def request(
     Returns the change's result; raises JorbError if it could not apply, or TimeoutError if
     ``timeout`` passed first (the request then stays queued and is applied later).
     """
-    path = Path(path)
+    path = resolve(Path(path))  # the inbox is the real file's, whatever name it was given
     if not path.exists() and not is_locked(path):
         raise JorbError(f"{path}: no such run file")
     req = new_request(op, args)

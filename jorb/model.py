@@ -28,6 +28,9 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Run", "Step"]
 
 FORMAT = "jorb-run"
 FORMAT_VERSION = 1
+#: Latest Unix time a run accepts (the end of year 9999): ``not_before`` past it is no time a
+#: job could wait for, only damage (``1e308`` would hold a job forever without a word).
+MAX_TIME = 253402300799.0
 
 Ctx = dict[str, Any]
 
@@ -464,11 +467,25 @@ class Run:
         run = cls(path, _check(doc, "overall", dict, where, {}))
         run.seq = _check(doc, "seq", int, where, 0)
         run.declared = _check(doc, "states", list, where, [])
+        for index, declared in enumerate(run.declared):
+            if type(declared) is not dict or not _name(declared.get("name")):
+                raise CorruptRunError(
+                    f'{where}: "states" entry {index} is not a {{"name": ..., "terminal": ...}} '
+                    f"object with a state name"
+                )
+            if type(declared.get("terminal", False)) is not bool:
+                raise CorruptRunError(
+                    f'{where}: "states" entry {index}: "terminal" must be true or false'
+                )
         paused = _check(doc, "paused", list, where, [])
         if not all(isinstance(name, str) for name in paused):
             raise CorruptRunError(f'{where}: "paused" must list state names (strings)')
         run.paused = set(paused)
         run.changes = _check(doc, "changes", list, where, [])
+        for index, change in enumerate(run.changes):
+            problem = change_problem(change)
+            if problem is not None:
+                raise CorruptRunError(f'{where}: "changes" entry {index}: {problem}')
         run.next_id = _check(doc, "next_id", int, where, 1)
         return run
 
@@ -601,7 +618,10 @@ def _usual_job(raw: Any) -> Job | None:
         and type(job.ctx) is dict
         and (job.parent is None or type(job.parent) is str)
         and type(job.priority) is int
-        and (not_before is None or type(not_before) is float or type(not_before) is int)
+        and (
+            not_before is None
+            or ((type(not_before) is float or type(not_before) is int) and _in_time(not_before))
+        )
         and type(job.attempts) is int
         and type(job.throttled) is int
         and type(history) is list
@@ -700,6 +720,11 @@ def _checked_job(raw: Any, where: str) -> Job:
     )
     if not job.state:
         raise CorruptRunError(f'{where}: "state" is empty')
+    if job.not_before is not None and not _in_time(job.not_before):
+        raise CorruptRunError(
+            f'{where}: "not_before" {job.not_before!r} is no time (past the year 9999): a job '
+            f"would wait for it forever. Set it to null to let the job start"
+        )
     for state, records in job.errors.items():
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise CorruptRunError(f'{where}: "errors" of {state!r} is not a list of objects')
@@ -725,9 +750,11 @@ def _not_before(delay: float | None, not_before: float | None) -> float | None:
     if delay is not None and not_before is not None:
         raise JorbError("give delay or not_before, not both")
     if delay is not None:
-        if delay < 0:
-            raise JorbError(f"delay must be >= 0 seconds, not {delay!r}")
+        if not 0 <= delay <= MAX_TIME:
+            raise JorbError(f"delay must be >= 0 seconds (and before the year 9999), not {delay!r}")
         return time.time() + delay
+    if not_before is not None and not (type(not_before) in (int, float) and _in_time(not_before)):
+        raise JorbError(f"not_before must be a Unix time before the year 9999, not {not_before!r}")
     return not_before
 
 
@@ -816,3 +843,168 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     else:
         raise CorruptRunError(f"journal record {record['seq']}: unknown op {op!r}")
     run.changes.append(record["change"])
+
+
+def _is_time(value: Any) -> bool:
+    return type(value) in (int, float) and -MAX_TIME <= value <= MAX_TIME
+
+
+def _in_time(value: float) -> bool:
+    return -MAX_TIME <= value <= MAX_TIME
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def change_problem(change: Any) -> str | None:
+    """What is wrong with an entry of a run's ``changes`` (None: nothing)."""
+    if type(change) is not dict:
+        return f"a change must be an object, not {_kind(change)}"
+    if "id" in change and type(change["id"]) is not str:
+        return 'a change\'s "id" must be a string'
+    return None
+
+
+def record_problem(run: Run, record: dict[str, Any]) -> str | None:
+    """What is wrong with a journal record read back, before it is applied to ``run`` (None:
+    nothing). Replay holds every record to this, so applying it cannot fail half-way, and the
+    run it leaves holds only what a run file may hold: what it folds into then loads."""
+    ok = record.get("ok")
+    if ok is not None:  # (a batch of plain successes: [id, to, ctx, time, duration] each)
+        return _successes_problem(run, ok)
+    op = record.get("op")
+    if op is None:
+        return _exec_record_problem(run, record)
+    if op == "add":
+        problem = _new_jobs_problem(run, record.get("jobs"), record)
+    elif op in ("pause", "resume"):
+        problem = None if _name(record.get("name")) else '"name" must be a state name'
+    elif op == "redrive":
+        ids = record.get("jobs")
+        if not _name(record.get("to")):
+            problem = '"to" must be a state name'
+        elif type(ids) is not list or not all(type(i) is str and i in run.jobs for i in ids):
+            problem = '"jobs" must list ids of jobs in the run'
+        elif not _is_time(record.get("time")):
+            problem = '"time" must be a time'
+        else:
+            change = record.get("change")
+            problem = (
+                None
+                if type(change) is dict and type(change.get("id")) is str
+                else ('a redrive\'s "change" must have a string "id"')
+            )
+    else:
+        return f"unknown op {op!r}"
+    return problem or change_problem(record.get("change"))
+
+
+def _name(value: Any) -> bool:
+    return type(value) is str and value != ""
+
+
+def _successes_problem(run: Run, ok: Any) -> str | None:
+    if type(ok) is not list:
+        return '"ok" must be a list'
+    for entry in ok:
+        if type(entry) is not list or len(entry) != 5:
+            return '"ok" must hold [id, to, ctx, time, duration] lists'
+        ident, to, ctx, when, took = entry
+        if type(ident) is not str or ident not in run.jobs:
+            return f"{ident!r:.40} is no job of the run"
+        if not _name(to) or type(ctx) is not dict or not _is_time(when):
+            return f"job {ident}: a success needs a state name, a ctx object and a time"
+        if type(took) not in (int, float):
+            return f"job {ident}: a duration must be a number"
+    return None
+
+
+def _exec_record_problem(run: Run, record: dict[str, Any]) -> str | None:
+    # (Every record of a journal replayed after a crash comes through here: checks inlined.)
+    get = record.get
+    ident, to = get("job"), get("to")
+    if type(ident) is not str or ident not in run.jobs:
+        return f'"job" {ident!r:.40} is no job of the run'
+    if type(to) is not str or not to:
+        return '"to" must be a state name'
+    if "ctx" in record and type(record["ctx"]) is not dict:
+        return '"ctx" must be an object'
+    error = get("error")
+    if error is not None and (type(error) is not dict or not _name(get("in"))):
+        return 'an "error" must be an object, with the state it happened "in"'
+    step = get("history")
+    if step is not None:
+        if type(step) is not dict:
+            return '"history" must be a {from, to, time, duration} object'
+        source, target = step.get("from"), step.get("to")
+        when: Any = step.get("time")
+        if not (
+            type(source) is str
+            and source
+            and type(target) is str
+            and target
+            and type(when) in (float, int)
+            and -MAX_TIME <= when <= MAX_TIME
+            and type(step.get("duration")) in (float, int)
+        ):
+            return '"history" must be a {from, to, time, duration} object'
+    if len(record) != 5 or step is None or "ctx" not in record:
+        # (else it holds seq, job, to, ctx and history, all checked: a success's record)
+        if not _count(get("attempts", 0)) or not _count(get("throttled", 0)):
+            return '"attempts" and "throttled" must be counts'
+        not_before = get("not_before")
+        if not_before is not None and not _is_time(not_before):
+            return '"not_before" must be a time'
+        kids = get("kids")
+        if kids:
+            return _new_jobs_problem(run, kids, record)
+    return None
+
+
+def _new_jobs_problem(run: Run, raws: Any, record: dict[str, Any]) -> str | None:
+    """Jobs a record creates: each a valid job object, with an id the run has not used."""
+    if type(raws) is not list:
+        return "the new jobs must be a list"
+    if type(record.get("next_id")) is not int:
+        return '"next_id" must be an int'
+    seen: set[str] = set()
+    for raw in raws:
+        if isinstance(raw, Job):
+            raw = job_document(raw)
+        try:
+            job = job_from_dict(raw, "a new job")
+        except CorruptRunError as e:
+            return str(e)
+        if job.id in run.jobs or job.id in seen:
+            return f"job id {job.id!r} is taken"
+        ident = job.id
+        if (
+            ident.isascii()
+            and ident.isdigit()
+            and (
+                len(ident) > 19 or int(ident) >= record["next_id"]  # (19 digits: past any int64)
+            )
+        ):
+            return f'job id {job.id!r} is not below the record\'s "next_id"'  # (reused later)
+        seen.add(job.id)
+    return None
+
+
+def parent_cycle(run: Run) -> list[str] | None:
+    """Ids of jobs that are each other's ancestors (only a hand edit makes one: a kicked job
+    always gets a newer id than its parent), or None. Fan-in would wait on them forever."""
+    jobs = run.jobs
+    done: set[str] = set()
+    for start in jobs:
+        path: list[str] = []
+        on_path: set[str] = set()
+        ident: str | None = start
+        while ident is not None and ident in jobs and ident not in done:
+            if ident in on_path:
+                return path[path.index(ident) :]
+            path.append(ident)
+            on_path.add(ident)
+            ident = jobs[ident].parent
+        done.update(path)
+    return None

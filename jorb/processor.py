@@ -66,7 +66,7 @@ from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, StateError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
-from .model import Run
+from .model import Run, parent_cycle
 from .readonly import read_only
 from .states import Rate, State, validate
 from .status import StateStatus, Status, StatusListener
@@ -320,12 +320,18 @@ class Processor:
                 raise
             run._holder = store
         store.durable = self.durable
+        run.path = store.path  # the real file (a Run made by name may name a symlink)
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
         applied = self._steering.applied = control.applied_ids(run)  # grows as applied
         answers = control.apply_inbox(run, applied)
         for req in self._steering.take_queued():
             control.apply_one(run, req, applied)
         self._check_states(run)
+        if self._joins and (cycle := parent_cycle(run)):
+            raise RunFileError(
+                f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
+                f'edit of "parent" fields): a join would wait for them forever. Fix those fields'
+            )
         # (Pools start here, before any job: one that cannot start stops the exec now.)
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store

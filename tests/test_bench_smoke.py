@@ -108,3 +108,8 @@ def test_cpu_bound_bench_runs_threads_and_both_pools() -> None:
     for mode in ("threads", "process", "dask"):  # (each run exits 1 unless every job is done)
         assert result[mode]["execs_per_s"] > 0 and result[mode]["cores"] >= 0
     assert result["round_trip"]["cpu_us"] > 0
+
+
+def test_checksum_bench_measures_with_and_without_the_crc() -> None:
+    out = _run("checksum_cost.py", "--n", "300", "--rounds", "1")
+    assert "| durable |" in out and "| nofsync |" in out and "frame():" in out

@@ -16,6 +16,7 @@ import gc
 import os
 import threading
 import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -285,12 +286,24 @@ def test_a_garbage_last_line_is_a_torn_write_and_is_dropped(crashed: jorb.Run) -
     assert encode_run(jorb.Run.load(path)) == _replayed(path, count)
 
 
+def framed(line: bytes) -> bytes:
+    """A journal line (without its newline) with a correct checksum in front: damage that only
+    a record's fields show. A line already framed is framed anew."""
+    body = line[9:] if line[8:9] == b" " and not line.startswith(b"{") else line
+    return b"%08x %b" % (zlib.crc32(body + b"\n"), body)
+
+
 @pytest.mark.parametrize(
     ("damage", "says"),
     [
-        (lambda lines: [*lines[:3], b"garbage", *lines[3:]], "line 4 is not valid JSON"),
-        (lambda lines: [*lines[:3], b"[1, 2]", *lines[3:]], "line 4 is not a journal record"),
-        (lambda lines: [*lines[:3], b'{"seq": "x"}', *lines[3:]], "line 4 is not a journal"),
+        (lambda lines: [*lines[:3], b"garbage", *lines[3:]], "line 4 fails its checksum"),
+        (
+            lambda lines: [*lines[:3], lines[3][:20] + b"X" + lines[3][21:], *lines[4:]],
+            "line 4 fails its checksum (damaged)",
+        ),
+        (lambda lines: [*lines[:3], framed(b"garbage"), *lines[3:]], "line 4 is not valid JSON"),
+        (lambda lines: [*lines[:3], framed(b"[1, 2]"), *lines[3:]], "line 4 is not a journal"),
+        (lambda lines: [*lines[:3], framed(b'{"seq": "x"}'), *lines[3:]], "line 4 is not a jo"),
         (
             lambda lines: lines[:2] + lines[3:4] + lines[2:3] + lines[4:],
             "line 3 has seq 3, after seq 1: records are missing",
@@ -301,12 +314,25 @@ def test_a_garbage_last_line_is_a_torn_write_and_is_dropped(crashed: jorb.Run) -
         (lambda lines: [b"{}", *lines[1:]], "line 1 is not a jorb journal header"),
         (lambda lines: [b'{"jour', *lines[1:]], "line 1 is not valid JSON"),
         (
-            lambda lines: [lines[0], lines[1].replace(b'"job":"', b'"job":"99'), *lines[2:]],
+            lambda lines: [
+                framed(lines[0][9:].replace(b'"journal":2', b'"journal":1')),
+                *lines[1:],
+            ],
+            "a version 1 header, but with a checksum",
+        ),
+        (
+            lambda lines: [
+                lines[0],
+                framed(lines[1].replace(b'"job":"', b'"job":"99')),
+                *lines[2:],
+            ],
             "does not fit the run file",
         ),
     ],
     ids=[
         "garbage mid-journal",
+        "a byte changed mid-journal",
+        "framed garbage mid-journal",
         "a record not an object",
         "a seq not a number",
         "records out of order",
@@ -315,6 +341,7 @@ def test_a_garbage_last_line_is_a_torn_write_and_is_dropped(crashed: jorb.Run) -
         "a newer journal version",
         "no header",
         "a torn header with records after it",
+        "a header of the wrong version for its lines",
         "a record for a job not in the file",
     ],
 )
@@ -393,12 +420,12 @@ def test_a_crash_between_the_snapshot_rename_and_the_journal_reset_is_not_a_conf
     real = checkpoint.atomic_write
     resets = []
 
-    def atomic_write(path: Path, data: Any, *, durable: bool = True) -> tuple[int, int]:
+    def atomic_write(path: Path, data: Any, **options: Any) -> tuple[int, int]:
         if path.name.endswith(".journal"):
             resets.append(data)
             if len(resets) == 2:  # the first reset is at exec start; die at the second
                 raise OSError(errno.EIO, "killed")
-        return real(path, data, durable=durable)
+        return real(path, data, **options)
 
     monkeypatch.setattr(checkpoint, "atomic_write", atomic_write)
     run = make_run(roots(), "a")
@@ -1036,7 +1063,7 @@ def _journal_after_snapshot(run: jorb.Run, lines: list[bytes]) -> None:
     assert store is not None and run.path is not None
     store.begin(run)
     with journal_path(run.path).open("ab") as journal:
-        journal.writelines(lines)
+        journal.write(checkpoint.frame(lines))  # (each line after its CRC-32, as jorb writes)
     run.close()
 
 
