@@ -26,6 +26,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +143,14 @@ def main(argv: list[str] | None = None) -> None:
             f"batch {batch.id}: {result['total']} words in {result['counted']} documents "
             f"({batch.state}; {len(result['missing'])} unreadable: {result['missing']})"
         )
-    print(f"fetches this pass: {store.fetches}; inspect it: jorb show {_shown(run.path)} 1")
+    print(f"fetches this pass: {store.fetches}; inspect it: {_jorb()} show {_shown(run.path)} 1")
+
+
+def _jorb() -> str:
+    """How to run the jorb command from here: ``jorb`` if it is on PATH, else via Python."""
+    if shutil.which("jorb"):
+        return "jorb"
+    return f"{shlex.quote(sys.executable)} -m jorb"
 
 
 def _shown(path: Path | None) -> str:

@@ -55,3 +55,15 @@ __all__ = [
     "WorkerLost",
 ]
 __version__ = "0.1.0"
+
+#: Submodules imported on first use, so ``jorb.testing.run(...)`` works after a plain
+#: ``import jorb`` while ``import jorb`` itself stays light (``progress`` imports rich).
+_SUBMODULES = ("control", "mend", "progress", "report", "testing")
+
+
+def __getattr__(name: str) -> object:
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -284,6 +284,14 @@ def _json_problem(data: bytes, error: orjson.JSONDecodeError) -> str:
     except UnicodeDecodeError as e:
         line, column = _position(data, e.start)
         return f"not UTF-8 text at line {line}, column {column} (byte offset {e.start})"
+    text = data.lstrip()
+    if error.pos == len(data) - len(text) and text[:1] not in (b"{", b"["):
+        # Refused at its very first character: not JSON at all (notes, a log, a CSV...).
+        start = text[:40].decode("utf-8", "replace").splitlines()[0]
+        return (
+            f"not a jorb run file: a run file is a JSON object, starting with '{{', and this "
+            f"is other text (it begins {start!r})"
+        )
     where = f"not valid JSON at line {error.lineno}, column {error.colno}: {error.msg}"
     if error.pos >= len(data.rstrip()):
         return f"{where} (the file ends early: truncated?)"
@@ -575,11 +583,12 @@ def _replay(
     if header["seq"] != base or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
         unsaved = 1 + sum(1 for _ in pending)
         raise JournalConflictError(
-            f"{path} was changed after its last process stopped uncleanly, but {jpath} still "
-            f"holds {unsaved} transition(s) not saved in it; jorb will not guess which side "
-            f"to keep, and has changed neither file. To keep the journal's work: restore {path} "
-            f"as it was, run once (that folds the journal in), then make your edit again. To "
-            f"keep your edit and let the journal's jobs run again: delete {jpath}."
+            f"{path} was changed after its last process stopped uncleanly, while {jpath} "
+            f"still holds {unsaved} transition(s) not saved in it: the two disagree, and "
+            f"neither file was changed. To merge them, run `jorb fold {path}`: your edit is "
+            f"kept for the jobs whose state you changed, the journal's transitions for the "
+            f"others, and a copy of each file as it is now is set aside. To keep only your "
+            f"edit (the journal's jobs then run again): delete {jpath}."
         )
     for expected, (line, record) in enumerate(itertools.chain([first], pending), base + 1):
         if record["seq"] != expected:
@@ -857,6 +866,15 @@ def _locked_message(path: Path, lpath: Path, holder: int | None) -> str:
     )
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """A file's identity and version: inode, size, modification time (None if it is gone)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # -- the writer --------------------------------------------------------------------------------
 
 
@@ -912,6 +930,10 @@ class Store:
         # Writes happen on the event loop while executing, or on whatever thread calls
         # begin/finish/compact/close; this keeps them from ever interleaving.
         self._files = threading.Lock()
+        #: Called with the path of a copy of the run file when an edit made to it while this
+        #: process writes it is set aside (the processor tells the user).
+        self.on_edit: Callable[[Path], None] | None = None
+        self._written: tuple[int, int, int] | None = None  # the file as this store last wrote it
         self._lock_fd = _take_lock(path)
         _STORES.add(self)
 
@@ -989,7 +1011,10 @@ class Store:
         then start its journal."""
         with self._files:
             seq = run.seq
+            if self._written is not None:
+                self._keep_edit()
             length, crc = atomic_write(self.path, self._pieces(run), durable=self.durable)
+            self._written = _stamp(self.path)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
@@ -1007,6 +1032,20 @@ class Store:
             self._fd = os.open(self.journal, flags)
             self._size = self._synced_size = len(header)
             self.stats["journal_bytes"] += len(header)
+
+    def _keep_edit(self) -> None:
+        """The file is about to be replaced: if someone edited it since this store wrote it
+        (while a process runs it, that edit cannot be applied), keep a copy beside it."""
+        if _stamp(self.path) == self._written:
+            return
+        aside = self.path.with_name(f"{self.path.name}.edited-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            with self.path.open("rb") as edited:  # (copied a MB at a time: it may be big)
+                atomic_write(aside, iter(lambda: edited.read(1 << 20), b""), durable=self.durable)
+        except OSError:
+            return  # (deleted, or unreadable: nothing to keep)
+        if self.on_edit is not None:
+            self.on_edit(aside)
 
     def _pieces(self, run: Run) -> Iterator[bytes | memoryview]:
         try:

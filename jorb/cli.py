@@ -36,7 +36,7 @@ from rich.highlighter import JSONHighlighter
 from rich.table import Table
 from rich.text import Text
 
-from . import __version__, control, report
+from . import __version__, control, mend, report
 from .checkpoint import is_locked
 from .errors import JorbError
 from .model import Run, entry_document
@@ -50,7 +50,8 @@ app = typer.Typer(
         "Look into a jorb run file and steer it from the shell.\n\n"
         "Reading commands (status, jobs, show, graph) work while a process runs the file. "
         "Changing commands (redrive, cancel, add, pause, resume) edit the file under its lock, "
-        "or hand the change to the running process and return once it is applied."
+        "or hand the change to the running process and return once it is applied. "
+        "`fold` brings a crashed run's file up to date without the script."
     ),
     no_args_is_help=True,
     add_completion=True,
@@ -600,6 +601,11 @@ def redrive(
     skipped = result.get("skipped") or []
     if skipped:
         line += f"; {len(skipped):,} running right now were left ({', '.join(skipped[:5])})"
+    if result.get("undeclared"):
+        line += (
+            f"; {target!r} is a state the run has not seen yet: declare it in the script "
+            f"before its next exec"
+        )
     typer.echo(safe(line))
 
 
@@ -779,6 +785,42 @@ def withdraw(runfile: RunFile) -> None:
     typer.echo(f"withdrew {len(taken_back)} change(s); none was applied:")
     for line in taken_back:
         typer.echo(safe(line))
+
+
+@app.command()
+@_friendly
+def fold(runfile: RunFile) -> None:
+    """Fold a crashed run's journal into its file, without the script.
+
+    After `kill -9` the file lags behind its journal; fold it in before editing the file. If
+    the file was edited already, both are kept: your edit for the jobs whose state you
+    changed, the journal's transitions for the others, and a copy of each file as it was.
+    """
+    done = mend.fold(runfile)
+    if not done.conflict:
+        if done.transitions:
+            said = f"folded {done.transitions:,} transition(s) from the journal into {runfile}"
+            typer.echo(safe(said))
+        else:
+            typer.echo(safe(f"{runfile} has no unsaved transitions: nothing to fold"))
+        return
+    yours = done.yours
+    shown = ", ".join(yours[:10]) + (", ..." if len(yours) > 10 else "")
+    won = (
+        f"; where the journal had also moved a job ({shown}), your edit won, and that "
+        f"job's {done.dropped:,} journal transition(s) run again"
+        if yours
+        else ""
+    )
+    said = (
+        f"{runfile} had been edited after the crash; kept both sides:\n"
+        f"  the journal: {done.transitions:,} transition(s) applied\n"
+        f"  your edit:   kept{won}\n"
+        f"  as they were: {done.edited_aside} (your edited file) and {done.journal_aside} "
+        f"(the journal); to go back: `mv {done.edited_aside} {runfile}` and "
+        f"`mv {done.journal_aside} {runfile}.journal`"
+    )
+    typer.echo(safe(said, lines=True))
 
 
 def _change(

@@ -158,7 +158,7 @@ class Commits:
                 entry = next(entries)
                 try:
                     orjson.dumps(entry[2])
-                except TypeError as e:
+                except TypeError:
                     lane.done -= 1
                     holds = entry[1] == lane.state.name
                     if not holds:  # settle_ok counted it moved and freed its slot: it stays
@@ -166,7 +166,7 @@ class Commits:
                         lanes.count_out(entry[1])
                         lane.jobs += 1
                         lanes.active += 1
-                    error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
+                    error = outcome.not_json(lane.state, (entry[2], entry[1]))
                     self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
                     continue
                 kept.append(entry)
@@ -223,8 +223,8 @@ class Commits:
                 data = orjson.dumps(record, option=_LINE)
             except ExecResultError as e:
                 error = e
-            except TypeError as e:  # orjson: a ctx holds something JSON cannot represent
-                error = ExecResultError(f"the returned ctx or a kick's ctx is not JSON: {e}")
+            except TypeError:  # orjson: a ctx holds something JSON cannot represent
+                error = outcome.not_json(lane.state, result)
             if error is not None:
                 kids = []
         if error is None:
@@ -232,6 +232,7 @@ class Commits:
             if lane.state.rate is not None:  # an unlimited lane has nothing to climb back to
                 lane.rate.succeeded(proc._loop.time())
         else:
+            bug = error if isinstance(error, ExecResultError) and proc.stop_on_bug else None
             record, gave_up = outcome.failure(
                 lane.state,
                 job,
@@ -240,7 +241,11 @@ class Commits:
                 retry_in=self._retry_in(lane, job, error),
                 started=started,
                 now=now,
+                stay=bug is not None,  # the exec stops at it: the job stays where it is
             )
+            if bug is not None:
+                proc._stops.bug(job, lane.state, bug)
+            proc._stops.error(lane.state.name, record["error"])
             record["seq"] = seq
             rate = lane.rate
             if rate.paused_until and isinstance(error, RateLimited) and error.retry_after:

@@ -147,14 +147,18 @@ def plan(
     req: dict[str, Any],
     busy: Callable[[str], bool] = lambda _id: False,
     executing: Callable[[str], bool] = lambda _id: False,
+    *,
+    live: bool = False,
 ) -> dict[str, Any]:
     """Check ``req`` against ``run`` and build its journal record (without ``seq``).
 
     ``busy(job_id)`` says whether a job is mid-attempt (a redrive skips those), and
     ``executing(job_id)`` whether its exec is running now (a cancel moves those: the caller
-    cancels the exec). Raises a JorbError with a one-line reason for a request that cannot
-    apply, and :class:`Unchanged` (with its answer) for one that would change nothing, so
-    nothing is recorded.
+    cancels the exec). ``live``: a processor executing the run applies it, so a redrive may
+    only go to a declared state; otherwise it may go to a state the file does not know yet (a
+    rename: the script will declare it). Raises a JorbError with a one-line reason for a
+    request that cannot apply, and :class:`Unchanged` (with its answer) for one that would
+    change nothing, so nothing is recorded.
     """
     op, args = req.get("op"), req.get("args") or {}
     now = time.time()
@@ -189,7 +193,7 @@ def plan(
         what = f"{op}d {name!r}"
     elif op == "redrive":
         source, target, wanted = args.get("from"), args.get("to"), args.get("jobs")
-        _known(run, declared, target)
+        _known(run, declared if live else {}, target)
         if source == target and declared.get(target):
             raise JorbError(f"{target!r} is terminal: redriving it to itself changes nothing")
         if source not in declared and not any(j.state == source for j in run.jobs.values()):
@@ -218,6 +222,8 @@ def plan(
             raise Unchanged({"moved": 0, "skipped": skipped})
         record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         result = {"moved": len(moved), "skipped": skipped}
+        if declared and target not in declared:
+            result["undeclared"] = target  # (the script must declare it before its next exec)
         what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"
     elif op == "cancel":
         record, result, what = _cancel(run, declared, args, busy, executing, now)

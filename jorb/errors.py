@@ -14,13 +14,23 @@ The tree::
     ├── WorkerLost                 the pool worker running an exec died (recorded on the job)
     ├── RateLimited                raised *by an exec*: the API said "slow down"
     └── NoRetry                    raised *by an exec*: retrying cannot fix this failure
+
+A JorbError raised to a script (from ``Run.open``, ``exec`` and the other entry points marked
+with :func:`public`) carries no traceback through jorb's own code: Python shows the script's
+line that called jorb, then the message, instead of burying the message under jorb's
+internals. ``JORB_TRACEBACK=1`` in the environment keeps every frame (and chained cause).
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
+import inspect
 import math
+import os
 import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +50,40 @@ __all__ = [
 
 class JorbError(Exception):
     """Base of every error jorb raises."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def public(fn: F) -> F:
+    """Mark an entry point of jorb's API: a JorbError leaving it loses jorb's own frames.
+
+    The error then reads, under the caller's own line, as one line: its message. Set
+    ``JORB_TRACEBACK=1`` to keep the whole traceback (debugging jorb itself).
+    """
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def jorb_api_async(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(*args, **kwargs)
+            except JorbError as error:
+                if os.environ.get("JORB_TRACEBACK"):
+                    raise
+                raise error.with_traceback(None) from None  # (JORB_TRACEBACK=1 shows jorb's frames)
+
+        return jorb_api_async  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    def jorb_api(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except JorbError as error:
+            if os.environ.get("JORB_TRACEBACK"):
+                raise
+            raise error.with_traceback(None) from None  # (JORB_TRACEBACK=1 shows jorb's frames)
+
+    return jorb_api  # type: ignore[return-value]
 
 
 class StateError(JorbError):
@@ -91,6 +135,10 @@ def _header_seconds(text: str) -> float | None:
 class TimedOut(JorbError):
     """An exec attempt ran longer than its state's ``timeout``."""
 
+    #: Where a ``def`` exec's thread was when it timed out (a ``traceback.StackSummary``), if
+    #: known; an ``async def`` exec's place is in the cancellation it was given.
+    stack: Any = None
+
 
 class WorkerLost(JorbError):
     """The pool worker running an exec attempt died (killed, out of memory, a lost machine).
@@ -114,9 +162,12 @@ class RateLimited(JorbError):
     """
 
     def __init__(
-        self, retry_after: float | str | None = None, message: str = "rate limited"
+        self,
+        retry_after: float | str | None = None,
+        message: str = "rate limited",
+        *,
+        status: int | None = None,
     ) -> None:
-        super().__init__(message)
         seconds = _header_seconds(retry_after) if isinstance(retry_after, str) else retry_after
         if seconds is not None:
             # Anything else that is not a number of seconds is the exec's mistake, raised
@@ -126,12 +177,24 @@ class RateLimited(JorbError):
             if not 0 <= seconds < math.inf:
                 raise ValueError(f"RateLimited(retry_after=...) must be >= 0 s, not {seconds}")
             seconds = float(seconds)
+        said = [f"HTTP {status}" if status is not None else "", ""]
+        if seconds is not None:
+            said[1] = f"retry after {seconds:g}s"
+        details = ", ".join(part for part in said if part)
+        super().__init__(f"{message} ({details})" if details else message)
         #: Seconds the service asked us to wait before calling again, if it said.
         self.retry_after: float | None = seconds
+        #: The HTTP status (or other code) the service answered with, if the exec gave it.
+        self.status = status
+        self._said = message  # (the message as given, before the details were added)
 
-    def __reduce__(self) -> tuple[type[RateLimited], tuple[float | None, str]]:
-        # (So one raised in a pool's worker process arrives with its retry_after.)
-        return type(self), (self.retry_after, str(self))
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (So one raised in a pool's worker process arrives with its retry_after and status.)
+        return _rate_limited, (self.retry_after, self._said, self.status)
+
+
+def _rate_limited(retry_after: float | None, message: str, status: int | None) -> RateLimited:
+    return RateLimited(retry_after, message, status=status)
 
 
 class NoRetry(JorbError):

@@ -19,7 +19,9 @@ import asyncio
 import contextlib
 import functools
 import queue
+import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
@@ -189,7 +191,9 @@ class LocalExecutor:
                 self._ended(name)  # abandoned (a timeout, a cancel) just as it ended
             # else: abandoned; the body frees its slot itself when it ends
             if isinstance(e, TimeoutError) and future.cancelled():
-                raise TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)") from None
+                late = TimedOut(f"timed out after {timeout:g}s (its thread was abandoned)")
+                late.stack = _stack_of(body.thread)  # where the thread is: the user's line
+                raise late from None
             if isinstance(e, _Late):
                 raise TimedOut(
                     f"timed out after {timeout:g}s (it ended later than that: its result is "
@@ -240,6 +244,12 @@ class LocalExecutor:
             self._started.pop().close()  # holding copies of an earlier one's sockets
 
 
+def _stack_of(ident: int | None) -> traceback.StackSummary | None:
+    """Where a thread is now (its frames, outermost first), if it still runs."""
+    frame = sys._current_frames().get(ident) if ident is not None else None
+    return traceback.extract_stack(frame) if frame is not None else None
+
+
 class _Body:
     """One ``def`` exec in its thread, and who frees its slot when it ends.
 
@@ -248,7 +258,7 @@ class _Body:
     its thread, when it ends.
     """
 
-    __slots__ = ("_args", "_clock", "_deadline", "_ended", "_fn", "_lock", "_on_end")
+    __slots__ = ("_args", "_clock", "_deadline", "_ended", "_fn", "_lock", "_on_end", "thread")
 
     def __init__(
         self,
@@ -262,8 +272,11 @@ class _Body:
         self._lock = lock
         self._ended = False
         self._on_end: Callable[[], Any] | None = None
+        #: The ident of the thread running the body, once it runs (None before).
+        self.thread: int | None = None
 
     def run(self) -> Any:
+        self.thread = threading.get_ident()
         try:
             result = self._fn(*self._args)
         except BaseException:

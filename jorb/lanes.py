@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import ExecResultError
+from .errors import JorbError
 from .model import Job
 from .states import Rate, State
 
@@ -343,7 +343,7 @@ class Lanes:
             copies = [orjson.loads(orjson.dumps(jobs[0].ctx))]
         else:
             copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
-        state, app, overall, join = lane.state, proc.app, run.overall, lane.state.join
+        state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
         commits, call, states = proc._commits, executor.call, proc.states
         clock, offset = proc._clock, proc._offset
         ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
@@ -370,10 +370,14 @@ class Lanes:
                         ok_jobs.append(job)
                         continue
                 commits.settle(lane, job, result, None, started)
+                if proc._stopping:  # a bug in the script stopped the exec: start no more
+                    break
                 continue
             except Exception as e:
                 lane.running -= 1
                 commits.settle(lane, job, None, e, started)
+                if proc._stopping:
+                    break
                 continue
             except asyncio.CancelledError as e:
                 lane.running -= 1
@@ -384,9 +388,16 @@ class Lanes:
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
                     running.discard(job.id)
                     raise
-                error = ExecResultError(f"the exec raised CancelledError: {e}")
+                error = JorbError(f"the exec raised CancelledError: {e}")
                 commits.settle(lane, job, None, error, started)
                 continue
+            except (SystemExit, KeyboardInterrupt) as e:
+                lane.running -= 1
+                if ok:
+                    commits.settle_ok(lane, ok, ok_jobs)
+                self._give_back(lane, jobs[i + 1 :])
+                self._exited(lane, job, e)
+                return
             # It waits: the jobs not started go back to the lane, for other workers.
             if ok:
                 commits.settle_ok(lane, ok, ok_jobs)
@@ -396,8 +407,11 @@ class Lanes:
                 self.wake(lane)
             await self._wait_for(lane, job, task, coro, yielded, started)
             return
+        else:
+            i = len(jobs)
         if ok:
             commits.settle_ok(lane, ok, ok_jobs)
+        self._give_back(lane, jobs[i + 1 :])  # (after a stop: the jobs not started)
         lane.waits = False
 
     async def _wait_for(
@@ -429,7 +443,10 @@ class Lanes:
             else:
                 # The exec's own code let a CancelledError out (a cancelled future it
                 # awaited): that is its failure, not ours to stop on.
-                result, error = None, ExecResultError(f"the exec raised CancelledError: {e}")
+                result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+        except (SystemExit, KeyboardInterrupt) as e:
+            self._exited(lane, job, e)
+            return
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
@@ -447,6 +464,14 @@ class Lanes:
             task.uncancel()
         lane.held -= 1
         self.running.discard(job.id)
+
+    def _exited(self, lane: Lane, job: Job, raised: BaseException) -> None:
+        """sys.exit() (or an interrupt) inside an exec: the job stays where it is (its slot is
+        freed, nothing recorded), the run is saved, and the exec stops saying which job and
+        exec raised it."""
+        lane.held -= 1
+        self.running.discard(job.id)
+        self.proc._stops.exit(job, lane.state, raised)
 
     def _give_back(self, lane: Lane, jobs: list[Job]) -> None:
         """Free the slots of jobs taken but not settled; those not started go back in line."""

@@ -22,7 +22,7 @@ from itertools import islice, repeat
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
-from .errors import CorruptRunError, JorbError, RunFileError
+from .errors import CorruptRunError, JorbError, RunFileError, public
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "Child", "Job", "Kick", "Next", "Run", "Step"]
 
@@ -303,6 +303,7 @@ class Run:
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
     @classmethod
+    @public
     def open(cls, path: str | Path, overall: Ctx | None = None) -> Run:
         """Reopen the run at ``path`` (taking its lock), or create it with ``overall``.
 
@@ -313,12 +314,14 @@ class Run:
         return run
 
     @classmethod
+    @public
     def load(cls, path: str | Path) -> Run:
         """Read an existing run file (and replay its journal) without taking its lock."""
         run = _io().read_run(Path(path))
         run.remember_file()
         return run
 
+    @public
     def save(self) -> None:
         """Write the whole run to its file atomically (taking the run's lock if not held)."""
         if self._holder is None:
@@ -358,6 +361,7 @@ class Run:
 
     # -- jobs ------------------------------------------------------------------------------
 
+    @public
     def add_job(
         self,
         ctx: Ctx,

@@ -31,6 +31,9 @@ Modules of the engine, each with one job (the arrows are the only imports allowe
   (``model.apply_record``, the same function replay uses), append it to the ``Store`` and, when
   its group commit is durable, free the slot and queue the job's next step and its children.
   Imports outcome, model, errors.
+- ``stops``: how an exec ends when it does not simply complete (the first bug in the script,
+  ``sys.exit()`` in an exec), the errors for the end-of-exec summary, and the message that
+  says what happened and how to resume. Imports tracebacks, states, errors.
 - Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
   ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
 
@@ -44,27 +47,31 @@ import asyncio
 import collections
 import contextlib
 import gc
+import inspect
 import itertools
 import logging
 import math
 import os
-import shlex
 import signal
-import sys
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 from . import control
 from .checkpoint import Store
 from .commit import Commits
-from .errors import JorbError, RunFileError, StateError
+from .errors import ExecResultError, JorbError, RunFileError, StateError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
 from .model import Run, check_key, parent_cycle
+from .readonly import read_only
 from .states import CANCELLED, Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 from .steering import Steering
+from .stops import Stops, command_line, say_interrupted
 from .waiting import Waiting
 
 __all__ = ["Processor"]
@@ -80,6 +87,7 @@ class Processor:
     exec and never written to disk.
     """
 
+    @public
     def __init__(
         self,
         app: Any,
@@ -94,6 +102,8 @@ class Processor:
         poll_interval: float = 0.25,
         executor: Executor | None = None,
         max_pending: int = 4096,
+        stop_on_bug: bool = True,
+        lifespan: Callable[..., AbstractAsyncContextManager[Any]] | None = None,
     ) -> None:
         #: The app context given to every exec.
         self.app = app
@@ -118,6 +128,13 @@ class Processor:
         #: At most this many settled transitions wait for the disk at once, across the run:
         #: with the running execs, what a crash can make run again (see README, Durability).
         self.max_pending = max_pending
+        #: Stop the exec at the first bug in the script (an ``ExecResultError``: an answer that
+        #: cannot be right); False records it on the job, routes the job, and goes on.
+        self.stop_on_bug = stop_on_bug
+        #: ``() -> async context manager`` (or ``(app) -> ...``, given the app above, as
+        #: Starlette's), entered on the exec's loop before the first exec and exited at the end;
+        #: what it yields is the app execs get (an ``aiohttp.ClientSession``...).
+        self.lifespan = lifespan
         self._executor = executor
         self._joins = any(s.join for s in self.states.values())
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -137,63 +154,102 @@ class Processor:
         self._listeners: list[StatusListener] = []
         self._clock = time.monotonic
         self._offset = self._started = 0.0
+        self._overall: dict[str, Any] = {}  # what execs receive: the run's, read-only
+        self._stops = Stops(self)
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.by_name.values())}>"
 
     # -- public entry points -----------------------------------------------------------------
 
+    @public
     def exec(self, run: Run) -> Run:
         """Drive ``run`` until every job is terminal; Ctrl-C stops cleanly (see README)."""
         try:
-            asyncio.run(self._exec_with_signals(run))
-        except KeyboardInterrupt:
-            self._interrupted = True
-        if self._interrupted:
-            print(
-                f"jorb: interrupted; progress is saved in {run.path}. "
-                f"Run the script again to resume: {_command_line()}",
-                file=sys.stderr,
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise JorbError(
+                "processor.exec(run) was called inside a running event loop (Jupyter, or an "
+                "async def): use `await processor.aexec(run)` there"
             )
-            raise SystemExit(130)
+        try:
+            asyncio.run(self.aexec(run))
+        except KeyboardInterrupt:
+            # (Only where aexec could not take the signal: not the main thread.)
+            say_interrupted(run)
+            raise SystemExit(130) from None
+        except ExecResultError:
+            raise SystemExit(1) from None  # aexec told the user where the bug is
         return run
 
+    @public
     async def aexec(self, run: Run) -> Run:
-        """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises."""
+        """Async twin of :meth:`exec`; cancelling it checkpoints and re-raises.
+
+        Ctrl-C (SIGINT) or SIGTERM, when no one else handles them, stop it as gracefully as
+        :meth:`exec`: running execs get ``grace`` seconds, the run is saved, one line says how
+        to resume, and ``SystemExit(130)`` is raised.
+        """
         self._reset()
         loop = asyncio.get_running_loop()
         answers = self._prepare(run, loop)
         self._loop = loop
+        self._overall = read_only(run.overall)
         self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
         collector = _tune_collector()
+        restore = self._take_signals(loop)
+        app = self.app
         try:
-            for file, answer in answers:
-                control.reply(file, answer)
-            self._start_lanes()  # queues the jobs; nothing runs before the first await
-            for listener in listeners:
-                listener.start(self.statistics())
-            for name in sorted(run.paused):
-                self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
-            self._spawn(self._steering.watch_inbox())  # reaped: if it dies, the exec says so
-            self._check_finished()
-            assert self._finished is not None
-            await self._finished
-        except BaseException:
-            await self._shutdown(grace=0.0)
-            raise
-        else:
-            await self._shutdown(grace=self.grace)
+            async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
+                try:
+                    await stack.enter_async_context(self._lifespan())
+                    for file, answer in answers:
+                        control.reply(file, answer)
+                    self._start_lanes()  # queues the jobs; nothing runs before the first await
+                    for listener in listeners:
+                        listener.start(self.statistics())
+                    for name in sorted(run.paused):
+                        self._note(f"state {name!r} is paused (`jorb resume {run.path} {name}`)")
+                    self._spawn(self._steering.watch_inbox())  # reaped: if it dies, exec says so
+                    self._check_finished()
+                    assert self._finished is not None
+                    await self._finished
+                except BaseException:
+                    await self._shutdown(grace=0.0)
+                    raise
+                else:
+                    await self._shutdown(grace=self.grace)
         finally:
+            self.app = app
+            restore()
             _restore_collector(collector)
             if ticker is not None:
                 ticker.cancel()
+            status = self.statistics()
             for listener in listeners:
-                listener.stop(self.statistics())
+                listener.stop(status)
+            if self.progress:
+                from .progress import print_summary
+
+                print_summary(status, self._stops.common())
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
+        self._stops.raise_stop(run, self._interrupted)
         return run
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self) -> AsyncIterator[None]:
+        """Enter the lifespan (if any) on this loop; execs get what it yields as their app."""
+        if self.lifespan is None:
+            yield
+            return
+        async with _entered(self.lifespan, self.app) as app:
+            self.app = app
+            yield
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
@@ -309,6 +365,7 @@ class Processor:
         # (Pools start here, before any job: one that cannot start stops the exec now.)
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
+        store.on_edit = self._edit_kept
         store.begin(run)  # every added job, change and the declarations reach disk here
         store.prepare = self._commits.prepare  # plain successes go out as one record per flush
         self._finished = loop.create_future()
@@ -329,6 +386,14 @@ class Processor:
                 paused = name in run.paused
                 self._lanes.by_name[name] = Lane(state, rate, paused, self._order, budget)
         return answers
+
+    def _edit_kept(self, aside: Path) -> None:
+        self._note(
+            f"{self._store.path if self._store else 'the run file'} was edited while this "
+            f"process runs it; this process is its only writer, so the edit is not applied: "
+            f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
+            f"`jorb add`, `jorb pause`; edit the file once it has stopped"
+        )
 
     def _check_states(self, run: Run) -> None:
         unknown: dict[str, list[str]] = {}
@@ -434,20 +499,33 @@ class Processor:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    async def _exec_with_signals(self, run: Run) -> None:
-        loop = asyncio.get_running_loop()
-        installed = []
+    def _take_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+        """Handle SIGINT and SIGTERM on the loop while the exec runs, unless someone else does:
+        the default handlers, or asyncio.run's own (which would cancel the main task, with a
+        traceback and no grace period). Returns what puts the previous handlers back."""
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # (signals only reach the main thread)
         for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            bound = getattr(handler, "func", handler)  # (asyncio.run's is a partial)
+            ours_to_take = handler in (signal.SIG_DFL, signal.default_int_handler) or isinstance(
+                getattr(bound, "__self__", None), asyncio.Runner
+            )
+            if not ours_to_take:
+                continue
             try:
                 loop.add_signal_handler(signum, self._on_signal)
-                installed.append(signum)
             except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread, or no signals here: Ctrl-C raises KeyboardInterrupt
-        try:
-            await self.aexec(run)
-        finally:
-            for signum in installed:
+                continue  # a loop without signal support: Ctrl-C raises KeyboardInterrupt
+            previous[signum] = handler
+
+        def restore() -> None:
+            for signum, handler in previous.items():
                 loop.remove_signal_handler(signum)
+                signal.signal(signum, handler)
+
+        return restore
 
     def _on_signal(self) -> None:
         if self._interrupted:
@@ -457,7 +535,7 @@ class Processor:
                 2,
                 show_cursor
                 + f"\njorb: stopped at once; running execs run again when you "
-                f"resume: {_command_line()}\n".encode(),
+                f"resume: {command_line()}\n".encode(),
             )
             os._exit(130)
         self._interrupted = True
@@ -507,6 +585,19 @@ class Processor:
                 raise store.failure
 
 
+def _entered(
+    lifespan: Callable[..., AbstractAsyncContextManager[Any]], app: Any
+) -> AbstractAsyncContextManager[Any]:
+    """``lifespan(app)`` if it takes an argument (Starlette's convention), else ``lifespan()``."""
+    try:
+        inspect.signature(lifespan).bind(app)
+    except TypeError:
+        return lifespan()
+    except ValueError:  # (no signature to read)
+        return lifespan()
+    return lifespan(app)
+
+
 #: The cyclic collector's young-generation threshold while an exec runs (Python's default: 700).
 GC_YOUNG = 50_000
 
@@ -530,18 +621,3 @@ def _tune_collector() -> tuple[int, int, int] | None:
 def _restore_collector(old: tuple[int, int, int] | None) -> None:
     if old is not None and gc.get_threshold()[0] == GC_YOUNG:  # (unless changed meanwhile)
         gc.set_threshold(*old)
-
-
-def _command_line() -> str:
-    """The command that ran this script: the interpreter as invoked, then ``sys.argv``.
-
-    ``sys.argv`` as the script left it, so a script that consumed a one-off flag (``--fresh``)
-    by removing it is not told to start over.
-    """
-    if not sys.orig_argv or not sys.argv or not sys.argv[0]:
-        return "your script"
-    script = sys.argv[0]
-    if script != "-c" and script in sys.orig_argv[1:]:
-        interpreter = sys.orig_argv[: sys.orig_argv.index(script, 1)]
-        return shlex.join([*interpreter, *sys.argv])
-    return shlex.join(sys.orig_argv)  # python -c / -m: as invoked

@@ -60,7 +60,9 @@ __all__ = [
     "Speed",
     "make_progress",
     "plain_line",
+    "print_summary",
     "render",
+    "summary",
 ]
 
 #: Seconds of snapshots that throughput is measured over.
@@ -516,6 +518,42 @@ def _eta(seconds: float | None, remaining: int) -> str:
 def _clock(seconds: float) -> str:
     whole = int(seconds + 0.5)
     return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
+
+
+# -- the end-of-exec summary -------------------------------------------------------------------
+
+
+def summary(status: Status, errors: list[tuple[int, str, str]], width: int = 100) -> str:
+    """What ``exec`` prints to stderr when it ends with its display on: jobs per terminal
+    state, the average throughput, and ``errors`` (``(count, state, message)``, most common
+    first) of this exec."""
+    ends = ", ".join(
+        f"{row.name} {row.jobs:,}" for row in status.states if row.terminal and row.jobs
+    )
+    ends = f": {ends}" if ends else ""
+    if status.finished == status.jobs:
+        head = f"jorb: complete: all {status.jobs:,} jobs are in terminal states{ends}"
+    else:
+        head = (
+            f"jorb: stopped: {status.finished:,} of {status.jobs:,} jobs in terminal states{ends}"
+        )
+    elapsed = max(status.elapsed, 1e-9)
+    lines = [
+        head,
+        f"jorb: {status.transitions:,} transitions in {_clock(status.elapsed)}, "
+        f"{_per_second(status.transitions / elapsed)} on average",
+    ]
+    if errors:
+        lines.append("jorb: most common errors of this exec:")
+        for count, state, message in errors:
+            line = f"  {count:>7,}× {state}: {message}"
+            lines.append(line if len(line) <= width else line[: width - 1] + "…")
+    return "\n".join(lines)
+
+
+def print_summary(status: Status, errors: list[tuple[int, str, str]]) -> None:
+    """Print :func:`summary` to stderr."""
+    print(summary(status, errors), file=sys.stderr, flush=True)
 
 
 # -- the two listeners -------------------------------------------------------------------------

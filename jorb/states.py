@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from .errors import StateError
 if TYPE_CHECKING:
     from .executor import Pool
 
-__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "validate"]
+__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "exec_name", "validate"]
 
 #: The terminal state ``jorb cancel`` moves jobs to unless told otherwise (declared for you).
 CANCELLED = "cancelled"
@@ -235,6 +237,12 @@ class State:
     """Where the execs run: None is this process; a :class:`~jorb.ProcessPool` (or
     ``jorb.dask.DaskPool``) sends them to its workers, with the app each worker made."""
 
+    def __post_init__(self) -> None:
+        if self.exec is not None and callable(self.exec):
+            problem = _signature_problem(self.exec, self.join)
+            if problem is not None:
+                raise StateError(f"state {self.name!r}: {problem}")
+
     @property
     def is_async(self) -> bool:
         """Whether the exec is a coroutine function (runs on the event loop)."""
@@ -247,6 +255,53 @@ class State:
         """Backoff before retry number ``attempt`` (1-based); ``jitter`` in [0, 1)."""
         base: float = min(self.backoff_max, self.backoff * 2.0 ** (attempt - 1))
         return base * (0.5 + jitter / 2)
+
+
+def exec_name(fn: Any) -> str:
+    """How to name an exec to its author: ``fetch (crawl.py:12)``, where it is defined."""
+    name = str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
+    name = name.rpartition("<locals>.")[2]  # (a function defined in a function)
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:  # an object with a __call__, or a functools.partial
+        inner = getattr(fn, "func", None) or getattr(type(fn), "__call__", None)  # noqa: B004
+        code = getattr(inner, "__code__", None)
+    if code is None:
+        return name
+    return f"{name} ({short_path(code.co_filename)}:{code.co_firstlineno})"
+
+
+def short_path(filename: str) -> str:
+    """A file's path relative to the current directory when it is below it."""
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return filename if relative.startswith("..") else relative
+
+
+def _signature_problem(fn: Any, join: bool) -> str | None:
+    """Why ``fn`` cannot be called as an exec (``join``: with ``children`` too), or None."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # (a callable written in C may have no signature to read: it is called)
+    wanted = ("app", "overall", "ctx", "children") if join else ("app", "overall", "ctx")
+    try:
+        signature.bind(*wanted)
+    except TypeError:
+        pass
+    else:
+        return None
+    call = f"({', '.join(wanted)})"
+    if not join:
+        with contextlib.suppress(TypeError):
+            signature.bind(*wanted, "children")
+            return (
+                f"exec {exec_name(fn)} takes {signature} but is called as {call}; a fourth "
+                f"argument, children, is given only in a state declared with join=True"
+            )
+    why = " (a join state's exec also receives its children)" if join else ""
+    return f"exec {exec_name(fn)} takes {signature} but is called as {call}{why}"
 
 
 def validate(states: Iterable[State], error_state: str) -> dict[str, State]:

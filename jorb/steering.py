@@ -141,7 +141,11 @@ class Steering:
         executing = lanes.executing
         try:
             record = control.plan(
-                run, req, busy=lanes.running.__contains__, executing=executing.__contains__
+                run,
+                req,
+                busy=lanes.running.__contains__,
+                executing=executing.__contains__,
+                live=True,
             )
         except JorbError as e:
             return {"error": str(e)}

@@ -389,7 +389,7 @@ def test_a_run_file_edited_while_its_journal_holds_work_is_refused(crashed: jorb
         jorb.Run.open(path)
     message = str(refused.value)
     assert f"{path} was changed" in message and f"delete {journal}" in message
-    assert "restore" in message and "changed neither file" in message
+    assert f"`jorb fold {path}`" in message and "neither file was changed" in message
     assert path.read_bytes() == edited and journal.read_bytes() == kept
     assert not is_locked(path)
 

@@ -366,7 +366,7 @@ def test_a_run_file_edited_after_a_crash_is_refused_and_both_files_are_kept(
         assert fanout.path.read_bytes() == edited and journal.read_bytes() == journal_bytes
     message = str(refused.value)
     assert str(fanout.path) in message and f"delete {journal}" in message
-    assert "restore" in message
+    assert f"jorb fold {fanout.path}" in message
     # The first way out: put the file back as it was; the journal's work is kept.
     fanout.path.write_bytes(original)
     replayed = jorb.Run.load(fanout.path)

@@ -253,7 +253,11 @@ def test_piped_stdout_gets_plain_status_lines(tmp_path: Path, gate: tuple[Path, 
         "jorb [0:00:00] 0/12 finished | fetch 12 waiting 0 running 0 done"
         " | work 0 waiting 0 running 0 done | done 0 | failed 0 | cancelled 0\n"
     )
-    last = err.splitlines()[-1]
+    *_, last, summary, rate, errors, common = err.splitlines()  # the last status line, summary
+    assert summary == "jorb: complete: all 12 jobs are in terminal states: done 10, failed 2"
+    assert re.fullmatch(r"jorb: 24 transitions in \d+:\d\d:\d\d, [\d.,]+/s on average", rate)
+    assert errors == "jorb: most common errors of this exec:"
+    assert re.fullmatch(r" +2× work: ValueError: job \d+ is bad", common), common
     assert re.fullmatch(
         r"jorb \[\d+:\d\d:\d\d\] 12/12 finished \| fetch 0 waiting 0 running 12 done"
         r" \| work 0 waiting 0 running 10 done 2 errors 2 gave up( [\d.]+/s)?"
@@ -300,6 +304,10 @@ def test_ctrl_c_notice_shows_above_the_bars_without_tearing_them(
     finally:
         terminal.close()
     lines = terminal.screen.text().splitlines()
-    assert [line for line in lines if line.startswith("state ")] == [lines[-8]], "\n".join(lines)
+    # The table stays drawn, once; the exec's summary follows it, then how to resume.
+    summary = next(i for i, line in enumerate(lines) if line.startswith("jorb: stopped: "))
+    assert [line for line in lines if line.startswith("state ")] == [lines[summary - 7]], "\n".join(
+        lines
+    )
     assert any(line.startswith("jorb: stopping: waiting up to 30s for 2 running") for line in lines)
     assert lines[-1].startswith("jorb: interrupted; progress is saved in run.json.")
