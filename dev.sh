@@ -11,7 +11,7 @@ fi
 if [ ! -f .venv/.installed ] || [ pyproject.toml -nt .venv/.installed ]; then
     echo "dev.sh: installing jorb and its dev tools into .venv (log: .venv/install.log)" >&2
     if ! { .venv/bin/python -m pip install --upgrade pip &&
-           .venv/bin/python -m pip install -e '.[dev,dask]'; } >.venv/install.log 2>&1; then
+           .venv/bin/python -m pip install -e '.[dev,dask,report,prometheus]'; } >.venv/install.log 2>&1; then
         cat .venv/install.log >&2
         echo "dev.sh: installation failed (log above)" >&2
         exit 1
@@ -25,6 +25,16 @@ case "${1:-}" in
         ;;
     test)
         shift
+        # The report's browser test drives Debian's chromium (never a browser build of its own).
+        if ! command -v chromium >/dev/null; then
+            if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+                echo "dev.sh: installing chromium for the report's browser test (apt-get)" >&2
+                { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; } \
+                    >.venv/apt.log 2>&1 || { cat .venv/apt.log >&2; exit 1; }
+            else
+                echo "dev.sh: no chromium: the report's browser test is skipped (apt-get install chromium)" >&2
+            fi
+        fi
         .venv/bin/ruff check jorb tests examples bench
         .venv/bin/mypy
         exec .venv/bin/python -m pytest "$@"

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +54,7 @@ app = typer.Typer(
         "`fold` brings a crashed run's file up to date without the script."
     ),
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode="markdown",
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -161,10 +162,18 @@ def _options(
 
 @app.command()
 @_friendly
-def status(runfile: RunFile) -> None:
+def status(
+    runfile: RunFile,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The same facts as one JSON object.")
+    ] = False,
+) -> None:
     """Per-state counts, errors and timings, and whether the run is complete."""
     run = Run.load(runfile)
     rows = report.states(run)
+    if as_json:
+        _print_json(_status_document(run, rows, runfile))
+        return
     console.print(_headline(run, rows, runfile), soft_wrap=True)
     console.print()
     console.print(_state_table(rows))
@@ -184,6 +193,22 @@ def status(runfile: RunFile) -> None:
             who = f"  ({change['who']})" if change.get("who") else ""
             text = f"  {_when(change.get('time'))}  {change.get('what', '?')}{who}"
             console.print(_text(text), soft_wrap=True)
+
+
+def _status_document(run: Run, rows: list[report.StateReport], path: Path) -> dict[str, Any]:
+    def timing(t: report.Timing | None) -> dict[str, Any] | None:
+        return None if t is None else dataclasses.asdict(t)
+
+    return {
+        "path": str(path),
+        "complete": report.is_complete(run),
+        "jobs": len(run.jobs),
+        "finished": sum(row.jobs for row in rows if row.terminal),
+        "executing": is_locked(path),
+        "states": [{**dataclasses.asdict(row), "timing": timing(row.timing)} for row in rows],
+        "errors": [dataclasses.asdict(summary) for summary in report.errors(run)],
+        "changes": run.changes,
+    }
 
 
 def _state_table(rows: list[report.StateReport]) -> Table:
@@ -340,12 +365,30 @@ def show(
     job_id: Annotated[
         str, typer.Argument(help="The job's id.", metavar="JOB_ID", show_default=False)
     ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The job, its history, parent and children as JSON.")
+    ] = False,
 ) -> None:
     """One job: its ctx, history, errors with tracebacks, parent and children."""
     run = Run.load(runfile)
     detail = report.job_detail(run, job_id)
     job = detail.job
     steps = report.history(run, job)
+    if as_json:
+        doc = {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
+        doc["history"] = [dataclasses.asdict(step) for step in steps]
+        parent = detail.parent
+        doc["parent"] = (
+            None
+            if job.parent is None
+            else {
+                "id": job.parent,
+                "state": parent.state if parent is not None else None,
+            }
+        )
+        doc["children"] = [{"id": kid.id, "state": kid.state} for kid in detail.children]
+        _print_json(doc)
+        return
     facts = Table.grid(padding=(0, 2))
     facts.add_column(style="bold")
     facts.add_column()
@@ -410,6 +453,7 @@ def show(
 class Format(enum.StrEnum):
     mermaid = "mermaid"
     dot = "dot"
+    svg = "svg"
 
 
 @app.command()
@@ -417,16 +461,101 @@ class Format(enum.StrEnum):
 def graph(
     runfile: RunFile,
     format: Annotated[
-        Format, typer.Option("--format", "-f", help="Mermaid flowchart or Graphviz DOT.")
+        Format,
+        typer.Option("--format", "-f", help="Mermaid flowchart, Graphviz DOT, or an SVG picture."),
     ] = Format.mermaid,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="States and edges (with counts, timings) as JSON.")
+    ] = False,
 ) -> None:
-    """The observed state graph: states as nodes, transitions as edges with counts.
+    """The workflow graph: states with their jobs and median exec time; transitions, kicks and
+    redrives as edges with counts; give-ups and the states they lead to in red.
 
-    Pipe it on: `jorb graph run.json -f dot | dot -Tsvg > graph.svg`.
+    `jorb graph run.json -f svg > graph.svg` draws it without any other program.
     """
     g = report.graph(Run.load(runfile))
+    if as_json:
+        _print_json(report.graph_document(g))
+        return
+    if format is Format.svg:
+        from . import svg
+
+        typer.echo(safe(svg.draw(g), lines=True), nl=False)
+        return
     text = report.to_dot(g) if format is Format.dot else report.to_mermaid(g)
     typer.echo(safe(text, lines=True), nl=False)
+
+
+@app.command("report")
+@_friendly
+def html_report(
+    runfile: RunFile,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Where to write it (default: RUNFILE with .html).",
+            metavar="FILE",
+        ),
+    ] = None,
+) -> None:
+    """Write an HTML report of the run (graph, throughput, durations, errors) that opens offline.
+
+    Needs plotly: `pip install 'jorb[report]'`. Works on a run in progress too.
+    """
+    from . import report_html
+
+    run = Run.load(runfile)
+    target = output or runfile.with_suffix(".html")
+    page = report_html.render(run)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(page, encoding="utf-8")
+    os.replace(temporary, target)
+    typer.echo(safe(f"wrote {target} ({len(page.encode()) / 1e6:.1f} MB)"))
+
+
+@app.command()
+@_friendly
+def watch(
+    runfile: RunFile,
+    interval: Annotated[
+        float,
+        typer.Option("--interval", help="Seconds between reads of the journal.", min=0.01),
+    ] = 0.5,
+) -> None:
+    """The live table of a run that another process is executing, until that process stops.
+
+    Read-only: it follows the run file and its journal and never takes the run's lock. What
+    it cannot know (running execs, concurrency) shows as `-`; done, errors and rates count
+    from when the watch began. Not on a terminal, it prints a status line every 5 seconds.
+    """
+    from . import progress
+    from .watch import Watcher
+
+    watcher = Watcher(runfile)
+    listener = progress.make_progress(console)
+    status = watcher.poll()
+    listener.start(status)
+    try:
+        while not watcher.ended:
+            time.sleep(interval)
+            status = watcher.poll()
+            listener.update(status)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        listener.stop(status)
+        watcher.close()
+    if not watcher.running() and not report.is_complete(watcher.run):
+        typer.echo(safe(f"jorb: no process is running {runfile} (not complete)"), err=True)
+
+
+def _print_json(doc: Any) -> None:
+    """``doc`` as indented JSON, control characters in JSON's own escapes (as :func:`_json`)."""
+    dumped = orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()
+    dumped = _CONTROL_BUT_LINES.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
+    sys.stdout.write(dumped + "\n")
 
 
 # -- changing --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import random
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,11 @@ _NO_KIDS: tuple[Job, ...] = ()
 # their slots are still held until it is on disk (True; False: freed at settle; None: held by
 # those that stayed in the lane's state, the rest freed).
 _Settled = tuple["Lane", list[Job], tuple[Job, ...] | list[Job], bool | None]
+
+#: Failed attempts (INFO), give-ups (WARNING) and rate-limit pauses (INFO), with ``extra``
+#: fields; silent until the application configures logging (a NullHandler, in ``jorb``).
+log = logging.getLogger("jorb.exec")
+log.addHandler(logging.NullHandler())  # (the stdlib's way to leave the choice to the app)
 
 
 class Commits:
@@ -249,6 +255,8 @@ class Commits:
             data = orjson.dumps(record, default=repr, option=_LINE)
             lane.errors += 1
             lane.failed += gave_up
+            if log.isEnabledFor(logging.WARNING if gave_up else logging.INFO):
+                _log_failure(job, record, gave_up)
         old = job.state
         apply_record(run, record)
         self.transitions += 1
@@ -273,6 +281,18 @@ class Commits:
                 self.proc._note(
                     f"{state.name}: the server asked for a pause of {asked:g}s; pausing "
                     f"{taken:g}s, the Rate's max_pause (jorb.Rate(..., max_pause=...))"
+                )
+            if taken and log.isEnabledFor(logging.INFO):
+                log.info(
+                    "%s: rate limited; no new starts for %.1fs",
+                    state.name,
+                    taken,
+                    extra={
+                        "state": state.name,
+                        "job": job.id,
+                        "retry_after": asked,
+                        "pause": taken,
+                    },
                 )
             if error.retry_after is None and lane.rate.n == math.inf:
                 return state.retry_delay(job.throttled + 1, random.random())
@@ -321,3 +341,44 @@ class Commits:
                     lanes.enqueue(kid_lane, kid, now)
         lanes.wake_all()
         proc._check_finished()
+
+
+def _log_failure(job: Job, record: dict[str, Any], gave_up: bool) -> None:
+    """One line per failed attempt, its facts also as ``extra`` fields for structured logs."""
+    error = record["error"]
+    state = record["in"]
+    first = str(error.get("message", "")).strip().partition("\n")[0]
+    fields = {
+        "job": job.id,
+        "state": state,
+        "attempt": error["attempt"],
+        "error_type": error["type"],
+        "error": first,
+        "rate_limited": error["rate_limited"],
+        "gave_up": gave_up,
+        "to": record["to"],
+        "not_before": record.get("not_before"),
+    }
+    kind = error["type"].rpartition(".")[2]
+    if gave_up:
+        log.warning(
+            "job %s gave up in %s after attempt %d (%s: %s); moved to %s",
+            job.id,
+            state,
+            error["attempt"],
+            kind,
+            first,
+            record["to"],
+            extra=fields,
+        )
+    else:
+        log.info(
+            "job %s failed in %s, attempt %d (%s: %s)%s",
+            job.id,
+            state,
+            error["attempt"],
+            kind,
+            first,
+            "; rate limited" if error["rate_limited"] else "",
+            extra=fields,
+        )

@@ -269,6 +269,7 @@ class Run:
         "changes",
         "declared",
         "jobs",
+        "kicks",
         "next_id",
         "overall",
         "path",
@@ -291,6 +292,8 @@ class Run:
         self.paused: set[str] = set()
         #: Changes applied from the command line: what, when, and the request id.
         self.changes: list[dict[str, Any]] = []
+        #: Jobs created by kicks, by (state whose exec kicked, state the new job started in).
+        self.kicks: dict[tuple[str, str], int] = {}
         #: Sequence number of the last journal record folded into this snapshot.
         self.seq = 0
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
@@ -517,7 +520,7 @@ class Run:
     def to_document(self, *, jobs: bool = True) -> dict[str, Any]:
         """The run as the JSON document of its file (encode it with ``default=json_default``);
         with ``jobs=False``, its ``"jobs"`` list left empty."""
-        return {
+        doc = {
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "seq": self.seq,
@@ -526,8 +529,11 @@ class Run:
             "states": self.declared,
             "paused": sorted(self.paused),
             "changes": self.changes,
-            "jobs": [job_document(job) for job in self.jobs.values()] if jobs else [],
         }
+        if self.kicks:  # (a run without kicks keeps the file's shape as it was)
+            doc["kicks"] = [{"by": a, "into": b, "jobs": n} for (a, b), n in self.kicks.items()]
+        doc["jobs"] = [job_document(job) for job in self.jobs.values()] if jobs else []
+        return doc
 
     @classmethod
     def from_document(cls, doc: Any, path: Path | None) -> Run:
@@ -575,6 +581,10 @@ class Run:
             if problem is not None:
                 raise CorruptRunError(f'{where}: "changes" entry {index}: {problem}')
         run.next_id = _check(doc, "next_id", int, where, 1)
+        for kick in _check(doc, "kicks", list, where, []):
+            if not isinstance(kick, dict) or not isinstance(kick.get("jobs"), int):
+                raise CorruptRunError(f'{where}: "kicks" must list {{"by", "into", "jobs"}}')
+            run.kicks[(str(kick.get("by")), str(kick.get("into")))] = kick["jobs"]
         return run
 
     def read_jobs(self, raws: list[Any], start: int = 0) -> None:
@@ -927,10 +937,14 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             job.polls = record["polls"]
         kids = record.get("kids")
         if kids:
+            kicks = run.kicks
+            source = step["from"] if step is not None else record.get("in", job.state)
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
                 run.note_key(kid)
+                edge = (source, kid.state)
+                kicks[edge] = kicks.get(edge, 0) + 1
             run.next_id = max(run.next_id, record["next_id"])
         return
     if op == "add":

@@ -16,8 +16,11 @@ A state's bar is its ``done`` against ``done + jobs`` (what passed through it in
 against what is still in it); a terminal state's bar is its share of all jobs. ``done/s`` is
 measured over the last 30 seconds and ``eta`` is the jobs in the state at that pace; the total
 row's rate is jobs reaching terminal states, and its eta the later of what that rate and the
-slowest state predict (none while a paused state holds jobs). A wider terminal also shows
-each state's current rate limit and how many jobs it gave up on.
+slowest state predict (none while a paused state holds jobs, nor for a join's jobs then). A
+state worked off long ago shows its average over the exec (dim) instead of the window's 0/s.
+A wider terminal also shows each state's current rate limit and how many jobs it gave up on;
+a terminal too short for every row leaves states out, never the total row (named
+``(total)`` if a state is called ``total``).
 
 Whatever the user's execs print (or log through a handler on stdout/stderr) appears above the
 table without tearing it. When stdout is not a terminal (CI, ``nohup``, a pipe) it prints a
@@ -42,7 +45,10 @@ from typing import IO, Any
 
 from rich.cells import cell_len, set_cell_size
 from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
+from rich.control import Control
 from rich.live import Live
+from rich.live_render import LiveRender
+from rich.segment import ControlType, Segment
 from rich.text import Span, Text
 
 from .status import StateStatus, Status, StatusListener
@@ -164,15 +170,18 @@ class _Row:
     """Notes after the numbers (current rate, jobs given up on)."""
 
 
-def render(status: Status, speed: Speed | None = None) -> RenderableType:
+def render(status: Status, speed: Speed | None = None, *, fit: bool = False) -> RenderableType:
     """The display for one snapshot: a summary line, a row per state, then the total.
 
     The bars take the width the numbers leave (10 to 40 columns); notes (a state's current
     rate limit, jobs it gave up on) come last and are cut short, then left out, when the
     terminal is narrow; narrower still, the least needed columns go, long state names are cut,
     and last the bars shrink, so that every number and marker ("paused", "terminal") shows.
+    With ``fit``, a terminal too short for every row leaves out states (empty terminal states
+    first, then other terminal states, then idle ones, then the last) and says how many, so that
+    the total row always shows.
     """
-    return _Board(status, speed or Speed.unknown(status))
+    return _Board(status, speed or Speed.unknown(status), fit)
 
 
 class _Board:
@@ -182,27 +191,35 @@ class _Board:
     millisecond, and it is cached, so redrawing an unchanged snapshot costs nothing more.
     """
 
-    __slots__ = ("_cache", "speed", "status")
+    __slots__ = ("_cache", "fit", "speed", "status")
 
-    def __init__(self, status: Status, speed: Speed) -> None:
+    def __init__(self, status: Status, speed: Speed, fit: bool = False) -> None:
         self.status = status
         self.speed = speed
-        self._cache: tuple[int, bool, Text] | None = None
+        self.fit = fit
+        self._cache: tuple[int, bool, int | None, Text] | None = None
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         width = options.max_width
         colour = console.color_system is not None and not console.no_color
+        height = options.size.height if self.fit else None
         cache = self._cache
-        if cache is None or cache[:2] != (width, colour):
-            cache = self._cache = (width, colour, self._layout(width, colour))
-        yield cache[2]
+        if cache is None or cache[:3] != (width, colour, height):
+            cache = self._cache = (width, colour, height, self._layout(width, colour, height))
+        yield cache[3]
 
-    def _layout(self, width: int, colour: bool) -> Text:
+    def _layout(self, width: int, colour: bool, height: int | None = None) -> Text:
         status, speed = self.status, self.speed
+        # A join's jobs wait for children that a paused state may hold: no ETA then.
+        stalled = any(row.paused and row.jobs for row in status.states if not row.terminal)
         rows = [
-            _terminal_row(row, status.jobs) if row.terminal else _lane_row(row, rate)
+            _terminal_row(row, status.jobs)
+            if row.terminal
+            else _lane_row(row, rate, status.elapsed, stalled)
             for row, rate in zip(status.states, speed.done, strict=True)
         ]
+        if height is not None and len(rows) + 3 > height:
+            rows = _fewer(rows, status, max(0, height - 4))
         rows.append(_total_row(status, speed))
         # Fan-in: the column for jobs awaiting their children appears once some do.
         joins = any(row.awaiting for row in status.states)
@@ -329,8 +346,37 @@ def _summary(status: Status, width: int) -> tuple[Cell, ...]:
     return cells
 
 
-def _lane_row(row: StateStatus, rate: float | None) -> _Row:
+def _fewer(rows: list[_Row], status: Status, room: int) -> list[_Row]:
+    """``room`` of the state rows, in their order, then a line saying how many are not shown."""
+    hidden = len(rows) - room
+    if hidden <= 0:
+        return rows
+
+    def expendable(index: int) -> tuple[int, int]:
+        row = status.states[index]
+        if row.terminal:
+            return (0 if not row.jobs else 1, -index)
+        idle = not (row.jobs or row.running)
+        return (2 if idle else 3, -index)
+
+    dropped = set(sorted(range(len(rows)), key=expendable)[:hidden])
+    kept = [row for index, row in enumerate(rows) if index not in dropped]
+    more = _Row((f"… {hidden} more", "dim"), _Bar(0, 0, ""), (("", ""),) * len(_HEADERS), ())
+    return [*kept, more]
+
+
+def _lane_row(row: StateStatus, rate: float | None, elapsed: float, stalled: bool) -> _Row:
     eta = None if not rate else row.jobs / rate
+    speed = (_per_second(rate), "")
+    if not rate and not row.jobs and not row.running and row.done and elapsed > 0:
+        # Worked off long ago, the window's 0/s says nothing: the average over the exec does.
+        speed = (_per_second(row.done / elapsed), "dim")
+    if row.paused:
+        when = ("paused", "bold yellow")
+    elif row.awaiting and stalled:
+        when = ("-", "")  # its children may sit in a paused state
+    else:
+        when = (_eta(eta, row.jobs), "")
     return _Row(
         (row.name, "bold"),
         _Bar(row.done, row.done + row.jobs, "bar.complete"),
@@ -339,11 +385,12 @@ def _lane_row(row: StateStatus, rate: float | None) -> _Row:
             (f"{row.waiting:,}", ""),
             (f"{row.delayed:,}", ""),
             (f"{row.awaiting:,}", ""),
-            (f"{row.running:,}/{row.concurrency:,}", ""),
+            # (no concurrency: a watcher's row, which cannot know what runs)
+            (f"{row.running:,}/{row.concurrency:,}" if row.concurrency else "-", ""),
             (f"{row.done:,}", ""),
             (f"{row.errors:,}", "red" if row.errors else ""),
-            (_per_second(rate), ""),
-            ("paused", "bold yellow") if row.paused else (_eta(eta, row.jobs), ""),
+            speed,
+            when,
         ),
         _notes(row),
     )
@@ -360,15 +407,19 @@ def _total_row(status: Status, speed: Speed) -> _Row:
     unfinished = status.jobs - status.finished
     eta = _run_eta(status, speed)
     errors = sum(row.errors for row in lanes)
+    known = any(row.concurrency for row in lanes) or not lanes  # (not for a watcher)
+    label = "total"
+    while any(row.name == label for row in status.states):  # a state of the user's own name
+        label = f"({label})"
     return _Row(
-        ("total", "bold"),
+        (label, "bold"),
         _Bar(status.finished, status.jobs, "bar.complete"),
         (
             (f"{status.jobs:,}", ""),
             (f"{sum(row.waiting for row in lanes):,}", ""),
             (f"{sum(row.delayed for row in lanes):,}", ""),
             (f"{sum(row.awaiting for row in lanes):,}", ""),
-            (f"{sum(row.running for row in lanes):,}", ""),
+            (f"{sum(row.running for row in lanes):,}" if known else "-", ""),
             (f"{sum(row.done for row in lanes):,}", ""),
             (f"{errors:,}", "red" if errors else ""),
             (_per_second(speed.finished), ""),
@@ -412,10 +463,13 @@ def plain_line(status: Status, speed: Speed | None = None) -> str:
             words.append(f"{row.delayed:,} delayed")
         if row.awaiting:
             words.append(f"{row.awaiting:,} awaiting children")
-        words.append(f"{row.running:,} running")
+        if row.concurrency or row.running:
+            words.append(f"{row.running:,} running")
         words.append(f"{row.done:,} done")
         if row.errors:
             words.append(f"{row.errors:,} errors")
+        if row.failed:
+            words.append(f"{row.failed:,} gave up")
         if rate:
             words.append(_per_second(rate))
         parts.append(" ".join(words))
@@ -520,6 +574,7 @@ class LiveProgress:
         self._board: tuple[tuple[Status, Speed], RenderableType] | None = None
         self._live: Live | None = None
         self._restore: list[tuple[logging.StreamHandler[Any], IO[str]]] = []
+        self._fit = True  # a frame no taller than the terminal (off for the last one)
 
     def __repr__(self) -> str:
         return f"<LiveProgress live={self._live is not None} {self._meter!r}>"
@@ -527,6 +582,7 @@ class LiveProgress:
     def start(self, status: Status) -> None:
         self._view = (status, self._meter.add(status))
         stdout, stderr = sys.stdout, sys.stderr
+        self._fit = True
         self._live = Live(
             console=self.console,
             get_renderable=self._renderable,
@@ -535,6 +591,8 @@ class LiveProgress:
             redirect_stdout=_isatty(stdout),
             redirect_stderr=_isatty(stderr),
         )
+        if isinstance(getattr(self._live, "_live_render", None), LiveRender):
+            self._live._live_render = _Reflowing(self._renderable(), self.console)
         self._live.start(refresh=True)
         self._restore = _redirect_logging({stdout: sys.stdout, stderr: sys.stderr})
 
@@ -549,6 +607,7 @@ class LiveProgress:
         for handler, stream in self._restore:
             handler.setStream(stream)
         self._restore = []
+        self._fit = False  # the last frame stays on the screen: every row of it
         if self._live is not None:
             self._live.stop()  # draws the last frame and leaves it on the screen
             self._live = None
@@ -558,8 +617,48 @@ class LiveProgress:
         if view is None:
             return Text("")
         if board is None or board[0] is not view:  # unchanged: redraw the laid-out frame
-            board = self._board = (view, render(*view))
+            board = self._board = (view, render(*view, fit=self._fit))
         return board[1]
+
+
+class _Reflowing(LiveRender):
+    """rich's LiveRender, aware that a terminal made narrower wraps the lines drawn before.
+
+    Before each frame, rich moves the cursor up one row per line of the last frame and erases
+    it; once the window has narrowed, a line drawn wider now takes several rows (terminals
+    re-wrap their lines), and the rows rich did not count stayed on the screen as fragments.
+    This one counts the rows each line takes at the console's width now.
+    """
+
+    def __init__(self, renderable: RenderableType, console: Console) -> None:
+        super().__init__(renderable)
+        self.console = console
+        self.widths: list[int] = []  # columns each line of the last frame took
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        widths: list[int] = []
+        line: list[str] = []
+        for segment in super().__rich_console__(console, options):
+            if isinstance(segment, Segment) and not segment.control:
+                if segment.text == "\n":
+                    widths.append(cell_len("".join(line).rstrip()))
+                    line = []
+                else:
+                    line.append(segment.text)
+            yield segment
+        widths.append(cell_len("".join(line).rstrip()))
+        self.widths = widths
+
+    def position_cursor(self) -> Control:
+        if self._shape is None:
+            return Control()
+        width = max(1, self.console.width)
+        rows = sum(max(1, -(-w // width)) for w in self.widths) if self.widths else self._shape[1]
+        return Control(
+            ControlType.CARRIAGE_RETURN,
+            (ControlType.ERASE_IN_LINE, 2),
+            *(((ControlType.CURSOR_UP, 1), (ControlType.ERASE_IN_LINE, 2)) * (rows - 1)),
+        )
 
 
 class PlainProgress:

@@ -15,13 +15,14 @@ command line is a transition too, but it took no time and is counted apart.
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import statistics
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import JorbError, StateError
@@ -31,20 +32,28 @@ __all__ = [
     "ErrorGroup",
     "ErrorSummary",
     "Graph",
+    "Histogram",
     "HistoryRow",
     "JobDetail",
+    "SlowExec",
     "StateReport",
+    "Timeline",
     "Timing",
+    "durations",
     "error_line",
     "errors",
     "find_jobs",
     "graph",
+    "graph_document",
     "history",
     "is_complete",
     "job_detail",
     "last_error",
+    "seconds",
+    "slowest",
     "state_names",
     "states",
+    "timeline",
     "timings",
     "to_dot",
     "to_mermaid",
@@ -99,6 +108,8 @@ class ErrorGroup:
     """How many errors."""
     variants: int
     """How many different messages the group holds."""
+    jobs: tuple[str, ...] = ()
+    """Ids of a few jobs (up to three, first seen first) that had an error of the group."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +138,17 @@ class Graph:
     """Transitions made by execs (including giving up on errors), by ``(from, to)``."""
     redrives: dict[tuple[str, str], int]
     """Transitions made by redrives from the command line, by ``(from, to)``."""
+    kicks: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Jobs created by kicks, by ``(state whose exec kicked, state the new job started in)``."""
+    gave_up: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Of ``edges``, the ones made by giving up on a job (its retries used up)."""
+    timings: dict[str, Timing] = field(default_factory=dict)
+    """Per state, how long the execs that moved a job out of it took."""
+
+    @property
+    def error_states(self) -> set[str]:
+        """States that jobs were routed to by giving up on them."""
+        return {target for _, target in self.gave_up}
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,14 +277,20 @@ def errors(run: Run, top: int = 3) -> list[ErrorSummary]:
             groups = by_state.setdefault(state, {})
             for record in records:
                 line = error_line(record)
-                group = groups.setdefault(_NUMBERS.sub("#", line), [line, 0, set()])
+                group = groups.setdefault(_NUMBERS.sub("#", line), [line, 0, set(), []])
                 group[1] += 1
                 group[2].add(line)
+                examples = group[3]
+                if len(examples) < 3 and (not examples or examples[-1] != job.id):
+                    examples.append(job.id)
     order = {name: index for index, name in enumerate(state_names(run))}
     summaries = []
     for state, groups in sorted(by_state.items(), key=lambda kv: order.get(kv[0], 1 << 30)):
         ranked = sorted(groups.values(), key=lambda g: -g[1])  # stable: first seen first
-        common = tuple(ErrorGroup(line, count, len(lines)) for line, count, lines in ranked[:top])
+        common = tuple(
+            ErrorGroup(line, count, len(lines), tuple(ids))
+            for line, count, lines, ids in ranked[:top]
+        )
         total = sum(g[1] for g in ranked)
         summaries.append(ErrorSummary(state, total, jobs[state], common, len(ranked)))
     return summaries
@@ -362,54 +390,197 @@ def _number(value: Any) -> float | None:
 
 
 def graph(run: Run) -> Graph:
-    """The states and every transition observed in the jobs' histories, with counts."""
+    """The states and every transition observed in the jobs' histories, with counts.
+
+    Besides the transitions: the kicks (which state's exec created jobs in which state), which
+    transitions were give-ups, and each state's exec timings. The kicks are counted as they
+    happen (``run.kicks``); for a file written before jorb counted them, they are guessed from
+    the times: the parent's last transition before the job, or any job created after it (ids
+    grow with time), started its first exec.
+    """
     redriven = _redrive_times(run)
     edges: Counter[tuple[str, str]] = Counter()
     redrives: Counter[tuple[str, str]] = Counter()
-    for job in run.jobs.values():
+    gave_up: Counter[tuple[str, str]] = Counter()
+    kicks: Counter[tuple[str, str]] = Counter()
+    jobs = run.jobs
+    for job in jobs.values():
+        failed_at = _error_times(job) if job.errors else None
         for entry in job.history:
             source, target, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
             edge = (str(source), str(target))
-            redrive = took == 0.0 and _is_redrive(when, took, redriven)
-            (redrives if redrive else edges)[edge] += 1
+            if took == 0.0 and _is_redrive(when, took, redriven):
+                redrives[edge] += 1
+                continue
+            edges[edge] += 1
+            if failed_at and isinstance(when, int | float) and (edge[0], when) in failed_at:
+                gave_up[edge] += 1
+    if run.kicks:
+        kicks.update(run.kicks)
+    born_by = math.inf  # a job was created before any job created after it started
+    for job in reversed(jobs.values()) if not run.kicks else ():
+        started = _started(job)
+        born_by = min(born_by, started)
+        if job.parent is not None:
+            parent = jobs.get(job.parent)
+            kicked_from = _kicking_state(parent, born_by) if parent is not None else None
+            if kicked_from is not None:
+                kicks[(kicked_from, _first_state(job))] += 1
     names = state_names(run)
-    for edge in [*edges, *redrives]:
+    for edge in [*edges, *redrives, *kicks]:
         for name in edge:
             if name not in names:
                 names.append(name)
     terminal = {str(s.get("name")): bool(s.get("terminal")) for s in run.declared}
-    counts = Counter(job.state for job in run.jobs.values())
+    counts = Counter(job.state for job in jobs.values())
     nodes = tuple((name, terminal.get(name), counts[name]) for name in names)
-    return Graph(nodes, dict(edges), dict(redrives))
+    return Graph(nodes, dict(edges), dict(redrives), dict(kicks), dict(gave_up), timings(run))
+
+
+def _error_times(job: Job) -> set[tuple[str, float]]:
+    """``(state, time)`` of each error: a give-up's history entry has its error's time."""
+    return {
+        (state, record["time"])
+        for state, records in job.errors.items()
+        for record in records
+        if isinstance(record.get("time"), int | float)
+    }
+
+
+def _first_state(job: Job) -> str:
+    if job.history:
+        entry = job.history[0]
+        return str(entry[0] if type(entry) is tuple else _fields(entry)[0])
+    return job.state
+
+
+def _started(job: Job) -> float:
+    """When the job's first exec started (infinity if it has not moved yet)."""
+    if not job.history:
+        return math.inf
+    entry = job.history[0]
+    _, _, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
+    if isinstance(when, int | float) and isinstance(took, int | float):
+        return float(when) - float(took)
+    return math.inf
+
+
+def _kicking_state(parent: Job, born_by: float) -> str | None:
+    """The state the parent left at its last transition no later than ``born_by``."""
+    source = None
+    for entry in parent.history:
+        step = entry[:4] if type(entry) is tuple else _fields(entry)
+        if not isinstance(step[2], int | float) or step[2] > born_by:
+            break
+        source = str(step[0])
+    return source
+
+
+def graph_document(g: Graph) -> dict[str, Any]:
+    """The graph as plain JSON data (``jorb graph --json``)."""
+
+    def timing(name: str) -> dict[str, Any] | None:
+        t = g.timings.get(name)
+        if t is None:
+            return None
+        return {"execs": t.count, "mean": t.mean, "median": t.median, "p95": t.p95}
+
+    def edge_list(found: dict[tuple[str, str], int], **extra: Any) -> list[dict[str, Any]]:
+        return [{"from": a, "to": b, "count": n, **extra} for (a, b), n in found.items()]
+
+    errors = g.error_states
+    return {
+        "nodes": [
+            {
+                "name": name,
+                "terminal": terminal,
+                "jobs": jobs,
+                "error_state": name in errors,
+                "timing": timing(name),
+            }
+            for name, terminal, jobs in g.nodes
+        ],
+        "edges": [
+            *(
+                {
+                    "from": a,
+                    "to": b,
+                    "count": n,
+                    "kind": "exec",
+                    "gave_up": g.gave_up.get((a, b), 0),
+                }
+                for (a, b), n in g.edges.items()
+            ),
+            *edge_list(g.kicks, kind="kick"),
+            *edge_list(g.redrives, kind="redrive"),
+        ],
+    }
 
 
 def to_mermaid(g: Graph) -> str:
-    """The graph as a Mermaid flowchart (terminal states rounded, redrives dotted)."""
+    """The graph as a Mermaid flowchart: terminal states rounded, error states red, kicks
+    dashed and labelled "kick", redrives dotted; each state with its jobs now and median exec."""
     ids = {name: f"s{index}" for index, (name, _, _) in enumerate(g.nodes)}
     lines = ["flowchart LR"]
     for name, terminal, jobs in g.nodes:
-        label = _mermaid_text(f"{name} ({jobs:,})")
+        label = _mermaid_text(node_label(g, name, jobs))
         lines.append(f'    {ids[name]}(["{label}"])' if terminal else f'    {ids[name]}["{label}"]')
     for (a, b), count in sorted(g.edges.items(), key=_edge_order(ids)):
         lines.append(f"    {ids[a]} -->|{count:,}| {ids[b]}")
+    for (a, b), count in sorted(g.kicks.items(), key=_edge_order(ids)):
+        lines.append(f'    {ids[a]} ==>|"kick {count:,}"| {ids[b]}')
     for (a, b), count in sorted(g.redrives.items(), key=_edge_order(ids)):
         lines.append(f'    {ids[a]} -.->|"redrive {count:,}"| {ids[b]}')
+    errors = [ids[name] for name, _, _ in g.nodes if name in g.error_states]
+    if errors:
+        lines.append("    classDef error fill:#fdd,stroke:#c00")
+        lines.append(f"    class {','.join(errors)} error")
     return "\n".join(lines) + "\n"
 
 
 def to_dot(g: Graph) -> str:
-    """The graph in Graphviz DOT (terminal states double-circled, redrives dashed)."""
+    """The graph in Graphviz DOT: terminal states double-circled, error states red, kicks bold
+    blue, redrives dashed; each state with its jobs now and median exec."""
     lines = ["digraph jorb {", "    rankdir=LR;", "    node [shape=box];"]
+    errors = g.error_states
     for name, terminal, jobs in g.nodes:
         shape = ", shape=doublecircle" if terminal else ""
-        lines.append(f"    {_dot_id(name)} [label={_dot_id(f'{name} ({jobs:,})')}{shape}];")
+        colour = ", color=red, fontcolor=red" if name in errors else ""
+        label = _dot_id(node_label(g, name, jobs))
+        lines.append(f"    {_dot_id(name)} [label={label}{shape}{colour}];")
     ids = {name: name for name, _, _ in g.nodes}
     for (a, b), count in sorted(g.edges.items(), key=_edge_order(ids)):
-        lines.append(f'    {_dot_id(a)} -> {_dot_id(b)} [label="{count:,}"];')
+        colour = ", color=red" if (a, b) in g.gave_up else ""
+        lines.append(f'    {_dot_id(a)} -> {_dot_id(b)} [label="{count:,}"{colour}];')
+    for (a, b), count in sorted(g.kicks.items(), key=_edge_order(ids)):
+        lines.append(
+            f'    {_dot_id(a)} -> {_dot_id(b)} [label="kick {count:,}", style=bold, color=blue];'
+        )
     for (a, b), count in sorted(g.redrives.items(), key=_edge_order(ids)):
         lines.append(f'    {_dot_id(a)} -> {_dot_id(b)} [label="redrive {count:,}", style=dashed];')
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def node_label(g: Graph, name: str, jobs: int) -> str:
+    """``"name (jobs now)"``, then `` · median`` of its execs if any were timed."""
+    timing = g.timings.get(name)
+    label = f"{name} ({jobs:,})"
+    return f"{label} · {seconds(timing.median)}" if timing is not None else label
+
+
+def seconds(value: float) -> str:
+    """A duration for people: ``"850µs"``, ``"12ms"``, ``"3.40s"``, ``"2m05s"``, ``"1h02m"``."""
+    if value < 0.001:
+        return f"{value * 1e6:.0f}µs"
+    if value < 1:
+        return f"{value * 1000:.0f}ms"
+    if value < 60:
+        return f"{value:.2f}s"
+    minutes, rest = divmod(int(value + 0.5), 60)
+    if minutes < 60:
+        return f"{minutes}m{rest:02d}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def _edge_order(ids: dict[str, str]) -> Any:
@@ -423,6 +594,133 @@ def _mermaid_text(text: str) -> str:
 
 def _dot_id(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- over time ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """Execs and errors per state in equal time bins, from the first transition to the last."""
+
+    start: float
+    """Unix time the first bin starts at."""
+    width: float
+    """Seconds per bin."""
+    done: dict[str, tuple[int, ...]]
+    """Per state, execs that moved a job out of it, per bin (redrives left out)."""
+    errors: dict[str, tuple[int, ...]]
+    """Per state, failed attempts (rate limits and timeouts included), per bin."""
+    rate_limited: dict[str, tuple[int, ...]]
+    """Of ``errors``, the rate-limited attempts."""
+
+
+def timeline(run: Run, bins: int = 60) -> Timeline | None:
+    """Throughput and errors per state over time in ``bins`` bins; None if nothing is timed."""
+    done = [(str(source), float(when)) for _, source, _, when, _ in _exec_steps(run)]
+    failed = [
+        (state, float(record["time"]), bool(record.get("rate_limited")))
+        for job in run.jobs.values()
+        for state, records in job.errors.items()
+        for record in records
+        if isinstance(record.get("time"), int | float)
+    ]
+    times = [when for _, when in done] + [when for _, when, _ in failed]
+    if not times:
+        return None
+    start, end = min(times), max(times)
+    width = max((end - start) / bins, 1e-3)
+
+    def binned(events: list[tuple[str, float]]) -> dict[str, tuple[int, ...]]:
+        found: dict[str, list[int]] = {}
+        for state, when in events:
+            counts = found.get(state)
+            if counts is None:
+                counts = found[state] = [0] * bins
+            counts[min(bins - 1, int((when - start) / width))] += 1
+        order = {name: index for index, name in enumerate(state_names(run))}
+        return {k: tuple(found[k]) for k in sorted(found, key=lambda k: order.get(k, 1 << 30))}
+
+    return Timeline(
+        start,
+        width,
+        binned(done),
+        binned([(state, when) for state, when, _ in failed]),
+        binned([(state, when) for state, when, limited in failed if limited]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Histogram:
+    """How exec durations spread, per state, over bins spaced evenly on a log scale."""
+
+    edges: tuple[float, ...]
+    """Bin edges in seconds, ``bins + 1`` of them (a duration of 0 counts in the first bin)."""
+    counts: dict[str, tuple[int, ...]]
+    """Per state, execs per bin."""
+
+
+def durations(run: Run, bins: int = 30) -> Histogram | None:
+    """Exec durations per state (the execs that moved a job on); None if none are timed."""
+    found: dict[str, list[float]] = {}
+    for _, source, _, _, took in _exec_steps(run):
+        found.setdefault(str(source), []).append(float(took))
+    positive = [t for values in found.values() for t in values if t > 0]
+    if not positive:
+        return None
+    low, high = math.log10(min(positive)), math.log10(max(positive))
+    high = max(high, low + 1e-6)
+    step = (high - low) / bins
+    edges = tuple(10 ** (low + i * step) for i in range(bins + 1))
+    counts: dict[str, tuple[int, ...]] = {}
+    for name in state_names(run) + sorted(set(found) - set(state_names(run))):
+        values = found.get(name)
+        if not values:
+            continue
+        row = [0] * bins
+        for took in values:
+            index = 0 if took <= 0 else int((math.log10(took) - low) / step)
+            row[min(bins - 1, max(0, index))] += 1
+        counts[name] = tuple(row)
+    return Histogram(edges, counts)
+
+
+@dataclass(frozen=True, slots=True)
+class SlowExec:
+    """One exec, among the slowest of the run."""
+
+    job: str
+    """The job's id."""
+    source: str
+    """The state it ran in."""
+    target: str
+    """Where it moved the job."""
+    duration: float
+    """Seconds it took."""
+    time: float
+    """Unix time it ended."""
+
+
+def slowest(run: Run, top: int = 10) -> list[SlowExec]:
+    """The ``top`` longest execs that moved a job on, longest first."""
+    found = heapq.nlargest(top, _exec_steps(run), key=lambda step: float(step[4]))
+    return [
+        SlowExec(job.id, str(a), str(b), float(took), float(when))
+        for job, a, b, when, took in found
+    ]
+
+
+def _exec_steps(run: Run) -> Iterator[tuple[Job, Any, Any, Any, Any]]:
+    """Every timed history entry made by an exec: ``(job, from, to, time, duration)``."""
+    redriven = _redrive_times(run)
+    for job in run.jobs.values():
+        for entry in job.history:
+            source, target, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
+            if not isinstance(took, int | float) or not isinstance(when, int | float):
+                continue
+            if took == 0.0 and _is_redrive(when, took, redriven):
+                continue
+            yield job, source, target, when, took
 
 
 # -- telling redrives from execs ------------------------------------------------------------------

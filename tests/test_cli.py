@@ -191,7 +191,7 @@ def test_graph_as_mermaid_and_dot(finished: Path) -> None:
     assert "    s2 -->|4| s3" in mermaid  # upload -> done
     dot = cli("graph", finished, "--format", "dot")
     assert '    "edit" -> "done" [label="5"];' in dot
-    assert '    "edit" -> "failed" [label="1"];' in dot
+    assert '    "edit" -> "failed" [label="1", color=red];' in dot  # a give-up
     assert CliRunner().invoke(app, ["graph", str(finished), "-f", "png"]).exit_code == 2
 
 
@@ -501,3 +501,48 @@ def test_output_piped_into_head_ends_quietly(tmp_path: Path, command: list[str])
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 0, err
     assert err == b""
+
+
+# -- JSON and shell completion -------------------------------------------------------------------
+
+
+def test_status_show_and_graph_as_json(finished: Path) -> None:
+    status = json.loads(cli("status", finished, "--json"))
+    assert (status["complete"], status["jobs"], status["executing"]) == (True, 12, False)
+    rows = {row["name"]: row for row in status["states"]}
+    assert (rows["done"]["jobs"], rows["failed"]["jobs"]) == (9, 3)
+    assert rows["new"]["timing"]["count"] == 8
+    assert status["errors"][0]["state"] == "new"
+    assert status["errors"][0]["common"][0]["jobs"]  # example job ids
+
+    shown = json.loads(cli("show", finished, "2", "--json"))
+    assert (shown["id"], shown["state"], shown["parent"]) == ("2", "done", None)
+    assert [kid["state"] for kid in shown["children"]] == ["done", "done"]
+    assert [(s["source"], s["target"], s["redrive"]) for s in shown["history"]] == [
+        ("new", "edit", False),
+        ("edit", "done", False),
+    ]
+
+    graph = json.loads(cli("graph", finished, "--json"))
+    kicks = [e for e in graph["edges"] if e["kind"] == "kick"]
+    assert kicks == [{"from": "edit", "to": "upload", "count": 4, "kind": "kick"}]
+    assert [n["name"] for n in graph["nodes"] if n["error_state"]] == ["failed"]
+
+
+def test_graph_as_svg_needs_no_other_program(finished: Path) -> None:
+    import xml.etree.ElementTree as ET
+
+    svg = ET.fromstring(cli("graph", finished, "--format", "svg"))
+    ns = "{http://www.w3.org/2000/svg}"
+    states = [g.get("data-state") for g in svg.iter(f"{ns}g") if "node" in (g.get("class") or "")]
+    assert states == ["new", "edit", "upload", "done", "failed", "cancelled"]
+    kinds = sorted(
+        g.get("class", "").split()[1] for g in svg.iter(f"{ns}g") if "edge" in g.get("class", "")
+    )
+    assert "kick" in kinds and "gave_up" in kinds
+    texts = {t.text for t in svg.iter(f"{ns}text")}
+    assert "kick 4" in texts
+
+
+def test_shell_completion_is_offered() -> None:
+    assert "--install-completion" in cli("--help")

@@ -183,12 +183,13 @@ def test_render_before_throughput_is_known_and_when_complete() -> None:
     table = rows(text(render(STATUS)))
     assert table["new"] == ["380", "372", "0", "8/8", "620", "3", "-", "≤4.5/s"]
     assert table["total"][-1] == "-"
-    done = Status((StateStatus("new", False, 0, done=5), StateStatus("done", True, 5)), 5, 5, 1, 5)
+    new = StateStatus("new", False, 0, done=5, concurrency=2)
+    done = Status((new, StateStatus("done", True, 5)), 5, 5, 1, 5)
     screen = text(render(done, Speed((2.0, None), 2.0)))
     assert screen.splitlines()[0].endswith(
         "5/5 jobs finished (100%) · 5 transitions · 0:00:01 elapsed · complete"
     )
-    assert rows(screen)["new"] == ["0", "0", "0", "0/0", "5", "0", "2.0/s"]  # nothing left: no eta
+    assert rows(screen)["new"] == ["0", "0", "0", "0/2", "5", "0", "2.0/s"]  # nothing left: no eta
 
 
 def test_the_runs_eta_waits_for_the_slowest_state() -> None:
@@ -211,7 +212,7 @@ def test_plain_line_reads_as_one_log_line() -> None:
     assert plain_line(STATUS, SPEED) == (
         "jorb [0:01:02] 608/1,000 finished, 9.1/s, eta -"
         " | new 372 waiting 8 running 620 done 3 errors 12.4/s"
-        " | edit PAUSED 0 waiting 10 delayed 2 running 608 done 9.8/s"
+        " | edit PAUSED 0 waiting 10 delayed 2 running 608 done 1 gave up 9.8/s"
         " | upload 0 waiting 0 running 0 done"
         " | done 596 | failed 12"
     )
@@ -222,7 +223,7 @@ def test_plain_line_reads_as_one_log_line() -> None:
 
 def snapshot(elapsed: float, done: int, finished: int) -> Status:
     rows_ = (
-        StateStatus("new", False, 100 - done, waiting=100 - done, done=done),
+        StateStatus("new", False, 100 - done, waiting=100 - done, done=done, concurrency=1),
         StateStatus("done", True, finished),
     )
     return Status(rows_, 100, finished, elapsed, done)
@@ -298,7 +299,7 @@ def test_live_progress_draws_frames_and_leaves_the_last_one() -> None:
     screen = out.getvalue()
     assert "jorb: state 'new' is paused" in screen
     last = screen[screen.rindex("jorb 20/100") :]
-    assert rows(last)["new"] == ["80", "80", "0", "0/0", "20", "0", "10.0/s", "0:00:08"]
+    assert rows(last)["new"] == ["80", "80", "0", "0/1", "20", "0", "10.0/s", "0:00:08"]
     assert rows(last)["total"][-2:] == ["10.0/s", "0:00:08"]
 
 
@@ -396,3 +397,136 @@ def test_a_server_pause_shows_in_the_table_and_the_plain_line() -> None:
 
     assert table["new"][-7:] == ["paused", "by", "the", "server", "until", "12:00:31", "≤4.5/s"]
     assert " | new paused by the server until 12:00:31 372 waiting" in line
+
+
+# -- the findings of issue 17 --------------------------------------------------------------------
+
+
+def test_a_state_worked_off_long_ago_shows_its_average_not_0_per_second() -> None:
+    status = Status(
+        (
+            StateStatus("fetch", False, 0, done=6000, concurrency=8),
+            StateStatus("parse", False, 40, waiting=40, done=5960, concurrency=8),
+            StateStatus("done", True, 5960),
+        ),
+        6000,
+        5960,
+        120.0,
+        11960,
+    )
+    table = rows(text(render(status, Speed((0.0, 50.0, None), 50.0))))
+    assert table["fetch"][-1] == "50.0/s"  # 6,000 in 120 s; the last 30 s saw none
+    assert table["parse"][-2:] == ["50.0/s", "0:00:01"]  # still working: the window's rate
+
+
+def tall(states: int) -> Status:
+    rows_ = [
+        StateStatus(f"s{i}", False, 10, waiting=10, done=5, concurrency=1) for i in range(states)
+    ]
+    rows_ += [StateStatus("ok", True, 50), StateStatus("empty", True, 0)]
+    return Status(tuple(rows_), 50 + 10 * states, 50, 10.0, 60)
+
+
+def on_terminal(renderable: object, width: int, height: int) -> list[str]:
+    console = Console(
+        width=width, height=height, record=True, file=io.StringIO(), color_system=None
+    )
+    console.print(renderable)
+    return console.export_text().splitlines()
+
+
+def test_a_short_terminal_leaves_out_states_never_the_total() -> None:
+    status = tall(8)  # 10 state rows + summary, header and total: 13 lines
+    lines = on_terminal(render(status, fit=True), 100, 10)
+    assert len(lines) == 10
+    assert rows(lines[-1])["total"][0] == "130"
+    assert lines[-2].split()[:3] == ["…", "4", "more"]
+    # The terminal states went first (the empty one before the other), then the last states.
+    assert [line.split()[0] for line in lines[2:-2]] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    # Tall enough: every row, and no "more" line; not fitted (the last frame): every row.
+    assert len(on_terminal(render(status, fit=True), 100, 13)) == 13
+    assert len(on_terminal(render(status), 100, 10)) == 13
+
+
+def test_a_state_named_total_is_not_mistaken_for_the_total_row() -> None:
+    status = Status(
+        (
+            StateStatus("map", False, 0, done=100),
+            StateStatus("total", False, 1, awaiting=1, concurrency=1),
+            StateStatus("done", True, 100),
+        ),
+        101,
+        100,
+        5.0,
+        100,
+    )
+    lines = text(render(status)).splitlines()
+    names = [line.split()[0] for line in lines[2:]]
+    assert names == ["map", "total", "done", "(total)"]
+    assert rows(lines[-1])["(total)"][0] == "101"
+
+
+def test_a_join_waiting_on_a_paused_state_shows_no_eta() -> None:
+    def join_eta(paused: bool) -> str:
+        status = Status(
+            (
+                StateStatus("split", False, 0, done=1),
+                StateStatus("count", False, 50, waiting=50, done=50, paused=paused),
+                StateStatus("total", False, 1, awaiting=1, concurrency=1),
+                StateStatus("done", True, 50),
+            ),
+            101,
+            50,
+            10.0,
+            51,
+        )
+        return rows(text(render(status, Speed((0.1, 5.0, 0.1, None), 5.0))))["total"][-1]
+
+    assert join_eta(paused=False) == "0:00:10"  # 1 job at 0.1/s
+    assert join_eta(paused=True) == "-"
+
+
+def test_the_plain_line_counts_the_jobs_each_state_gave_up_on() -> None:
+    status = Status(
+        (
+            StateStatus("push", False, 5, waiting=5, done=40, failed=3, concurrency=4),
+            StateStatus("done", True, 40),
+        ),
+        48,
+        40,
+        10.0,
+        43,
+    )
+    assert "push 5 waiting 0 running 40 done 3 gave up" in plain_line(status)
+
+
+def test_a_narrowed_window_has_the_whole_old_frame_erased() -> None:
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, color_system=None, width=100, height=40)
+    listener = LiveProgress(console, refresh_per_second=0.01)  # (frames drawn here by hand)
+    listener.start(STATUS)
+    wide = out.getvalue()
+    frame = wide[wide.rindex("jorb 608") :].split("\n")
+    assert max(len(line.rstrip()) for line in frame) > 50
+    console.width = 40  # the user drags the window narrower; the old lines now wrap
+    listener.note("narrower")
+    listener.stop(STATUS)
+    moves = out.getvalue()[len(wide) :].split("jorb: narrower")[0]
+    # The cursor goes up over every row the old lines now take, not one per line.
+    rows_now = sum(-(-len(line.rstrip()) // 40) or 1 for line in frame)
+    assert moves.count("\x1b[1A") == rows_now - 1 > len(frame) - 1
+
+
+def test_a_watchers_rows_show_what_they_cannot_know_as_a_dash() -> None:
+    # jorb watch's rows have no concurrency: it cannot tell which jobs are running.
+    status = Status(
+        (StateStatus("new", False, 5, waiting=5, done=3), StateStatus("done", True, 3)),
+        8,
+        3,
+        2.0,
+        3,
+    )
+    table = rows(text(render(status)))
+    assert table["new"][:5] == ["5", "5", "0", "-", "3"]
+    assert table["total"][:5] == ["8", "5", "0", "-", "3"]
+    assert "running" not in plain_line(status)

@@ -220,6 +220,13 @@ def test_bars_in_a_terminal_show_a_row_per_state_with_moving_counts(
     assert {int(m[1]) for line in above if (m := re.fullmatch(r"printed (\d+)", line))} == wanted
     logged = {int(m[1]) for line in above if (m := re.fullmatch(r"INFO logged (\d+)", line))}
     assert logged == wanted
+    # jorb's own records (the script's basicConfig shows them): each job given up on, above.
+    gave_up = re.compile(
+        r"WARNING job \d+ gave up in work after attempt 1 \(ValueError: job (\d+) is bad\); "
+        r"moved to failed"
+    )
+    given_up = {int(m[1]) for m in map(gave_up.fullmatch, above) if m}
+    assert given_up == {5, 10}
     assert lines[header[0] - 1].startswith("jorb 12/12 jobs finished (100%)")
 
 
@@ -253,8 +260,8 @@ def test_piped_stdout_gets_plain_status_lines(tmp_path: Path, gate: tuple[Path, 
     assert re.fullmatch(r" +2× work: ValueError: job \d+ is bad", common), common
     assert re.fullmatch(
         r"jorb \[\d+:\d\d:\d\d\] 12/12 finished \| fetch 0 waiting 0 running 12 done"
-        r" \| work 0 waiting 0 running 10 done 2 errors( [\d.]+/s)? \| done 10 \| failed 2"
-        r" \| cancelled 0",
+        r" \| work 0 waiting 0 running 10 done 2 errors 2 gave up( [\d.]+/s)?"
+        r" \| done 10 \| failed 2 \| cancelled 0",
         last,
     ), last
     assert "\x1b" not in err  # no escape codes in a log

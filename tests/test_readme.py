@@ -57,7 +57,8 @@ NEEDS = {
 FRAGMENTS = {
     "app.git.clone": "the canonical shape: app, repos and upload stand for the user's own",
     "aiohttp.ClientSession()": "needs aiohttp, states and run",
-    "class Exporter:": "needs a Prometheus gauge, app, states and run",
+    "class Printer:": "needs app, states and run",
+    "from jorb.prometheus import Exporter": "needs app, states and run",
     "import jorb.dask": "needs `pip install 'jorb[dask]'` and make_app",
 }
 

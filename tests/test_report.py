@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import process
 
+import jorb
 from jorb import JorbError, Run, StateError, report
 from jorb.model import Job
 
@@ -130,10 +132,10 @@ def test_errors_per_state_most_common_first(run: Run) -> None:
         ("new", 2, 1, 2),
         ("edit", 2, 1, 1),
     ]
-    assert summaries[1].common == (report.ErrorGroup("ValueError: bad file b", 2, 1),)
+    assert summaries[1].common == (report.ErrorGroup("ValueError: bad file b", 2, 1, ("4",)),)
     assert report.errors(run)[0].common == (
-        report.ErrorGroup("TimedOut: timed out after 5s", 1, 1),
-        report.ErrorGroup("ValueError: boom", 1, 1),
+        report.ErrorGroup("TimedOut: timed out after 5s", 1, 1, ("5",)),
+        report.ErrorGroup("ValueError: boom", 1, 1, ("5",)),
     )
     assert report.last_error(run.jobs["5"]) == ("new", run.jobs["5"].errors["new"][1])
     assert report.last_error(run.jobs["1"]) is None
@@ -155,10 +157,10 @@ def test_errors_that_differ_only_in_numbers_group_together() -> None:
     (summary,) = report.errors(run, top=5)
     assert (summary.errors, summary.jobs, summary.groups) == (7, 7, 4)
     assert summary.common == (
-        report.ErrorGroup("ValueError: repo-012 not found", 3, 2),
-        report.ErrorGroup("ValueError: commit 3f2a9c1d0b not found", 2, 2),
-        report.ErrorGroup("ValueError: took 3.5s, limit 2s", 1, 1),
-        report.ErrorGroup("ValueError: repo-x not found", 1, 1),
+        report.ErrorGroup("ValueError: repo-012 not found", 3, 2, ("1", "2", "3")),
+        report.ErrorGroup("ValueError: commit 3f2a9c1d0b not found", 2, 2, ("5", "6")),
+        report.ErrorGroup("ValueError: took 3.5s, limit 2s", 1, 1, ("4",)),
+        report.ErrorGroup("ValueError: repo-x not found", 1, 1, ("7",)),
     )
 
 
@@ -179,8 +181,8 @@ def test_graph_as_mermaid_and_dot(run: Run) -> None:
     g = report.graph(run)
     assert report.to_mermaid(g) == (
         "flowchart LR\n"
-        '    s0["new (1)"]\n'
-        '    s1["edit (1)"]\n'
+        '    s0["new (1) · 3.00s"]\n'
+        '    s1["edit (1) · 2.00s"]\n'
         '    s2(["done (2)"])\n'
         '    s3(["failed (1)"])\n'
         '    s4["weird (1)"]\n'
@@ -193,6 +195,7 @@ def test_graph_as_mermaid_and_dot(run: Run) -> None:
     dot = report.to_dot(g)
     assert dot.startswith("digraph jorb {\n    rankdir=LR;\n")
     assert '    "done" [label="done (2)", shape=doublecircle];\n' in dot
+    assert '    "new" [label="new (1) · 3.00s"];\n' in dot
     assert '    "new" -> "edit" [label="2"];\n' in dot
     assert '    "failed" -> "new" [label="redrive 1", style=dashed];\n' in dot
     assert dot.endswith("}\n")
@@ -203,7 +206,7 @@ def test_graph_labels_survive_odd_state_names() -> None:
     run.declared = [{"name": 'say "hi" | bye', "terminal": False}, {"name": "ok", "terminal": True}]
     run.jobs["1"] = Job("1", "ok", {}, history=[step('say "hi" | bye', "ok", T0, 1.0)])
     g = report.graph(run)
-    assert '    s0["say #quot;hi#quot; #124; bye (0)"]\n' in report.to_mermaid(g)
+    assert '    s0["say #quot;hi#quot; #124; bye (0) · 1.00s"]\n' in report.to_mermaid(g)
     assert '"say \\"hi\\" | bye" -> "ok"' in report.to_dot(g)
 
 
@@ -288,3 +291,94 @@ def test_timings_count_an_entry_whose_from_is_a_list_or_an_object_under_its_text
     timings = report.timings(loaded)
     assert timings["['a']"].total == 1.0 and timings["{'x': 1}"].total == 2.0
     assert report.graph(loaded).edges[("['a']", "b")] == 1
+
+
+# -- pictures: kicks, give-ups, time, durations ------------------------------------------------
+
+
+@pytest.fixture
+def fanout(tmp_path: Path) -> Run:
+    """index kicks 3 fetch jobs per job and moves on to a second step; fetch of n=2 always fails
+    (one retry, then failed)."""
+
+    def index(app: object, overall: object, ctx: dict) -> tuple:
+        kicks = [jorb.Kick("fetch", {"n": n}) for n in range(3)]
+        return ctx, "tidy", kicks
+
+    def fetch(app: object, overall: object, ctx: dict) -> tuple:
+        if ctx["n"] == 2:
+            raise LookupError(f"page {ctx['n']} not found")
+        return ctx, "done"
+
+    states = [
+        jorb.State("index", exec=index),
+        jorb.State("tidy", exec=lambda app, overall, ctx: (ctx, "done")),
+        jorb.State("fetch", exec=fetch, retries=1, on_error="failed"),
+        jorb.State("done", terminal=True),
+        jorb.State("failed", terminal=True),
+    ]
+    run = jorb.Run.open(tmp_path / "run.json")
+    for n in range(2):
+        run.add_job({"page": n}, "index")
+    process(states, run)
+    run.close()
+    return Run.load(tmp_path / "run.json")
+
+
+def test_graph_has_kick_edges_give_ups_and_timings(fanout: Run) -> None:
+    g = report.graph(fanout)
+    assert g.kicks == {("index", "fetch"): 6}
+    assert g.edges[("fetch", "failed")] == 2 and g.gave_up == {("fetch", "failed"): 2}
+    assert g.error_states == {"failed"}
+    assert g.timings["fetch"].count == 6  # 4 to done, 2 given up
+    mermaid = report.to_mermaid(g)
+    assert '    s0 ==>|"kick 6"| s2\n' in mermaid
+    assert "    class s4 error\n" in mermaid
+    dot = report.to_dot(g)
+    assert '"index" -> "fetch" [label="kick 6", style=bold, color=blue];' in dot
+    assert '"failed" [label="failed (2)", shape=doublecircle, color=red, fontcolor=red];' in dot
+    doc = report.graph_document(g)
+    assert {"from": "index", "to": "fetch", "count": 6, "kind": "kick"} in doc["edges"]
+    failed = next(node for node in doc["nodes"] if node["name"] == "failed")
+    assert failed == {
+        "name": "failed",
+        "terminal": True,
+        "jobs": 2,
+        "error_state": True,
+        "timing": None,
+    }
+
+
+def test_a_kick_is_told_from_the_parents_later_transitions_by_the_jobs_after_it() -> None:
+    run = Run(None)
+    run.jobs["1"] = Job(
+        "1", "done", {}, history=[step("a", "b", T0 + 1, 1), step("b", "done", T0 + 2, 1)]
+    )
+    # Kicked by 1's exec in a, but waited: its first exec started after 1 left b.
+    run.jobs["2"] = Job("2", "done", {}, parent="1", history=[step("c", "done", T0 + 10, 1)])
+    # Created after 2 (a larger id), and started before 1 left b: so 2 was born by then.
+    run.jobs["3"] = Job("3", "done", {}, history=[step("c", "done", T0 + 1.8, 0.3)])
+    assert report.graph(run).kicks == {("a", "c"): 1}
+    del run.jobs["3"]  # without it, the best guess is 1's last transition before 2 started
+    assert report.graph(run).kicks == {("b", "c"): 1}
+
+
+def test_timeline_bins_every_exec_and_error_once(run: Run) -> None:
+    line = report.timeline(run, bins=10)
+    assert line is not None
+    assert line.start == T0  # the first exec's end (the redrive at REDRIVE is not an exec)
+    assert {k: sum(v) for k, v in line.done.items()} == {"new": 3, "edit": 3}
+    assert {k: sum(v) for k, v in line.errors.items()} == {"new": 2, "edit": 2}
+    assert line.rate_limited == {}
+    assert all(len(v) == 10 for v in [*line.done.values(), *line.errors.values()])
+    assert report.timeline(Run(None)) is None
+
+
+def test_durations_and_slowest_execs(run: Run) -> None:
+    hist = report.durations(run, bins=5)
+    assert hist is not None and len(hist.edges) == 6
+    assert hist.edges[0] == pytest.approx(0.5) and hist.edges[-1] == pytest.approx(5.0)
+    assert {k: sum(v) for k, v in hist.counts.items()} == {"new": 3, "edit": 3}
+    assert hist.counts["new"][-1] == 1  # the 5 s exec, in the last bin
+    slow = report.slowest(run, top=2)
+    assert [(s.job, s.source, s.duration) for s in slow] == [("5", "new", 5.0), ("2", "edit", 4.0)]
