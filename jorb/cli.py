@@ -915,9 +915,10 @@ def _text(value: object, style: str = "", *, lines: bool = False) -> Text:
 
 def _json(value: Any) -> Text:
     """A JSON value indented and highlighted, its control characters in JSON's own escapes
-    (``\\u001b``: the text still reads as the same JSON)."""
+    (``\\u001b``: the text still reads as the same JSON). ``json.dumps`` escapes C0 controls
+    inside strings itself; the line breaks left are the indent's own, so they stay."""
     dumped = json.dumps(value, indent=2, ensure_ascii=False)
-    dumped = _CONTROL.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
+    dumped = _CONTROL_BUT_LINES.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped)
     text = JSONHighlighter()(dumped)
     text.no_wrap = True
     return text

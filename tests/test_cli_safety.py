@@ -174,6 +174,20 @@ def test_user_data_reaches_the_terminal_escaped_and_without_markup(tmp_path: Pat
     assert ESC not in error and "no\\x1b[2Jsuch" in error
 
 
+def test_show_prints_the_ctx_as_indented_json_with_its_controls_escaped(tmp_path: Path) -> None:
+    doc = copy.deepcopy(BASE)
+    doc["jobs"][0]["ctx"] = {"repo": "acme/x", "files": ["a.py"], "note": "line\nbreak\u202e"}
+    path = tmp_path / "run.json"
+    path.write_bytes(orjson.dumps(doc))
+
+    output = _run(path, ["show", "1"])
+
+    assert '  "repo": "acme/x",\n' in output  # one key per line, as the run file has it
+    assert "\\u000a" not in output  # the indent's line breaks are not escaped
+    assert '"note": "line\\nbreak\\u202e"' in output  # a line break inside a value is JSON's
+    assert "\u202e" not in output
+
+
 def test_safe_escapes_controls_and_keeps_what_is_printable() -> None:
     assert safe("plain ünïcode 日本 [b]") == "plain ünïcode 日本 [b]"
     assert safe("a\x1b[31mb\x07\x7f\x85\u202e") == "a\\x1b[31mb\\x07\\x7f\\x85\\u202e"
