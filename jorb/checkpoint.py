@@ -84,6 +84,7 @@ from .model import (
     json_default,
     plug_files,
     record_problem,
+    transitions_in,
 )
 from .runfile import read_pieces
 
@@ -581,7 +582,7 @@ def _replay(
     if header is None or first is None:
         return  # no journal, or one whose every record is already folded into the snapshot
     if header["seq"] != base or header["length"] != snapshot[0] or header["crc"] != snapshot[1]:
-        unsaved = 1 + sum(1 for _ in pending)
+        unsaved = transitions_in(first[1]) + sum(transitions_in(r) for _, r in pending)
         raise JournalConflictError(
             f"{path} was changed after its last process stopped uncleanly, while {jpath} "
             f"still holds {unsaved} transition(s) not saved in it: the two disagree, and "

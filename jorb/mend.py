@@ -35,7 +35,7 @@ from .checkpoint import (
     read_journal,
 )
 from .errors import JournalConflictError, RunFileError
-from .model import Job, Run, apply_record
+from .model import Job, Run, apply_record, transitions_in
 
 __all__ = ["Folded", "fold"]
 
@@ -90,7 +90,7 @@ def _counting(records: Records, base: int, counted: list[int]) -> Records:
     """``records`` as they are, adding up the transitions of those after ``base``."""
     for line, record in records:
         if record["seq"] > base:
-            counted[0] += _transitions(record)
+            counted[0] += transitions_in(record)
         yield line, record
 
 
@@ -111,8 +111,8 @@ def _merge(path: Path, store: Store) -> Folded:
                 continue
             last = record["seq"]
             kept = _keep(run, record, yours, seen)
-            taken = 0 if kept is None else _transitions(kept)
-            applied, dropped = applied + taken, dropped + _transitions(record) - taken
+            taken = 0 if kept is None else transitions_in(kept)
+            applied, dropped = applied + taken, dropped + transitions_in(record) - taken
             if kept is not None:
                 apply_record(run, kept)
     run.seq = max(run.seq, last)  # a journal left behind by a crash from here on is folded in
@@ -192,11 +192,6 @@ def _last_state(job: Job) -> str | None:
     entry = job.history[-1]
     to = entry.get("to") if isinstance(entry, dict) else entry[1]
     return to if isinstance(to, str) else None
-
-
-def _transitions(record: dict[str, Any]) -> int:
-    """How many transitions (or changes) a journal record holds."""
-    return len(record["ok"]) if "ok" in record else 1
 
 
 def _kid_id(raw: Any) -> str:

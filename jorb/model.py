@@ -896,6 +896,12 @@ def _check(raw: Mapping[str, Any], key: str, kind: Any, where: str, default: Any
 # a crash is exactly what the process had made durable.
 
 
+def transitions_in(record: dict[str, Any]) -> int:
+    """How many transitions (or changes) a journal record holds: a batch of plain successes
+    (``"ok"``) one per entry, any other record one."""
+    return len(record["ok"]) if "ok" in record else 1
+
+
 def apply_record(run: Run, record: dict[str, Any]) -> None:
     """Apply one journal record to ``run`` (live or on replay)."""
     run.seq = record["seq"]

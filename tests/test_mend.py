@@ -121,3 +121,32 @@ def test_fold_refuses_a_run_a_process_holds(crashed: Path) -> None:
             fold(crashed)
     finally:
         holder.close()
+
+
+
+def test_the_conflict_counts_transitions_not_journal_lines(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Plain successes of async execs share one journal record per group commit: the count a
+    # user is told must be the jobs' moves, not the journal's lines.
+    async def new(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "done"
+
+    def finish(store: Store) -> None:  # as a kill -9 just before the last compaction
+        store.executing = False
+        store._close_journal()
+
+    run = make_run([{"n": n} for n in range(6)])
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "finish", finish)
+        jorb.Processor(None, [jorb.State("new", exec=new), DONE], progress=False).exec(run)
+    path = run.path
+    assert path is not None
+    records = [record for _, record in read_journal(journal_path(path))[1]]
+    assert len(records) < 6 and sum(len(r.get("ok", ())) for r in records) == 6  # batched
+    doc = json.loads(path.read_text())
+    doc["jobs"][0]["ctx"]["note"] = "edited"
+    path.write_text(json.dumps(doc, indent=2))
+
+    with pytest.raises(jorb.JournalConflictError, match=r"still holds 6 transition\(s\)"):
+        jorb.Run.load(path)
