@@ -48,7 +48,8 @@ app = typer.Typer(
     name="jorb",
     help=(
         "Look into a jorb run file and steer it from the shell.\n\n"
-        "Reading commands (status, jobs, show, graph) work while a process runs the file. "
+        "Reading commands (status, jobs, show, graph, report, watch) work while a process "
+        "runs the file. "
         "Changing commands (redrive, cancel, add, pause, resume) edit the file under its lock, "
         "or hand the change to the running process and return once it is applied. "
         "`fold` brings a crashed run's file up to date without the script."
@@ -376,7 +377,16 @@ def show(
     steps = report.history(run, job)
     if as_json:
         doc = {field.name: getattr(job, field.name) for field in dataclasses.fields(job)}
-        doc["history"] = [dataclasses.asdict(step) for step in steps]
+        doc["history"] = [  # the keys the run file uses ("from", "to"), and who moved it
+            {
+                "from": step.source,
+                "to": step.target,
+                "time": step.time,
+                "duration": step.duration,
+                "redrive": step.redrive,
+            }
+            for step in steps
+        ]
         parent = detail.parent
         doc["parent"] = (
             None

@@ -518,7 +518,7 @@ def test_status_show_and_graph_as_json(finished: Path) -> None:
     shown = json.loads(cli("show", finished, "2", "--json"))
     assert (shown["id"], shown["state"], shown["parent"]) == ("2", "done", None)
     assert [kid["state"] for kid in shown["children"]] == ["done", "done"]
-    assert [(s["source"], s["target"], s["redrive"]) for s in shown["history"]] == [
+    assert [(s["from"], s["to"], s["redrive"]) for s in shown["history"]] == [
         ("new", "edit", False),
         ("edit", "done", False),
     ]
