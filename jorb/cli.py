@@ -651,11 +651,14 @@ def cancel(
     line = f"cancelled {int(result.get('cancelled', 0)):,} job(s) (now in {to!r})"
     if running:
         line += f"; the execs of {len(running):,} were running and were stopped"
-    skipped = result.get("skipped") or []
-    if skipped:
+    settling = result.get("settling") or []
+    finished = [i for i in result.get("skipped") or [] if i not in settling]
+    if finished:
+        line += f"; {len(finished):,} left: already finished ({', '.join(finished[:5])})"
+    if settling:
         line += (
-            f"; {len(skipped):,} left: already finished or settling right now "
-            f"({', '.join(skipped[:5])})"
+            f"; {len(settling):,} left: settling right now, cancel again "
+            f"({', '.join(settling[:5])})"
         )
     typer.echo(safe(line))
 

@@ -325,7 +325,7 @@ def _cancel(
             raise JorbError(f"{source!r} is terminal: its jobs are finished, nothing to cancel")
         candidates = [job.id for job in run.jobs.values() if job.state == source]
     finished = {name for name, terminal in declared.items() if terminal}
-    moved, running, skipped = [], [], []
+    moved, running, skipped, settling = [], [], [], []
     for ident in candidates:
         if run.jobs[ident].state in finished:
             skipped.append(ident)
@@ -334,9 +334,12 @@ def _cancel(
             running.append(ident)
         elif busy(ident):
             skipped.append(ident)
+            settling.append(ident)  # between its exec and its checkpoint: not moved
         else:
             moved.append(ident)
-    result = {"cancelled": len(moved), "running": running, "skipped": skipped}
+    result: dict[str, Any] = {"cancelled": len(moved), "running": running, "skipped": skipped}
+    if settling:
+        result["settling"] = settling  # (the rest of "skipped" are finished already)
     if not moved:
         raise Unchanged(result)
     record = {"op": "cancel", "to": target, "jobs": moved, "time": now}

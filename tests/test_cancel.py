@@ -233,7 +233,7 @@ def test_jorb_cancel_offline_moves_waiting_jobs_and_status_shows_them(make_run: 
     assert out.exit_code == 0, out.output
     assert out.stdout.strip() == "cancelled 3 job(s) (now in 'cancelled')"
     again = runner.invoke(cli_app, ["cancel", str(run.path), "--job", "4"])
-    assert again.stdout.strip().endswith("1 left: already finished or settling right now (4)")
+    assert again.stdout.strip().endswith("1 left: already finished (4)")  # (offline: none settles)
 
     status = runner.invoke(cli_app, ["status", str(run.path)], env={"COLUMNS": "120"})
     assert "cancelled 3 job(s) -> 'cancelled'" in status.stdout
