@@ -538,10 +538,13 @@ def summary(status: Status, errors: list[tuple[int, str, str]], width: int = 100
             f"jorb: stopped: {status.finished:,} of {status.jobs:,} jobs in terminal states{ends}"
         )
     elapsed = max(status.elapsed, 1e-9)
+    execs = status.transitions  # every settled exec, failed attempts too
+    failed = sum(row.errors for row in status.states)
+    outcome = f" ({execs - failed:,} succeeded, {failed:,} failed)" if failed else ""
     lines = [
         head,
-        f"jorb: {status.transitions:,} transitions in {_clock(status.elapsed)}, "
-        f"{_per_second(status.transitions / elapsed)} on average",
+        f"jorb: {execs:,} execs in {_clock(status.elapsed)}{outcome}, "
+        f"{_per_second(execs / elapsed)} on average",
     ]
     if errors:
         lines.append("jorb: most common errors of this exec:")

@@ -225,7 +225,8 @@ def test_the_end_of_exec_summary_counts_ends_errors_and_throughput(tmp_path: Pat
     assert result.returncode == 0, result.stderr
     lines = result.stderr.splitlines()
     start = lines.index("jorb: complete: all 5 jobs are in terminal states: done 2, failed 3")
-    assert re.fullmatch(r"jorb: 8 transitions in 0:00:\d\d, [\d.,]+/s on average", lines[start + 1])
+    execs = r"jorb: 8 execs in 0:00:\d\d \(2 succeeded, 6 failed\), [\d.,]+/s on average"
+    assert re.fullmatch(execs, lines[start + 1])
     assert lines[start + 2 :] == [
         "jorb: most common errors of this exec:",
         "        6× new: ConnectionError: host 1 unreachable",

@@ -255,7 +255,8 @@ def test_piped_stdout_gets_plain_status_lines(tmp_path: Path, gate: tuple[Path, 
     )
     *_, last, summary, rate, errors, common = err.splitlines()  # the last status line, summary
     assert summary == "jorb: complete: all 12 jobs are in terminal states: done 10, failed 2"
-    assert re.fullmatch(r"jorb: 24 transitions in \d+:\d\d:\d\d, [\d.,]+/s on average", rate)
+    execs = r"jorb: 24 execs in \d+:\d\d:\d\d \(22 succeeded, 2 failed\), [\d.,]+/s on average"
+    assert re.fullmatch(execs, rate)
     assert errors == "jorb: most common errors of this exec:"
     assert re.fullmatch(r" +2× work: ValueError: job \d+ is bad", common), common
     assert re.fullmatch(
