@@ -261,7 +261,7 @@ def test_errors_cross_back_with_their_type_message_and_worker_traceback(
     kinds = ["value", "unpicklable", "limited", "answer"]
     run = make_run([{"kind": k} for k in kinds])
 
-    process(states, run, **({"stop_on_bug": False} if _takes_stop_on_bug() else {}))
+    process(states, run, stop_on_bug=False)  # (recorded and routed, not stopped at)
 
     by_kind = {job.ctx["kind"]: job for job in run.jobs.values()}
     [value] = by_kind["value"].errors["new"]
@@ -277,12 +277,6 @@ def test_errors_cross_back_with_their_type_message_and_worker_traceback(
     [answer] = by_kind["answer"].errors["new"]
     assert "cannot be sent back from its worker process" in answer["message"]
     assert by_kind["answer"].state == "failed"
-
-
-def _takes_stop_on_bug() -> bool:
-    import inspect
-
-    return "stop_on_bug" in inspect.signature(jorb.Processor).parameters
 
 
 def test_an_app_factory_that_fails_stops_the_exec_before_any_job(make_run: MakeRun) -> None:
