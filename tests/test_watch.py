@@ -48,19 +48,24 @@ jorb.Processor(None, states, progress=False, poll_interval=0.05).exec(run)
 """
 
 
-@pytest.fixture
-def running(tmp_path: Path, gate: tuple[Path, int]) -> Iterator[tuple[Path, int]]:
-    """A process executing a run whose two jobs wait in b's execs for a byte each."""
-    fifo, fd = gate
-    (tmp_path / "live.py").write_text(SCRIPT)
-    path = tmp_path / "run.json"
-    script = subprocess.Popen(
-        [sys.executable, "live.py", path.name, str(fifo)],
+def _launch(tmp_path: Path, script: str, fifo: Path) -> subprocess.Popen[str]:
+    """Run ``script`` as live.py in ``tmp_path`` on run.json, its gate the ``fifo``."""
+    (tmp_path / "live.py").write_text(script)
+    return subprocess.Popen(
+        [sys.executable, "live.py", "run.json", str(fifo)],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+@pytest.fixture
+def running(tmp_path: Path, gate: tuple[Path, int]) -> Iterator[tuple[Path, int]]:
+    """A process executing a run whose two jobs wait in b's execs for a byte each."""
+    fifo, fd = gate
+    path = tmp_path / "run.json"
+    script = _launch(tmp_path, SCRIPT, fifo)
     try:
         assert script.stdout is not None
         # Both jobs are in b's execs: their a -> b transitions are on disk (in the journal).
@@ -155,15 +160,8 @@ def test_a_watcher_loads_the_run_again_when_the_journal_is_compacted(
         "import jorb, jorb.checkpoint\n"
         "jorb.checkpoint.MIN_COMPACT_BYTES = jorb.checkpoint.COMPACT_RATIO = 0\n",
     ).replace("for n in (1, 2):", "for n in (1, 3, 4, 5):")
-    (tmp_path / "live.py").write_text(script)
     path = tmp_path / "run.json"
-    process = subprocess.Popen(
-        [sys.executable, "live.py", path.name, str(fifo)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _launch(tmp_path, script, fifo)
     try:
         assert process.stdout is not None
         assert len([process.stdout.readline() for _ in range(2)]) == 2  # b's two slots taken
