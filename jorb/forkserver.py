@@ -3,9 +3,10 @@
 The coordinator (``jorb.pool``) forks the fork server once, as ``exec`` starts; the fork server
 forks each worker when asked, reaps the dead, and ends them all when told to stop or when its
 socket ends. A worker makes its app, then runs the calls that arrive on its socket in order, each
-answered with ``(kind, value, seconds)``: ``("ok", answer, s)``, ``("error", flattened, s)``,
-``("skipped", None, 0)`` for one cancelled before its turn, after a first ``("ready", None, 0)``
-(or ``("app", traceback, 0)`` if the factory failed). Every message on a worker's socket is a
+answered with ``(kind, value, seconds, ended)``: ``("ok", answer, s, t)``, ``("error", flattened,
+s, t)``, ``("skipped", None, 0, t)`` for one cancelled before its turn (``t``: when it ended, by
+``time.monotonic()``, which all processes share), after a first ``("ready", None, 0, 0)`` (or
+``("app", traceback, 0, 0)`` if the factory failed). Every message on a worker's socket is a
 4-byte length and a pickle; the fork server's requests and replies are fixed-size structs.
 """
 
@@ -100,32 +101,34 @@ def _serve_execs(
                     loop = asyncio.new_event_loop()
                     app = loop.run_until_complete(app)
         except BaseException:
-            send(sock, dumps(("app", traceback.format_exc(), 0.0)))
+            send(sock, dumps(("app", traceback.format_exc(), 0.0, 0.0)))
             os._exit(1)
-        send(sock, dumps(("ready", None, 0.0)))
+        send(sock, dumps(("ready", None, 0.0, 0.0)))
         inbox = _Inbox(sock)
         while inbox.receive():
             ident, name, args = inbox.calls.popleft()
             if ident in inbox.skipped:  # cancelled before its turn came: not run
                 inbox.skipped.discard(ident)
-                send(sock, dumps(("skipped", None, 0.0)))
+                send(sock, dumps(("skipped", None, 0.0, time.monotonic())))
                 continue
-            began = time.perf_counter()
+            began = time.monotonic()
             try:
                 if name in async_names:
                     loop = loop or asyncio.new_event_loop()
                     result = loop.run_until_complete(execs[name](app, *args))
                 else:
                     result = execs[name](app, *args)
+                ended = time.monotonic()
                 try:
-                    answer = dumps(("ok", result, time.perf_counter() - began))
+                    answer = dumps(("ok", result, ended - began, ended))
                 except Exception as e:
                     raise ExecResultError(
                         f"the exec's answer cannot be sent back from its worker process ({e}); "
                         f"return plain data: (ctx, next_state[, kicks])"
                     ) from None
             except BaseException as e:
-                answer = dumps(("error", flatten(e), time.perf_counter() - began))
+                ended = time.monotonic()
+                answer = dumps(("error", flatten(e), ended - began, ended))
             send(sock, answer)
     except BaseException:
         pass

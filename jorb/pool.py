@@ -36,6 +36,7 @@ import pickle
 import signal
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,9 @@ __all__ = ["ProcessPool"]
 
 _DEPTH = 64  # calls sent to one worker at most: the one it runs, and the next ones...
 _QUEUED = 0.02  # ...as many as take about this many seconds (by the average exec), 2 at least
+#: While a busy worker answers, its socket is read every this many seconds, not at each answer
+#: (see ``ProcessPool._read``).
+_TICK = 0.002
 
 
 def _load(worker: _Worker) -> int:
@@ -95,6 +99,8 @@ class ProcessPool:
         "_ready",
         "_requests",
         "_server",
+        "_tick",
+        "_ticks",
         "_took",
         "_workers",
         "app",
@@ -131,6 +137,8 @@ class ProcessPool:
         self._calls = 0  # calls made: the next one's number
         self._took = _QUEUED  # seconds an exec takes, on average (a moving one)
         self._depth = 2  # calls a worker is sent at most, from that average
+        self._tick: asyncio.TimerHandle | None = None  # the next read, while answers come
+        self._ticks = _TICK  # (0: read each answer as it comes)
 
     def __repr__(self) -> str:
         if self._server is None:
@@ -152,6 +160,8 @@ class ProcessPool:
         if self._server is not None:
             raise JorbError(f"{self!r} is already in use by another exec; give each its own pool")
         self._loop = asyncio.get_running_loop()
+        # On jorb.testing's virtual clock, a tick would not come while a worker works.
+        self._ticks = 0.0 if hasattr(self._loop, "threads_busy") else _TICK
         self._execs = {s.name: s.exec for s in states}
         self._async = {s.name for s in states if s.is_async}
         self._broken, self._closing = None, False
@@ -180,11 +190,11 @@ class ProcessPool:
             raise
         self._loop.add_reader(control.fileno(), self._on_reply)
         for worker in self._workers.values():
-            self._loop.add_reader(worker.fd, self._on_readable, worker)
+            self._listen(worker)
 
     def _await_ready(self, worker: _Worker) -> None:
         try:
-            kind, value, _ = pickle.loads(recv(worker.sock))
+            kind, value, *_ = pickle.loads(recv(worker.sock))
         except (EOFError, OSError) as e:
             raise JorbError(f"a ProcessPool worker ({worker.pid}) died while starting") from e
         if kind == "app":
@@ -232,6 +242,9 @@ class ProcessPool:
         """End every worker and the fork server, and wait until they are gone."""
         self._closing = True
         loop, control, server = self._loop, self._control, self._server
+        if self._tick is not None:
+            self._tick.cancel()
+            self._tick = None
         for worker in self._workers.values():
             if loop is not None and not loop.is_closed():
                 loop.remove_reader(worker.fd)
@@ -278,16 +291,21 @@ class ProcessPool:
             except OSError:
                 ready.remove(worker)  # it died: its reader sees its socket end, and settles
                 continue
+            call.sent = time.monotonic()
             if len(worker.calls) == 1:
-                self._begin(call)
+                self._begin(call, call.sent)
 
-    def _begin(self, call: _Call) -> None:
-        """``call`` is starting in its worker (its predecessors there are done): time it."""
+    def _begin(self, call: _Call, started: float) -> None:
+        """``call`` started in its worker at ``started`` (``time.monotonic()``): time it."""
         if call.timeout is not None:
             assert self._loop is not None
-            call.timer = self._loop.call_later(call.timeout, self._overrun, call)
+            late = max(0.0, time.monotonic() - started)  # (its answer before waited unread)
+            call.timer = self._loop.call_later(call.timeout - late, self._overrun, call)
 
     def _overrun(self, call: _Call) -> None:
+        worker = call.worker
+        if worker is not None and not worker.gone:
+            self._read(worker)  # (its answer may be waiting in the socket, unread)
         if not call.future.done() and call.worker is not None:
             call.overran = True
             self._kill(call.worker)
@@ -323,7 +341,7 @@ class ProcessPool:
         dead, worker = self._requests.popleft()
         worker.pid = pid
         if not block and self._loop is not None:
-            self._loop.add_reader(worker.fd, self._on_readable, worker)
+            self._listen(worker)
         if dead is not None and dead.calls:
             call = dead.calls.popleft()  # (the one it was running: the others are requeued)
             if call.timer is not None:
@@ -332,49 +350,96 @@ class ProcessPool:
                 call.future.set_exception(WorkerLost(describe_death(dead.pid, status)))
 
     def _on_readable(self, worker: _Worker) -> None:
-        """Read what the worker sent, and handle every whole message in it.
+        """The worker sent something: handle it; read on by the tick if it stays busy."""
+        if self._read(worker):
+            self._hold(worker)
 
-        All of them in this turn of the loop, so the answers that piled up while this process
-        was busy (writing the run file, say) settle together, into one commit.
+    def _on_tick(self) -> None:
+        """Read what each held worker answered in the last tick, all in this turn of the loop,
+        so those answers settle into one commit."""
+        self._tick = None
+        for worker in list(self._workers.values()):
+            if not worker.listened and not worker.gone and worker.pid:
+                if self._read(worker):
+                    self._hold(worker)
+                else:
+                    self._listen(worker)  # (a long exec: wait for its answer)
+
+    def _hold(self, worker: _Worker) -> None:
+        """Read ``worker``'s next answers at the tick if it has work enough queued to stay busy
+        meanwhile, else as they come."""
+        if worker.gone or self._closing:
+            return
+        if not self._ticks or len(worker.calls) * self._took < 2 * self._ticks:
+            self._listen(worker)
+            return
+        assert self._loop is not None
+        if worker.listened:
+            self._loop.remove_reader(worker.fd)
+            worker.listened = False
+        if self._tick is None:
+            self._tick = self._loop.call_later(self._ticks, self._on_tick)
+
+    def _listen(self, worker: _Worker) -> None:
+        """Read what ``worker`` sends as it comes."""
+        if not worker.listened and not worker.gone and self._loop is not None:
+            self._loop.add_reader(worker.fd, self._on_readable, worker)
+            worker.listened = True
+
+    def _read(self, worker: _Worker) -> int:
+        """Read what the worker sent, and handle every whole message in it; how many answers.
+
+        A worker that has answered and has calls enough queued to stay busy for two ticks is
+        read every ``_TICK`` seconds (by ``_on_tick``), not as each answer arrives: the calls
+        queued keep it busy meanwhile, their slots are held until their answers are read (so
+        what a crash can make run again is unchanged), and the answers of a tick, from every
+        worker, settle together, into one commit (one fsync) rather than one each. A call's
+        timeout counts from when its worker started it, read from the answer before it.
         """
-        try:
-            data = worker.sock.recv(CHUNK, socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._lost(worker)
-            return
+        answers = 0
         buffer = worker.buffer
-        buffer += data
-        start, end = 0, len(buffer)
-        while end - start >= HEADER.size:
-            (size,) = HEADER.unpack_from(buffer, start)
-            if end - start - HEADER.size < size:
-                break
-            begin = start + HEADER.size
-            start = begin + size
+        while True:
             try:
-                message = pickle.loads(memoryview(buffer)[begin:start])
-            except Exception:  # (a class the worker's answer needs cannot be imported here)
-                error = sys.exc_info()[1] or JorbError("unreadable")
-                message = ("error", flatten(error), 0.0)
-            self._on_message(worker, *message)
-        del buffer[:start]
+                data = worker.sock.recv(CHUNK, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return answers
+            except OSError:
+                data = b""
+            if not data:
+                self._lost(worker)
+                return answers
+            buffer += data
+            start, end = 0, len(buffer)
+            while end - start >= HEADER.size:
+                (size,) = HEADER.unpack_from(buffer, start)
+                if end - start - HEADER.size < size:
+                    break
+                begin = start + HEADER.size
+                start = begin + size
+                try:
+                    message = pickle.loads(memoryview(buffer)[begin:start])
+                except Exception:  # (a class the worker's answer needs cannot be imported here)
+                    error = sys.exc_info()[1] or JorbError("unreadable")
+                    message = ("error", flatten(error), 0.0, time.monotonic())
+                answers += self._on_message(worker, *message)
+            del buffer[:start]
+            if len(data) < CHUNK:
+                return answers
 
-    def _on_message(self, worker: _Worker, kind: str, value: Any, took: float) -> None:
+    def _on_message(
+        self, worker: _Worker, kind: str, value: Any, took: float, ended: float
+    ) -> int:
         if kind == "ready":
             self._ready.append(worker)
             self._dispatch()
-            return
+            return 0
         if kind == "app":  # its app factory raised: no worker of this pool will do better
             self._broken = JorbError(f"the ProcessPool's app factory failed in a worker:\n{value}")
             self._fail_all(self._broken)
-            return
+            return 0
         call = worker.calls.popleft()
-        if worker.calls:
-            self._begin(worker.calls[0])
+        if worker.calls:  # the next one started when this one ended, or when it arrived
+            self._begin(worker.calls[0], max(ended, worker.calls[0].sent))
         if kind != "skipped":  # how long execs take, on average: how many to queue
             self._took = 0.9 * self._took + 0.1 * took
             self._depth = max(2, min(_DEPTH, math.ceil(_QUEUED / max(self._took, 1e-6))))
@@ -382,11 +447,12 @@ class ProcessPool:
         if call.timer is not None:
             call.timer.cancel()
         if call.future.done():
-            return
+            return 1
         if kind == "ok":
             call.future.set_result(value)
         else:
             call.future.set_exception(rebuild(value))
+        return 1
 
     def _lost(self, worker: _Worker) -> None:
         """A worker's socket ended: it is dead. Replace it; its call fails once it is reaped.
@@ -432,7 +498,7 @@ class ProcessPool:
 class _Worker:
     """The coordinator's view of one worker process."""
 
-    __slots__ = ("buffer", "calls", "fd", "gone", "pid", "sock")
+    __slots__ = ("buffer", "calls", "fd", "gone", "listened", "pid", "sock")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -441,12 +507,13 @@ class _Worker:
         self.calls: deque[_Call] = deque()  # sent to it: the first runs, the others wait
         self.buffer = bytearray()  # what it sent that is not a whole message yet
         self.gone = False  # its socket ended (it is dead, perhaps not reaped yet)
+        self.listened = False  # its socket is read as data comes (else at the tick)
 
 
 class _Call:
     """One exec attempt sent (or waiting to be sent) to a worker."""
 
-    __slots__ = ("future", "ident", "overran", "payload", "timeout", "timer", "worker")
+    __slots__ = ("future", "ident", "overran", "payload", "sent", "timeout", "timer", "worker")
 
     def __init__(
         self, ident: int, payload: bytes, future: asyncio.Future[Any], timeout: float | None
@@ -458,6 +525,7 @@ class _Call:
         self.timer: asyncio.TimerHandle | None = None
         self.worker: _Worker | None = None
         self.overran = False
+        self.sent = 0.0  # when it was sent to its worker (time.monotonic())
 
 
 def hold_clock(loop: asyncio.AbstractEventLoop, by: int) -> None:
