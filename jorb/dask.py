@@ -68,9 +68,9 @@ class DaskPool:
     ``async def``) run once on each Dask worker; what it returns is the ``app`` the execs
     there receive. Workers need jorb installed (``pip install 'jorb[dask]'``).
 
-    A Dask task costs far more than a millisecond exec, so the pool keeps one task per worker
-    thread in flight and sends the attempts that wait meanwhile together, as tasks that run
-    several one after the other. Give its states a ``concurrency`` well above the cluster's
+    A Dask task costs far more than a millisecond exec, so the pool keeps two tasks per worker
+    thread in flight (one running, the next at hand) and sends the attempts that wait meanwhile
+    together, as tasks that run several one after the other. Give its states a ``concurrency`` well above the cluster's
     thread count (32 to 64 times) so there is something to send.
     """
 
@@ -111,7 +111,7 @@ class DaskPool:
         self._plugin = ""
         self._queue: deque[_Attempt] = deque()  # waiting to be sent
         self._in_flight = 0  # tasks sent, not back
-        self._limit = 1  # tasks in flight at most: one per worker thread
+        self._limit = 2  # tasks in flight at most: two per worker thread
 
     def __repr__(self) -> str:
         if self._client is None:
@@ -143,7 +143,9 @@ class DaskPool:
             ]
             if failed:
                 raise JorbError(f"the DaskPool's app factory failed on a worker: {failed[0]}")
-            self._limit = max(1, sum(self._client.nthreads().values()))
+            # Two per thread: a worker that ends a task has the next at hand, not a round trip
+            # through the scheduler and this client away.
+            self._limit = 2 * max(1, sum(self._client.nthreads().values()))
         except BaseException:
             self.close()
             raise

@@ -13,8 +13,10 @@ Lifetimes: the pool starts with ``exec`` and ends with it. A worker runs the app
 then execs one at a time: ``def`` execs directly, ``async def`` ones on the worker's own event
 loop. The coordinator sends a worker its next calls before it needs them (about 20 ms of work,
 by the average exec, at least one), so it goes on working while the coordinator is busy (an
-fsync, a turn of a busy machine's scheduler), and reads every answer waiting in a socket at
-once. A call queued behind a slow exec waits for it (its timeout starts when it starts).
+fsync, a turn of a busy machine's scheduler). While a worker has work queued, the coordinator
+reads its answers every 2 ms (``_TICK``), all workers' in one turn, so they settle into one
+commit (one fsync), rather than waking at each. A call queued behind a slow exec waits for it
+(its timeout starts when it starts).
 
 A worker that dies fails its exec with :class:`~jorb.WorkerLost` once the fork server has
 reaped it, and is replaced; the calls queued behind that exec go to other workers. A timeout
@@ -297,6 +299,7 @@ class ProcessPool:
 
     def _begin(self, call: _Call, started: float) -> None:
         """``call`` started in its worker at ``started`` (``time.monotonic()``): time it."""
+        call.started = started
         if call.timeout is not None:
             assert self._loop is not None
             late = max(0.0, time.monotonic() - started)  # (its answer before waited unread)
@@ -358,12 +361,16 @@ class ProcessPool:
         """Read what each held worker answered in the last tick, all in this turn of the loop,
         so those answers settle into one commit."""
         self._tick = None
+        now = time.monotonic()
         for worker in list(self._workers.values()):
-            if not worker.listened and not worker.gone and worker.pid:
-                if self._read(worker):
-                    self._hold(worker)
-                else:
-                    self._listen(worker)  # (a long exec: wait for its answer)
+            if worker.listened or worker.gone or not worker.pid:
+                continue
+            if self._read(worker):
+                self._hold(worker)
+            elif worker.calls and now - worker.calls[0].started < 4 * self._took:
+                self._hold(worker)  # (its exec should end soon)
+            else:
+                self._listen(worker)  # (a long one: wait for its answer)
 
     def _hold(self, worker: _Worker) -> None:
         """Read ``worker``'s next answers at the tick if it has work enough queued to stay busy
@@ -513,7 +520,17 @@ class _Worker:
 class _Call:
     """One exec attempt sent (or waiting to be sent) to a worker."""
 
-    __slots__ = ("future", "ident", "overran", "payload", "sent", "timeout", "timer", "worker")
+    __slots__ = (
+        "future",
+        "ident",
+        "overran",
+        "payload",
+        "sent",
+        "started",
+        "timeout",
+        "timer",
+        "worker",
+    )
 
     def __init__(
         self, ident: int, payload: bytes, future: asyncio.Future[Any], timeout: float | None
@@ -526,6 +543,7 @@ class _Call:
         self.worker: _Worker | None = None
         self.overran = False
         self.sent = 0.0  # when it was sent to its worker (time.monotonic())
+        self.started = 0.0  # when its worker started it, once known
 
 
 def hold_clock(loop: asyncio.AbstractEventLoop, by: int) -> None:
