@@ -377,7 +377,8 @@ class ProcessPool:
         meanwhile, else as they come."""
         if worker.gone or self._closing:
             return
-        if not self._ticks or len(worker.calls) * self._took < 2 * self._ticks:
+        calls = len(worker.calls)
+        if not self._ticks or calls < 2 or calls * self._took < 2 * self._ticks:
             self._listen(worker)
             return
         assert self._loop is not None

@@ -233,6 +233,96 @@ def test_a_timeout_ends_the_worker_and_frees_its_slot_only_once_it_is_gone(
     assert run.jobs["2"].ctx["previous"] == "gone"  # the next exec started after it was reaped
 
 
+def burn(seconds: float) -> None:
+    """Pure-Python work for ``seconds`` of this process's CPU time."""
+    start = time.thread_time()
+    while time.thread_time() - start < seconds:
+        pass
+
+
+# -- a busy worker's answers, read at the tick ---------------------------------------------------
+
+
+def test_a_busy_workers_answers_share_commits(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fsyncs = [0]
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs[0] += 1
+        real_fsync(fd)
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        burn(0.0005)
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [jorb.State("new", exec=work, concurrency=64, pool=pool), DONE]
+    run = make_run([{"i": i} for i in range(400)])
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+
+    process(states, run)
+
+    assert run.counts() == {"done": 400}, errors_of(run)
+    # Read at each answer, it was about one fsync per answer (each ends before the next answer
+    # comes); read every 2 ms, four or so answers share one.
+    assert fsyncs[0] <= 200, fsyncs  # (~90 here; ~270-370 when read at each answer)
+
+
+def test_in_a_busy_worker_an_exec_that_overruns_times_out_and_no_other(make_run: MakeRun) -> None:
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["i"] == 40:
+            while True:  # never returns
+                pass
+        burn(0.0005)
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [
+        jorb.State("new", exec=work, concurrency=32, timeout=1.0, on_error="failed", pool=pool),
+        DONE,
+    ]
+    run = make_run([{"i": i} for i in range(100)])
+
+    process(states, run)
+
+    assert run.counts() == {"done": 99, "failed": 1}, errors_of(run)
+    [error] = run.jobs["41"].errors["new"]  # (ids count from 1)
+    assert error["type"] == "jorb.errors.TimedOut"
+    assert [job.id for job in run.jobs.values() if job.errors] == ["41"]
+
+
+def test_in_a_busy_worker_a_kill_is_worker_lost_for_the_exec_it_ran_only(
+    make_run: MakeRun,
+) -> None:
+    killed = FORK.Value("i", 0)
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["i"] == 40 and not killed.value:
+            killed.value = os.getpid()
+            os.kill(os.getpid(), signal.SIGKILL)  # (its answers before this one may be unread)
+        burn(0.0005)
+        ctx["pid"] = os.getpid()
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [
+        jorb.State("new", exec=work, concurrency=32, retries=1, backoff=0, pool=pool),
+        DONE,
+    ]
+    run = make_run([{"i": i} for i in range(100)])
+
+    process(states, run)
+
+    assert run.counts() == {"done": 100}, errors_of(run)  # nothing lost
+    [error] = run.jobs["41"].errors["new"]
+    assert error["type"] == "jorb.errors.WorkerLost"
+    assert f"({killed.value}) was killed by SIGKILL" in error["message"]
+    assert [job.id for job in run.jobs.values() if job.errors] == ["41"]  # the one it ran
+    assert run.jobs["41"].ctx["pid"] != killed.value
+
+
 class HoldingError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
