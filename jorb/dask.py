@@ -70,8 +70,8 @@ class DaskPool:
 
     A Dask task costs far more than a millisecond exec, so the pool keeps two tasks per worker
     thread in flight (one running, the next at hand) and sends the attempts that wait meanwhile
-    together, as tasks that run several one after the other. Give its states a ``concurrency`` well above the cluster's
-    thread count (32 to 64 times) so there is something to send.
+    together, as tasks that run several one after the other. Give its states a ``concurrency``
+    well above the cluster's thread count (32 to 64 times) so there is something to send.
     """
 
     __slots__ = (
