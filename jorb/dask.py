@@ -68,9 +68,10 @@ class DaskPool:
     ``async def``) run once on each Dask worker; what it returns is the ``app`` the execs
     there receive. Workers need jorb installed (``pip install 'jorb[dask]'``).
 
-    A Dask task costs far more than a millisecond exec, so the pool keeps two tasks per worker
-    thread in flight (one running, the next at hand) and sends the attempts that wait meanwhile
-    together, as tasks that run several one after the other. Give its states a ``concurrency``
+    A Dask task costs far more than a millisecond exec, so the pool keeps a task per worker
+    thread in flight and sends the attempts that wait meanwhile together, as tasks that run
+    several one after the other; with enough waiting for a full task (64), a second per thread,
+    so a worker that ends one has the next at hand. Give its states a ``concurrency``
     well above the cluster's thread count (32 to 64 times) so there is something to send.
     """
 
@@ -111,7 +112,7 @@ class DaskPool:
         self._plugin = ""
         self._queue: deque[_Attempt] = deque()  # waiting to be sent
         self._in_flight = 0  # tasks sent, not back
-        self._limit = 2  # tasks in flight at most: two per worker thread
+        self._limit = 1  # worker threads: a task in flight for each (two, if full)
 
     def __repr__(self) -> str:
         if self._client is None:
@@ -143,9 +144,7 @@ class DaskPool:
             ]
             if failed:
                 raise JorbError(f"the DaskPool's app factory failed on a worker: {failed[0]}")
-            # Two per thread: a worker that ends a task has the next at hand, not a round trip
-            # through the scheduler and this client away.
-            self._limit = 2 * max(1, sum(self._client.nthreads().values()))
+            self._limit = max(1, sum(self._client.nthreads().values()))
         except BaseException:
             self.close()
             raise
@@ -212,11 +211,23 @@ class DaskPool:
             hold_clock(loop, -1)
 
     def _send(self) -> None:
-        """Send what waits, as tasks of several attempts, while fewer than the limit fly."""
+        """Send what waits, as tasks of several attempts: shared among the threads without a
+        task, or as full tasks, up to a second one per thread.
+
+        A Dask task costs milliseconds of CPU (client, scheduler, worker), so a second task per
+        thread, to spare a worker the round trip to the next, is worth it only if it is full:
+        split small, the tasks cost more than the round trips they spare.
+        """
         remote = self._remote
         assert remote is not None
-        while self._queue and self._in_flight < self._limit:
-            share = -(-len(self._queue) // (self._limit - self._in_flight))  # (rounded up)
+        while self._queue:
+            idle = self._limit - self._in_flight
+            if idle > 0:
+                share = -(-len(self._queue) // idle)  # (rounded up)
+            elif self._in_flight < 2 * self._limit and len(self._queue) >= _MOST:
+                share = _MOST
+            else:
+                return
             batch = [self._queue.popleft() for _ in range(min(share, _MOST))]
             self._in_flight += 1
             items = [(a.state, a.args) for a in batch]
