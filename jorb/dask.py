@@ -230,32 +230,34 @@ class DaskPool:
                 return
             batch = [self._queue.popleft() for _ in range(min(share, _MOST))]
             self._in_flight += 1
-            items = [(a.state, a.args) for a in batch]
+            # One bytes object: Dask passes it through as it is (a list of attempts it would walk
+            # on the client and the scheduler, looking for keys in it).
+            items = pickle.dumps([(a.state, a.args) for a in batch], pickle.HIGHEST_PROTOCOL)
             sent = asyncio.run_coroutine_threadsafe(self._run(items), remote)
             sent.add_done_callback(functools.partial(self._back, batch))
 
-    async def _run(self, items: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-        """On the client's loop: one task for ``items``, and its answers."""
+    async def _run(self, items: bytes) -> bytes:
+        """On the client's loop: one task for ``items`` (pickled), and its answers (pickled)."""
         client = self._client
         assert client is not None
         future = client.submit(_run_batch, self._plugin, items, pure=False)
         try:
-            answers: list[Any] = await client.gather(future, asynchronous=True)
+            answers: bytes = await client.gather(future, asynchronous=True)
             return answers
         except asyncio.CancelledError:
             future.cancel()
             raise
 
-    def _back(self, batch: list[_Attempt], sent: concurrent.futures.Future[list[Any]]) -> None:
+    def _back(self, batch: list[_Attempt], sent: concurrent.futures.Future[bytes]) -> None:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._landed, batch, sent)
 
-    def _landed(self, batch: list[_Attempt], sent: concurrent.futures.Future[list[Any]]) -> None:
+    def _landed(self, batch: list[_Attempt], sent: concurrent.futures.Future[bytes]) -> None:
         """A task is back: settle each attempt it carried, send what waits."""
         self._in_flight -= 1
         try:
-            answers = sent.result()
+            answers = pickle.loads(sent.result())
         except BaseException as e:
             for attempt in batch:
                 if not attempt.future.done():
@@ -335,12 +337,15 @@ class _Plugin(WorkerPlugin):
         self.app = app
 
 
-def _run_batch(plugin: str, items: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
-    """The Dask task: run each attempt in turn; each answer pickled, or the error flattened."""
+def _run_batch(plugin: str, items: bytes) -> bytes:
+    """The Dask task: run each attempt in turn; each answer pickled, or the error flattened.
+
+    ``items`` is a pickled list of ``(state, args)``; the answers go back as one pickle too.
+    """
     worker = distributed.get_worker()
     setup: _Plugin = worker.plugins[plugin]  # type: ignore[assignment]
     answers: list[tuple[str, Any]] = []
-    for state, args in items:
+    for state, args in pickle.loads(items):
         fn, is_async = setup.execs[state]
         try:
             if is_async:  # (on the worker's own event loop, where an async factory made the app)
@@ -357,7 +362,7 @@ def _run_batch(plugin: str, items: list[tuple[str, tuple[Any, ...]]]) -> list[An
                 ) from None
         except BaseException as e:
             answers.append(("error", flatten(e)))
-    return answers
+    return pickle.dumps(answers, pickle.HIGHEST_PROTOCOL)
 
 
 def _check_sendable(plugin: _Plugin) -> None:
