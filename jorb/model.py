@@ -266,6 +266,7 @@ class Run:
         "_holder",
         "_keys",
         "_stamp",
+        "_touched",
         "changes",
         "declared",
         "jobs",
@@ -299,6 +300,9 @@ class Run:
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
         self._keys: dict[str, str] | None = None  # job ids by key, built when first needed
+        # Ids of the jobs changed since the last snapshot, while a store tracks them (None:
+        # nobody does); ``apply_record`` adds to it.
+        self._touched: set[str] | None = None
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -905,9 +909,12 @@ def transitions_in(record: dict[str, Any]) -> int:
 def apply_record(run: Run, record: dict[str, Any]) -> None:
     """Apply one journal record to ``run`` (live or on replay)."""
     run.seq = record["seq"]
+    touched = run._touched
     ok = record.get("ok")
     if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
         jobs, intern = run.jobs, sys.intern
+        if touched is not None:
+            touched.update([entry[0] for entry in ok])
         for ident, to, ctx, when, duration in ok:
             job = jobs[ident]
             to = intern(to)
@@ -921,6 +928,8 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]
+        if touched is not None:
+            touched.add(job.id)
         error = record.get("error")
         if error is not None:
             job.errors.setdefault(record["in"], []).append(error)
@@ -948,6 +957,8 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                if touched is not None:  # (new, so not in any chunk yet: to be sure)
+                    touched.add(kid.id)
                 run.note_key(kid)
                 edge = (source, kid.state)
                 kicks[edge] = kicks.get(edge, 0) + 1
@@ -958,12 +969,16 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
             run.note_key(job)
+            if touched is not None:
+                touched.add(job.id)
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])
     elif op == "resume":
         run.paused.discard(record["name"])
     elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
+        if touched is not None:
+            touched.update(record["jobs"])
         for ident in record["jobs"]:
             job = run.jobs[ident]
             to = sys.intern(record["to"])
