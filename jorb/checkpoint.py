@@ -284,7 +284,7 @@ class Reuse:
     run would give; ``tests/test_checkpoint.py`` checks that on random runs.
     """
 
-    __slots__ = ("fd", "chunks", "touched", "laid")
+    __slots__ = ("chunks", "fd", "laid", "touched")
 
     def __init__(self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], touched: set[str]):
         self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
