@@ -906,17 +906,23 @@ def transitions_in(record: dict[str, Any]) -> int:
     return len(record["ok"]) if "ok" in record else 1
 
 
-def apply_record(run: Run, record: dict[str, Any]) -> None:
-    """Apply one journal record to ``run`` (live or on replay)."""
+def apply_record(run: Run, record: dict[str, Any], ok_jobs: list[Job] | None = None) -> None:
+    """Apply one journal record to ``run`` (live or on replay).
+
+    ``ok_jobs``: for a record of plain successes, the jobs its entries name, in order, when
+    the caller has them at hand (live: looking a hundred thousand ids up costs).
+    """
     run.seq = record["seq"]
     touched = run._touched
     ok = record.get("ok")
     if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
-        jobs, intern = run.jobs, sys.intern
         if touched is not None:
             touched.update([entry[0] for entry in ok])
-        for ident, to, ctx, when, duration in ok:
-            job = jobs[ident]
+        if ok_jobs is None:
+            jobs = run.jobs
+            ok_jobs = [jobs[entry[0]] for entry in ok]
+        intern = sys.intern
+        for job, (_, to, ctx, when, duration) in zip(ok_jobs, ok, strict=True):
             to = intern(to)
             job.history.append((job.state, to, when, duration))
             job.ctx = ctx
