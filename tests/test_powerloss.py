@@ -281,8 +281,8 @@ class Seen:
             Store._write_snapshot,
         )
 
-        def apply_record(run: jorb.Run, record: dict[str, Any]) -> None:
-            real_apply(run, record)
+        def apply_record(run: jorb.Run, record: dict[str, Any], *jobs: Any) -> None:
+            real_apply(run, record, *jobs)
             self.hold(run)
 
         def append(store: Store, record: bytes) -> asyncio.Future[None]:
