@@ -281,12 +281,14 @@ class Reuse:
     A chunk is copied only if it holds the same ``Job`` objects (its first and last, and how
     many: while a processor executes, jobs are only ever added, at the end) and none of them
     was touched. Everything else is encoded, so the bytes are exactly what encoding the whole
-    run would give; ``tests/test_checkpoint.py`` checks that on random runs.
+    run would give (``tests/test_snapshot_reuse.py`` checks every snapshot of a mixed run).
     """
 
     __slots__ = ("chunks", "fd", "laid", "touched")
 
-    def __init__(self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], touched: set[str]):
+    def __init__(
+        self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], touched: set[str]
+    ) -> None:
         self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
         self.chunks = chunks  # (first job, last job, jobs, offset, length) of each chunk
         self.touched = touched
@@ -1059,6 +1061,9 @@ class Store:
         else:
             with self._files:
                 self._close_journal()
+                self._drop_source()
+            if run is not None:
+                run._touched = None  # (no longer tracked: nothing will copy from a snapshot)
 
     def compact(self, run: Run, *, finish: bool = False) -> None:
         """Fold ``run`` into a new snapshot; start a fresh journal (or, with ``finish``, none)."""
