@@ -51,9 +51,6 @@ import inspect
 import itertools
 import logging
 import math
-import os
-import signal
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -71,7 +68,7 @@ from .readonly import read_only
 from .states import CANCELLED, Rate, State, validate
 from .status import StateStatus, Status, StatusListener
 from .steering import Steering
-from .stops import Stops, command_line, say_interrupted
+from .stops import Stops, say_interrupted, take_signals
 from .waiting import Waiting
 
 __all__ = ["Processor"]
@@ -149,7 +146,7 @@ class Processor:
         self._waiting = Waiting(self)
         self._commits = Commits(self)
         self._finished: asyncio.Future[None] | None = None
-        self._stopping = self._interrupted = False
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[StatusListener] = []
         self._clock = time.monotonic
@@ -201,7 +198,7 @@ class Processor:
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
         collector = _tune_collector()
-        restore = self._take_signals(loop)
+        restore = take_signals(loop, self._stops.interrupt)
         app = self.app
         try:
             async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
@@ -238,7 +235,7 @@ class Processor:
                 print_summary(status, self._stops.common())
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
-        self._stops.raise_stop(run, self._interrupted)
+        self._stops.raise_stop(run)
         return run
 
     @contextlib.asynccontextmanager
@@ -498,60 +495,6 @@ class Processor:
         return self._finished is None or self._finished.done()
 
     # -- stopping ------------------------------------------------------------------------------
-
-    def _take_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-        """Handle SIGINT and SIGTERM on the loop while the exec runs, unless someone else does:
-        the default handlers, or asyncio.run's own (which would cancel the main task, with a
-        traceback and no grace period). Returns what puts the previous handlers back."""
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None  # (signals only reach the main thread)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            bound = getattr(handler, "func", handler)  # (asyncio.run's is a partial)
-            ours_to_take = handler in (signal.SIG_DFL, signal.default_int_handler) or isinstance(
-                getattr(bound, "__self__", None), asyncio.Runner
-            )
-            if not ours_to_take:
-                continue
-            try:
-                loop.add_signal_handler(signum, self._on_signal)
-            except (NotImplementedError, RuntimeError, ValueError):
-                continue  # a loop without signal support: Ctrl-C raises KeyboardInterrupt
-            previous[signum] = handler
-
-        def restore() -> None:
-            for signum, handler in previous.items():
-                loop.remove_signal_handler(signum)
-                signal.signal(signum, handler)
-
-        return restore
-
-    def _on_signal(self) -> None:
-        if self._interrupted:
-            # Second signal: stop at once. The run file and journal are always loadable.
-            show_cursor = b"\x1b[?25h" if os.isatty(1) else b""  # a live display hid it
-            os.write(
-                2,
-                show_cursor
-                + f"\njorb: stopped at once; running execs run again when you "
-                f"resume: {command_line()}\n".encode(),
-            )
-            os._exit(130)
-        self._interrupted = True
-        running = sum(lane.running for lane in self._lanes.by_name.values())
-        message = (
-            f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
-            f"Ctrl-C again to stop at once"
-            if running
-            else "stopping: no exec is running; saving the run"
-        )
-        if self._listeners:
-            self._note(message)  # a live display prints it above its bars
-        else:
-            os.write(2, f"\njorb: {message}\n".encode())
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)
 
     async def _shutdown(self, grace: float) -> None:
         """Stop starting execs, let running ones finish (up to ``grace``), fold the journal in."""
