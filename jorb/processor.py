@@ -50,7 +50,6 @@ import gc
 import inspect
 import itertools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -66,7 +65,7 @@ from .lanes import Lane, Lanes
 from .model import Run, check_key, parent_cycle
 from .readonly import read_only
 from .states import CANCELLED, Rate, State, validate
-from .status import StateStatus, Status, StatusListener
+from .status import Status, StatusListener, snapshot
 from .steering import Steering
 from .stops import Stops, say_interrupted, take_signals
 from .waiting import Waiting
@@ -250,40 +249,8 @@ class Processor:
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
-        rows = []
-        for name, state in self.states.items():
-            lane = self._lanes.by_name.get(name)
-            if lane is None:
-                rows.append(StateStatus(name, True, self._lanes.counts.get(name, 0)))
-                continue
-            rate = lane.rate
-            busy = lane.running + lane.delayed + lane.awaiting
-            paused_until = None
-            if rate.paused_until and self._loop is not None:
-                left = rate.paused_until - self._loop.time()
-                paused_until = self._now() + left if left > 0 else None
-            rows.append(
-                StateStatus(
-                    name,
-                    False,
-                    lane.jobs,
-                    waiting=max(0, lane.jobs - busy),
-                    delayed=lane.delayed,
-                    awaiting=lane.awaiting,
-                    running=lane.running,
-                    done=lane.done,
-                    errors=lane.errors,
-                    failed=lane.failed,
-                    paused=lane.paused,
-                    concurrency=state.concurrency,
-                    rate=None if rate.n == math.inf else rate.current / rate.per,
-                    paused_until=paused_until,
-                )
-            )
-        finished = sum(self._lanes.counts.values())
-        total = finished + sum(lane.jobs for lane in self._lanes.by_name.values())
-        elapsed = time.monotonic() - self._started if self._started else 0.0
-        return Status(tuple(rows), total, finished, elapsed, self._commits.transitions)
+        transitions = self._commits.transitions
+        return snapshot(self.states, self._lanes, transitions, self._started, self._loop, self._now)
 
     # -- steering from Python (the command line goes through the run's inbox) -----------------
 
