@@ -59,12 +59,12 @@ from typing import Any
 from . import control
 from .checkpoint import Store
 from .commit import Commits
-from .errors import ExecResultError, JorbError, RunFileError, StateError, public
+from .errors import ExecResultError, JorbError, RunFileError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lane, Lanes
 from .model import Run, check_key, parent_cycle
 from .readonly import read_only
-from .states import CANCELLED, Rate, State, validate
+from .states import CANCELLED, Rate, State, check_jobs, validate
 from .status import Status, StatusListener, snapshot
 from .steering import Steering
 from .stops import Stops, say_interrupted, take_signals
@@ -320,7 +320,7 @@ class Processor:
         answers = control.apply_inbox(run, applied)
         for req in self._steering.take_queued():
             control.apply_one(run, req, applied)
-        self._check_states(run)
+        check_jobs(run, self.states)
         if self._joins and (cycle := parent_cycle(run)):
             raise RunFileError(
                 f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
@@ -358,27 +358,6 @@ class Processor:
             f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
             f"`jorb add`, `jorb pause`; edit the file once it has stopped"
         )
-
-    def _check_states(self, run: Run) -> None:
-        unknown: dict[str, list[str]] = {}
-        for job in run.jobs.values():
-            if job.state not in self.states:
-                unknown.setdefault(job.state, []).append(job.id)
-        if unknown:
-            detail = "; ".join(
-                f"{state!r} (jobs {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
-                for state, ids in sorted(unknown.items())
-            )
-            if run.path is not None and run.path.exists():
-                fix = f"move the jobs (`jorb redrive {run.path} --from S --to T`)"
-            else:  # only in memory so far: nothing on disk to redrive
-                fix = "add the jobs in a declared state (`run.add_job(ctx, state=...)`)"
-            if "new" in unknown:
-                fix += "; `add_job` puts a job in 'new' unless it is given a state"
-            raise StateError(
-                f"{run.path}: jobs are in states the script does not declare: {detail}. "
-                f"Declare them, or {fix}"
-            )
 
     def _start_lanes(self) -> None:
         run = self._run
