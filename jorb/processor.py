@@ -46,7 +46,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import gc
 import inspect
 import itertools
 import logging
@@ -56,7 +55,7 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-from . import control
+from . import control, gc_tuning
 from .checkpoint import Store
 from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, public
@@ -196,7 +195,7 @@ class Processor:
         self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
-        collector = _tune_collector()
+        collector = gc_tuning.tune()
         restore = take_signals(loop, self._stops.interrupt)
         app = self.app
         try:
@@ -222,7 +221,7 @@ class Processor:
         finally:
             self.app = app
             restore()
-            _restore_collector(collector)
+            gc_tuning.restore(collector)
             if ticker is not None:
                 ticker.cancel()
             status = self.statistics()
@@ -485,28 +484,3 @@ def _entered(
     except ValueError:  # (no signature to read)
         return lifespan()
     return lifespan(app)
-
-
-#: The cyclic collector's young-generation threshold while an exec runs (Python's default: 700).
-GC_YOUNG = 50_000
-
-
-def _tune_collector() -> tuple[int, int, int] | None:
-    """Make young collections rarer for the exec's lifetime; returns what to restore.
-
-    Every transition allocates a few containers (a ctx copy, a record entry), so with the
-    default threshold the collector ran every ~200 transitions, each time walking every young
-    object, and its older generations (the run's jobs) every few thousand: 20-30% of an exec's
-    CPU, for no garbage (a transition makes no cycles). A young generation of 50,000 objects
-    costs a few MB at most. Left alone if the collector is off or already tuned higher.
-    """
-    old = gc.get_threshold()
-    if not gc.isenabled() or old[0] == 0 or old[0] >= GC_YOUNG:
-        return None
-    gc.set_threshold(GC_YOUNG, *old[1:])
-    return old
-
-
-def _restore_collector(old: tuple[int, int, int] | None) -> None:
-    if old is not None and gc.get_threshold()[0] == GC_YOUNG:  # (unless changed meanwhile)
-        gc.set_threshold(*old)
