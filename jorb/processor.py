@@ -44,7 +44,6 @@ one loop owns it all, so there are no locks and no copies.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import inspect
 import itertools
@@ -60,10 +59,10 @@ from .checkpoint import Store
 from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, public
 from .executor import Executor, LocalExecutor
-from .lanes import Lane, Lanes
+from .lanes import Lanes
 from .model import Run, check_key, parent_cycle
 from .readonly import read_only
-from .states import CANCELLED, Rate, State, check_jobs, validate
+from .states import CANCELLED, State, check_jobs, validate
 from .status import Status, StatusListener, snapshot
 from .steering import Steering
 from .stops import Stops, say_interrupted, take_signals
@@ -204,7 +203,10 @@ class Processor:
                     await stack.enter_async_context(self._lifespan())
                     for file, answer in answers:
                         control.reply(file, answer)
-                    self._start_lanes()  # queues the jobs; nothing runs before the first await
+                    if self._joins:
+                        self._waiting.index(run)
+                    # Queue the jobs (nothing runs before the first await).
+                    self._lanes.load(run.jobs.values(), self._now())
                     for listener in listeners:
                         listener.start(self.statistics())
                     for name in sorted(run.paused):
@@ -338,16 +340,7 @@ class Processor:
         self._clock = time.monotonic if base_time else loop.time
         self._offset = time.time() - self._clock()
         self._started = time.monotonic()
-        unlimited: dict[str, Rate] = {}
-        lanes = sum(not state.terminal for state in self.states.values())
-        budget = max(1, self.max_pending // max(1, lanes))  # each lane's share
-        for name, state in self.states.items():
-            if state.terminal:
-                self._lanes.counts[name] = 0
-            else:
-                rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                paused = name in run.paused
-                self._lanes.by_name[name] = Lane(state, rate, paused, self._order, budget)
+        self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
 
     def _edit_kept(self, aside: Path) -> None:
@@ -357,27 +350,6 @@ class Processor:
             f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
             f"`jorb add`, `jorb pause`; edit the file once it has stopped"
         )
-
-    def _start_lanes(self) -> None:
-        run = self._run
-        assert run is not None
-        lanes = self._lanes
-        if self._joins:
-            self._waiting.index(run)
-        now = self._now()
-        by_name = lanes.by_name
-        for state, n in collections.Counter(job.state for job in run.jobs.values()).items():
-            lanes.count_many(state, n)
-        # Most jobs go straight to the back of their lane's plain queue (what enqueue does for
-        # a job with no delay, no priority, in a state that does not join), without a call.
-        plain = {n: lane.ready.plain.append for n, lane in by_name.items() if not lane.state.join}
-        for job in run.jobs.values():
-            add = plain.get(job.state)
-            if add is not None and job.not_before is None and not job.priority:
-                add(job)
-            elif job.state in by_name:
-                lanes.enqueue(by_name[job.state], job, now)
-        lanes.wake_all()
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
