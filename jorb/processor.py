@@ -49,9 +49,8 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 from . import control, gc_tuning
@@ -200,7 +199,8 @@ class Processor:
         try:
             async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
                 try:
-                    await stack.enter_async_context(self._lifespan())
+                    if self.lifespan is not None:  # execs get what it yields as their app
+                        self.app = await stack.enter_async_context(_entered(self.lifespan, app))
                     for file, answer in answers:
                         control.reply(file, answer)
                     if self._joins:
@@ -237,16 +237,6 @@ class Processor:
             run.close()  # no longer executing: commands may now edit the file directly
         self._stops.raise_stop(run)
         return run
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self) -> AsyncIterator[None]:
-        """Enter the lifespan (if any) on this loop; execs get what it yields as their app."""
-        if self.lifespan is None:
-            yield
-            return
-        async with _entered(self.lifespan, self.app) as app:
-            self.app = app
-            yield
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
@@ -317,10 +307,7 @@ class Processor:
         store.durable = self.durable
         run.path = store.path  # the real file (a Run made by name may name a symlink)
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
-        applied = self._steering.applied = control.applied_ids(run)  # grows as applied
-        answers = control.apply_inbox(run, applied)
-        for req in self._steering.take_queued():
-            control.apply_one(run, req, applied)
+        answers = self._steering.apply_waiting(run)
         check_jobs(run, self.states)
         if self._joins and (cycle := parent_cycle(run)):
             raise RunFileError(
@@ -330,7 +317,7 @@ class Processor:
         # (Pools start here, before any job: one that cannot start stops the exec now.)
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
-        store.on_edit = self._edit_kept
+        store.on_edit = self._steering.edit_kept
         store.begin(run)  # every added job, change and the declarations reach disk here
         store.prepare = self._commits.prepare  # plain successes go out as one record per flush
         self._finished = loop.create_future()
@@ -342,14 +329,6 @@ class Processor:
         self._started = time.monotonic()
         self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
-
-    def _edit_kept(self, aside: Path) -> None:
-        self._note(
-            f"{self._store.path if self._store else 'the run file'} was edited while this "
-            f"process runs it; this process is its only writer, so the edit is not applied: "
-            f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
-            f"`jorb add`, `jorb pause`; edit the file once it has stopped"
-        )
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -451,8 +430,6 @@ def _entered(
     """``lifespan(app)`` if it takes an argument (Starlette's convention), else ``lifespan()``."""
     try:
         inspect.signature(lifespan).bind(app)
-    except TypeError:
-        return lifespan()
-    except ValueError:  # (no signature to read)
+    except (TypeError, ValueError):  # (ValueError: no signature to read)
         return lifespan()
     return lifespan(app)
