@@ -1,44 +1,22 @@
 """The Processor: one coordinator drives every job of a run through its states.
 
-Shape of the machine. Each non-terminal state is a *lane*: its ready jobs (by priority, FIFO),
-``concurrency`` slots and at most that many worker tasks, created on demand and parked when
-there is nothing to take. A worker waits for the state's Rate, takes a batch of jobs (up to
-the free slots), and runs their execs through the executor seam, inline while they return
-without waiting; at the first that waits, the rest go back to the lane. Each outcome goes to
-the commit path, which turns it into a journal record (new state, ctx, history, error, kicked
-children: see ``outcome``; the plain successes of a turn share one record), applies it to the
-run and queues it for the turn's group commit. A plain success that leaves its state frees its
-slot at once; everything else keeps it until its record is durable. When a commit is on disk,
-its jobs' next steps and their children become ready. What a crash can make run again is the
-running execs plus at most ``max_pending`` settled transitions (each lane stops starting execs
-at its share). Changes from the command line (``control``) go through the same journal.
-Everything runs on one event loop, so nothing is locked: the run is only ever touched from it.
+One event loop owns the run, so nothing is locked. Each non-terminal state is a *lane* (ready
+jobs, slots, workers running batches of execs); outcomes become journal records; a job's next
+step starts once its record is durable (README, Design notes). The modules, one job each, and
+what each may import:
 
-Modules of the engine, each with one job (the arrows are the only imports allowed):
-
-- ``processor`` (this module): the coordinator. The public ``Processor`` (exec/aexec, steering
-  calls, statistics), setting an exec up, its task set, signals and shutdown. Builds one of each
-  part below per exec and holds the state they share (run, store, loop, clock, the finished
-  future). Imports every part; nothing imports it except for type checking.
-- ``lanes``: ``Ready`` queues, ``Lane`` counters and ``Lanes`` — counting jobs per state,
-  queueing them, waking workers, the worker loop and one attempt (exec through the executor).
-  Imports model, states, errors.
-- ``waiting``: jobs waiting for a time (the delay heap and its one timer) or for their open
-  children (fan-in joins). Imports model.
-- ``steering``: pause/resume/redrive/add from Python (any thread) and from the inbox; each
-  change goes through the journal, then into the lanes. Imports control, model, errors.
-- ``commit``: the commit path — settle an outcome into a record (``outcome``), apply it
-  (``model.apply_record``, the same function replay uses), append it to the ``Store`` and, when
-  its group commit is durable, free the slot and queue the job's next step and its children.
-  Imports outcome, model, errors.
-- ``stops``: how an exec ends when it does not simply complete (the first bug in the script,
-  ``sys.exit()`` in an exec), the errors for the end-of-exec summary, and the message that
-  says what happened and how to resume. Imports tracebacks, states, errors.
-- Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
-  ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
-
-The parts reach the shared state through the coordinator (``proc._run``, ``proc._lanes``, ...):
-one loop owns it all, so there are no locks and no copies.
+- ``processor``: the public ``Processor``; sets an exec up, owns its tasks, shuts it down, and
+  holds what the parts share (``proc._run``, ``proc._lanes``...). Imports every part below;
+  nothing imports it but for type checking.
+- ``lanes`` (queues, slots, counters, workers, one attempt): model, states, errors.
+- ``waiting`` (delays, fan-in joins): model, errors.
+- ``commit`` (settle an outcome into a record, apply it as replay does, append it to the
+  ``Store``; once durable, free the slot, queue the next step and children): outcome, model, errors.
+- ``steering`` (changes from Python, any thread, and the inbox): control, model, errors.
+- ``stops`` (a bug, ``sys.exit()``, Ctrl-C; what the user is told): tracebacks, states, errors.
+- ``status`` (snapshots of the lanes' counters), ``gc_tuning``: nothing of jorb's.
+- Below them: ``checkpoint``, ``control``, ``executor``, ``states``, and ``model`` (data and
+  records, no I/O: it imports errors only).
 """
 
 from __future__ import annotations
@@ -59,7 +37,7 @@ from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lanes
-from .model import Run, check_key, parent_cycle
+from .model import Run, check_key
 from .readonly import read_only
 from .states import CANCELLED, State, check_jobs, validate
 from .status import Status, StatusListener, snapshot
@@ -309,11 +287,8 @@ class Processor:
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
         answers = self._steering.apply_waiting(run)
         check_jobs(run, self.states)
-        if self._joins and (cycle := parent_cycle(run)):
-            raise RunFileError(
-                f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
-                f'edit of "parent" fields): a join would wait for them forever. Fix those fields'
-            )
+        if self._joins:
+            self._waiting.check_parents(run)
         # (Pools start here, before any job: one that cannot start stops the exec now.)
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
