@@ -3,20 +3,19 @@
 One event loop owns the run, so nothing is locked. Each non-terminal state is a *lane* (ready
 jobs, slots, workers running batches of execs); outcomes become journal records; a job's next
 step starts once its record is durable (README, Design notes). The modules, one job each, and
-what each may import:
+the modules of jorb each may import (tests/test_api.py holds them to it):
 
-- ``processor``: the public ``Processor``; sets an exec up, owns its tasks, shuts it down, and
-  holds what the parts share (``proc._run``, ``proc._lanes``...). Imports every part below;
-  nothing imports it but for type checking.
+- ``processor`` (the public ``Processor``; sets an exec up, owns its tasks, shuts it down, holds
+  what the parts share: ``proc._run``, ``proc._lanes``...): any; no part imports it at run time.
 - ``lanes`` (queues, slots, counters, workers, one attempt): model, states, errors.
 - ``waiting`` (delays, fan-in joins): model, errors.
 - ``commit`` (settle an outcome into a record, apply it as replay does, append it to the
   ``Store``; once durable, free the slot, queue the next step and children): outcome, model, errors.
 - ``steering`` (changes from Python, any thread, and the inbox): control, model, errors.
 - ``stops`` (a bug, ``sys.exit()``, Ctrl-C; what the user is told): tracebacks, states, errors.
-- ``status`` (snapshots of the lanes' counters), ``gc_tuning``: nothing of jorb's.
-- Below them: ``checkpoint``, ``control``, ``executor``, ``states``, and ``model`` (data and
-  records, no I/O: it imports errors only).
+- ``status`` (snapshots of the lanes' counters), ``gc_tuning`` (the collector, tuned): none.
+- ``model`` (the run's data and records; no I/O): errors.
+- Below the parts: ``checkpoint`` (files, journal, ``Store``), ``control``, ``executor``, ...
 """
 
 from __future__ import annotations
