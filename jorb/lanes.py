@@ -372,6 +372,10 @@ class Lanes:
             copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
         state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
         commits, call, states = proc._commits, executor.call, proc.states
+        # An async def exec with nothing around it is called directly (one coroutine less),
+        # where the executor offers that (``LocalExecutor.direct``).
+        offer = getattr(executor, "direct", None)
+        direct = offer(state) if offer is not None else None
         clock, offset = proc._clock, proc._offset
         ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
         ok_jobs: list[Job] = []
@@ -380,7 +384,7 @@ class Lanes:
             if join:
                 args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
-            coro = call(state, args)
+            coro = call(state, args) if direct is None else direct(*args)
             if type(coro) is not types.CoroutineType:  # an executor's call returned another
                 coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
             lane.running += 1

@@ -266,6 +266,7 @@ class Run:
         "_holder",
         "_keys",
         "_stamp",
+        "_touched",
         "changes",
         "declared",
         "jobs",
@@ -299,6 +300,9 @@ class Run:
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
         self._keys: dict[str, str] | None = None  # job ids by key, built when first needed
+        # Ids of the jobs changed since the last snapshot, while a store tracks them (None:
+        # nobody does); ``apply_record`` adds to it.
+        self._touched: set[str] | None = None
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -902,14 +906,23 @@ def transitions_in(record: dict[str, Any]) -> int:
     return len(record["ok"]) if "ok" in record else 1
 
 
-def apply_record(run: Run, record: dict[str, Any]) -> None:
-    """Apply one journal record to ``run`` (live or on replay)."""
+def apply_record(run: Run, record: dict[str, Any], ok_jobs: list[Job] | None = None) -> None:
+    """Apply one journal record to ``run`` (live or on replay).
+
+    ``ok_jobs``: for a record of plain successes, the jobs its entries name, in order, when
+    the caller has them at hand (live: looking a hundred thousand ids up costs).
+    """
     run.seq = record["seq"]
+    touched = run._touched
     ok = record.get("ok")
     if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
-        jobs, intern = run.jobs, sys.intern
-        for ident, to, ctx, when, duration in ok:
-            job = jobs[ident]
+        if touched is not None:
+            touched.update([entry[0] for entry in ok])
+        if ok_jobs is None:
+            jobs = run.jobs
+            ok_jobs = [jobs[entry[0]] for entry in ok]
+        intern = sys.intern
+        for job, (_, to, ctx, when, duration) in zip(ok_jobs, ok, strict=True):
             to = intern(to)
             job.history.append((job.state, to, when, duration))
             job.ctx = ctx
@@ -921,6 +934,8 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]
+        if touched is not None:
+            touched.add(job.id)
         error = record.get("error")
         if error is not None:
             job.errors.setdefault(record["in"], []).append(error)
@@ -948,6 +963,8 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                if touched is not None:  # (new, so not in any chunk yet: to be sure)
+                    touched.add(kid.id)
                 run.note_key(kid)
                 edge = (source, kid.state)
                 kicks[edge] = kicks.get(edge, 0) + 1
@@ -958,12 +975,16 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
             run.note_key(job)
+            if touched is not None:
+                touched.add(job.id)
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])
     elif op == "resume":
         run.paused.discard(record["name"])
     elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
+        if touched is not None:
+            touched.update(record["jobs"])
         for ident in record["jobs"]:
             job = run.jobs[ident]
             to = sys.intern(record["to"])
