@@ -276,22 +276,21 @@ def _encode_chunk(jobs: list[Job]) -> memoryview:
 class Reuse:
     """What a store needs to write its next snapshot without encoding again the jobs that did
     not change since its last one: that file (open for reading), where each of its chunks of
-    jobs lies in it, and the ids of the jobs that changed since (``Run._touched``).
+    jobs lies in it, and the run's ``_epoch`` once it was written.
 
     A chunk is copied only if it holds the same ``Job`` objects (its first and last, and how
-    many: while a processor executes, jobs are only ever added, at the end) and none of them
-    was touched. Everything else is encoded, so the bytes are exactly what encoding the whole
+    many: while a processor executes, jobs are only ever added, at the end) and no record
+    changed any of them since that file was written (each ``Job._epoch`` is older). Everything
+    else is encoded, so the bytes are exactly what encoding the whole
     run would give (``tests/test_snapshot_reuse.py`` checks every snapshot of a mixed run).
     """
 
-    __slots__ = ("chunks", "fd", "laid", "touched")
+    __slots__ = ("chunks", "epoch", "fd", "laid")
 
-    def __init__(
-        self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], touched: set[str]
-    ) -> None:
+    def __init__(self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
         self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
         self.chunks = chunks  # (first job, last job, jobs, offset, length) of each chunk
-        self.touched = touched
+        self.epoch = epoch  # jobs changed since that file was written have this epoch or later
         self.laid: list[tuple[Job, Job, int, int, int]] = []  # the same, for the new file
 
     def copy(self, index: int, jobs: list[Job]) -> bytes | None:
@@ -301,8 +300,8 @@ class Reuse:
         first, last, count, offset, length = self.chunks[index]
         if count != len(jobs) or first is not jobs[0] or last is not jobs[-1]:
             return None
-        touched = self.touched
-        if touched and any(job.id in touched for job in jobs):
+        epoch = self.epoch
+        if any(getattr(job, "_epoch", 0) >= epoch for job in jobs):
             return None
         data = os.pread(self.fd, length, offset)
         return data if len(data) == length else None
@@ -994,6 +993,7 @@ class Store:
         self._source_fd = -1
         self._chunks: list[tuple[Job, Job, int, int, int]] = []
         self._written_source: tuple[int, int, int] | None = None
+        self._source_epoch = 0
         self._lock_fd = _take_lock(path)
         _STORES.add(self)
 
@@ -1062,8 +1062,6 @@ class Store:
             with self._files:
                 self._close_journal()
                 self._drop_source()
-            if run is not None:
-                run._touched = None  # (no longer tracked: nothing will copy from a snapshot)
 
     def compact(self, run: Run, *, finish: bool = False) -> None:
         """Fold ``run`` into a new snapshot; start a fresh journal (or, with ``finish``, none)."""
@@ -1083,11 +1081,9 @@ class Store:
             length, crc = atomic_write(self.path, self._pieces(run, reuse), durable=self.durable)
             self._written = _stamp(self.path)
             self._drop_source()
+            run._epoch += 1  # (records from now on change jobs after this file)
             if not finish:
-                self._keep_source(reuse.laid)
-                run._touched = set()
-            else:
-                run._touched = None
+                self._keep_source(reuse.laid, run._epoch)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
@@ -1121,16 +1117,16 @@ class Store:
             self.on_edit(aside)
 
     def _reuse(self, run: Run) -> Reuse:
-        """What the next snapshot may copy from the last one: nothing if this process has not
-        tracked every change since (``run._touched``), or if the file was changed in place."""
-        fd, touched = self._source_fd, run._touched
-        if fd >= 0 and touched is not None:
+        """What the next snapshot may copy from the last one: nothing at the start of an exec
+        (``begin`` drops it), or if the file was changed in place since it was written."""
+        fd = self._source_fd
+        if fd >= 0:
             st = os.fstat(fd)
             if (st.st_ino, st.st_size, st.st_mtime_ns) == self._written_source:
-                return Reuse(fd, self._chunks, touched)
-        return Reuse(-1, [], set())
+                return Reuse(fd, self._chunks, self._source_epoch)
+        return Reuse(-1, [], 0)
 
-    def _keep_source(self, chunks: list[tuple[Job, Job, int, int, int]]) -> None:
+    def _keep_source(self, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
         """Open the snapshot just written, to copy its unchanged chunks into the next one."""
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -1141,6 +1137,7 @@ class Store:
             os.close(fd)  # replaced since we wrote it: not ours to copy from
             return
         self._source_fd, self._chunks, self._written_source = fd, chunks, self._written
+        self._source_epoch = epoch
 
     def _drop_source(self) -> None:
         if self._source_fd >= 0:
