@@ -71,8 +71,9 @@ class DaskPool:
     A Dask task costs far more than a millisecond exec, so the pool keeps a task per worker
     thread in flight and sends the attempts that wait meanwhile together, as tasks that run
     several one after the other; with enough waiting for a full task (64), a second per thread,
-    so a worker that ends one has the next at hand. Give its states a ``concurrency``
-    well above the cluster's thread count (32 to 64 times) so there is something to send.
+    so a worker that ends one has the next at hand. Give its states a ``concurrency`` well
+    above the cluster's thread count (32 to 64 times; 128 times for millisecond execs) so there
+    is something to send.
     """
 
     __slots__ = (
