@@ -18,8 +18,9 @@ run it, one after the other in each round so that all three see the same neighbo
   the others are read against when the neighbours leave less than W cores.
 
 For each: throughput (execs/s of wall time), *cores used* (CPU seconds of every process
-involved, the processor's and the pool's, over the wall time) and *overhead per exec* (that CPU
-less N times the calibrated exec's own CPU, over N: what running an exec costs beyond the exec).
+involved, the processor's and the pool's, over the wall time), *overhead per exec* (that CPU
+less N times the calibrated exec's own CPU, over N: what running an exec costs beyond the exec)
+and the run file's fsyncs per exec (group commits).
 Then the *round trip*: N no-op calls straight through ``ProcessPool.call`` with C in flight,
 without a processor: CPU µs per call (both sides) and wall µs per call.
 """
@@ -121,8 +122,9 @@ def own_cpu() -> float:
 
 def one(
     mode: str, n: int, loops: int, concurrency: int, pool: Any, cluster: int | None
-) -> tuple[float, float]:
-    """Run N execs one way; return (wall seconds, CPU seconds of every process involved)."""
+) -> tuple[float, float, int]:
+    """Run N execs one way; return (wall seconds, CPU seconds of every process involved,
+    fsyncs of the run file)."""
     with tempfile.TemporaryDirectory() as tmp:
         run = jorb.Run.open(Path(tmp) / "run.json", overall={"loops": loops})
         for i in range(n):
@@ -131,6 +133,7 @@ def one(
             jorb.State("new", exec=work, concurrency=concurrency, pool=pool),
             jorb.State("done", terminal=True),
         ]
+        store = run._holder  # the checkpoint Store: its counters say how many fsyncs it made
         cpu = own_cpu() + (tree_cpu(cluster) if cluster else 0.0)
         start = time.perf_counter()
         jorb.Processor(None, states, progress=False, durable=DURABLE).exec(run)
@@ -139,7 +142,7 @@ def one(
         if run.counts() != {"done": n}:
             raise SystemExit(f"cpu_bound: {mode}: expected {n} done, got {run.counts()}")
         run.close()
-    return wall, cpu
+    return wall, cpu, getattr(store, "stats", {}).get("fsyncs", 0)
 
 
 async def round_trip(n: int, workers: int, in_flight: int) -> tuple[float, float]:
@@ -196,6 +199,7 @@ def main() -> None:
     cluster, address = (None, "") if args.no_dask else start_cluster(args.workers)
     samples: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
     trips: list[tuple[float, float]] = []
+    fsyncs: dict[str, list[int]] = {m: [] for m in modes}
     try:
         for _ in range(args.runs):
             for mode in modes:
@@ -211,7 +215,9 @@ def main() -> None:
                 concurrency = args.concurrency
                 if mode == "dask" and args.dask_concurrency:
                     concurrency = args.dask_concurrency
-                samples[mode].append(one(mode, args.n, loops, concurrency, pool, tree))
+                wall, cpu, synced = one(mode, args.n, loops, concurrency, pool, tree)
+                samples[mode].append((wall, cpu))
+                fsyncs[mode].append(synced)
             trips.append(asyncio.run(round_trip(args.n, args.workers, args.concurrency)))
     finally:
         if cluster is not None:
@@ -240,6 +246,7 @@ def main() -> None:
             "overhead_us": overhead,
             "vs_threads": median(ratios),
             "vs_bare": median(of_bare),
+            "fsyncs_per_exec": median([f / args.n for f in fsyncs[mode]] or [0.0]),
         }
         rows.append(
             [
@@ -249,12 +256,22 @@ def main() -> None:
                 f"{median(of_bare):.2f}×",
                 f"{cores:.2f}",
                 f"{overhead:.0f}",
+                f"{results[mode]['fsyncs_per_exec']:.2f}",
             ]
         )
     trip_cpu, trip_wall = median([t[0] for t in trips]), median([t[1] for t in trips])
     results["round_trip"] = {"cpu_us": trip_cpu, "wall_us": trip_wall}
     markdown = table(
-        ["executor", "execs/s", "vs threads", "vs bare", "cores used", "overhead µs/exec"], rows
+        [
+            "executor",
+            "execs/s",
+            "vs threads",
+            "vs bare",
+            "cores used",
+            "overhead µs/exec",
+            "fsyncs/exec",
+        ],
+        rows,
     ) + (
         f"\n\nexec: {exec_cpu * 1e3:.2f} ms of CPU; {args.workers} workers, concurrency "
         f"{args.concurrency} (dask {args.dask_concurrency or args.concurrency}); thread "
