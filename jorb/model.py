@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice, repeat
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError, public
@@ -205,6 +206,8 @@ _STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
 _KEYS = ["from", "to", "time", "duration"]
 _REDRIVE_KEYS = [*_KEYS, "redrive"]
 
+_NOT_MADE: Any = None  # a Job's errors until first read (see below)
+
 #: A history entry: ``(from, to, time, duration[, redrive])``, or an object of another shape
 #: that a user wrote into the file.
 Entry = tuple[Any, ...] | dict[str, Any]
@@ -234,8 +237,10 @@ class Job:
     """Transitions, oldest first: each a plain tuple ``(from, to, time, duration)`` (a redrive's
     adds the change's id), or the object as written if one was edited into the file in another
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
-    errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    """Errors grouped by the state they happened in."""
+    errors: dict[str, list[dict[str, Any]]] = _NOT_MADE
+    """Errors grouped by the state they happened in. (Read through a property that makes the
+    dict when first read: most jobs never have an error, and a million empty dicts are 64 MB.
+    Its slot holds None until then; see ``job_errors``.)"""
     key: str | None = None
     """The job's unique key, if it was added with one: at most one job per key in a run."""
     polls: int = 0
@@ -249,6 +254,32 @@ class Job:
         """The history, each entry a :class:`Step` (``step["from"]``, ``step.target``, ...);
         an entry edited into the file in another shape stays the object it is."""
         return [entry if isinstance(entry, Mapping) else Step(*entry) for entry in self.history]
+
+
+_ERRORS_SLOT = Job.__dict__["errors"]  # the slot under the property below
+_ERRORS_DOC = "Errors grouped by the state they happened in."
+_peek_errors: Callable[[Job], dict[str, list[dict[str, Any]]] | None] = _ERRORS_SLOT.__get__
+_NO_ERRORS: Mapping[str, list[dict[str, Any]]] = MappingProxyType({})
+
+
+def _errors(job: Job) -> dict[str, list[dict[str, Any]]]:
+    errors = _peek_errors(job)
+    if errors is None:
+        errors = {}
+        _ERRORS_SLOT.__set__(job, errors)
+    return errors
+
+
+# ``job.errors`` is always a dict, the same one each time, which the reader may write into
+# (``job.errors.setdefault(state, []).append(...)``); it is made when first read. Setting it
+# (``Job(...)`` does) writes the slot directly.
+Job.errors = property(_errors, _ERRORS_SLOT.__set__, doc=_ERRORS_DOC)  # type: ignore[misc,assignment]
+
+
+def job_errors(job: Job) -> Mapping[str, list[dict[str, Any]]]:
+    """``job.errors`` for reading, without making an empty dict for a job that has none (for
+    scans of a whole run: a report, the run file)."""
+    return _peek_errors(job) or _NO_ERRORS
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -661,8 +692,9 @@ def job_document(job: Job) -> dict[str, Any]:
             ]
         except UnwritableEntry as e:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
-    if job.errors:
-        doc["errors"] = job.errors
+    errors = _peek_errors(job)
+    if errors:
+        doc["errors"] = errors
     if job.polls:
         doc["polls"] = job.polls
     return doc
@@ -711,7 +743,7 @@ def _usual_job(raw: Any) -> Job | None:
         job = Job(**raw)
     except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
         return None
-    not_before, history, errors = job.not_before, job.history, job.errors
+    not_before, history, errors = job.not_before, job.history, _peek_errors(job)
     if not (
         type(job.id) is str
         and job.id != ""
@@ -727,8 +759,10 @@ def _usual_job(raw: Any) -> Job | None:
         and type(job.attempts) is int
         and type(job.throttled) is int
         and type(history) is list
-        and type(errors) is dict
-        and (not errors or _errors_ok(errors))
+        and (
+            (errors is None and "errors" not in raw)  # (not an explicit null)
+            or (type(errors) is dict and (not errors or _errors_ok(errors)))
+        )
         and (job.key is None or (type(job.key) is str and job.key != ""))
         and type(job.polls) is int
     ):
@@ -738,6 +772,8 @@ def _usual_job(raw: Any) -> Job | None:
         if steps is None:
             return None
         job.history = steps
+    if errors is not None and not errors:  # ("errors": {}, as older jorbs wrote for every job)
+        _ERRORS_SLOT.__set__(job, None)
     job.state = sys.intern(job.state)
     return job
 
@@ -820,7 +856,7 @@ def _checked_job(raw: Any, where: str) -> Job:
         _check(raw, "attempts", int, where, 0),
         _check(raw, "throttled", int, where, 0),
         _check(raw, "history", list, where, []),
-        _check(raw, "errors", dict, where, {}),
+        _check(raw, "errors", dict, where, {}) or _NOT_MADE,
         _check(raw, "key", (str, type(None)), where, None),
         _check(raw, "polls", int, where, 0),
     )
@@ -833,7 +869,7 @@ def _checked_job(raw: Any, where: str) -> Job:
             f'{where}: "not_before" {job.not_before!r} is no time (past the year 9999): a job '
             f"would wait for it forever. Set it to null to let the job start"
         )
-    for state, records in job.errors.items():
+    for state, records in job_errors(job).items():
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise CorruptRunError(f'{where}: "errors" of {state!r} is not a list of objects')
     steps = []

@@ -65,6 +65,28 @@ def test_a_run_opened_in_a_with_block_is_released_at_its_end(tmp_path: Path) -> 
         assert [job.ctx for job in again.jobs.values()] == [{"n": 1}]
 
 
+def test_a_jobs_errors_is_its_own_dict_that_keeps_what_is_written_into_it(
+    make_run: MakeRun,
+) -> None:
+    run = make_run()
+    fresh, written, replaced = (run.add_job({"n": n}) for n in range(3))
+    assert fresh.errors == {} and fresh.errors is fresh.errors
+    written.errors["edit"] = [{"error": "boom", "time": 1.0}]
+    written.errors.setdefault("edit", []).append({"error": "again", "time": 2.0})
+    replaced.errors = {"push": [{"error": "denied", "time": 3.0}]}
+    run.save()
+
+    on_disk = json.loads(run.path.read_bytes())["jobs"]  # type: ignore[union-attr]
+    assert ["errors" in raw for raw in on_disk] == [False, True, True]  # (read, never written)
+    again = jorb.Run.load(run.path)  # type: ignore[arg-type]
+    assert [job.errors for job in again.jobs.values()] == [
+        {},
+        {"edit": [{"error": "boom", "time": 1.0}, {"error": "again", "time": 2.0}]},
+        {"push": [{"error": "denied", "time": 3.0}]},
+    ]
+    assert jorb.Job("9", "new", {}).errors == {}
+
+
 def test_add_job_defaults_to_state_new_and_counts_by_state(make_run: MakeRun) -> None:
     run = make_run()
     first = run.add_job({"n": 1})
