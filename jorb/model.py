@@ -622,18 +622,24 @@ class Run:
         """Check job objects read from the run file and add them (``start``: the index of the
         first in the file's list); ``next_id`` moves past every numeric id.
 
-        A million jobs pass through here on a reopen, so for a list of usual jobs the work is
-        kept in C where it can be: built by one ``map``, added by one ``dict.update``, and
-        their ids looked at one by one only if one is long enough to be a number at or past
-        ``next_id``. A list with anything else in it is read a job at a time, so that the
+        A list of usual jobs is checked and built by :func:`usual_jobs`, then added by
+        :meth:`add_read`. A list with anything else in it is read a job at a time, so that the
         first problem in it is the one reported.
         """
-        built = list(map(_usual_job, raws))
-        if None in built:
+        jobs = usual_jobs(raws)
+        if jobs is None:
             self._read_one_by_one(raws, start)
-            return
-        jobs = cast("list[Job]", built)
-        ids = [job.id for job in jobs]
+        else:
+            self.add_read([job.id for job in jobs], jobs)
+
+    def add_read(self, ids: list[str], jobs: list[Job]) -> None:
+        """Add jobs read from the run file (and checked), with their ids, in their order;
+        ``next_id`` moves past every numeric id. A CorruptRunError if an id is taken.
+
+        A million jobs pass through here on a reopen, so the work is kept in C where it can be:
+        added by one ``dict.update``, and their ids looked at one by one only if one is long
+        enough to be a number at or past ``next_id``.
+        """
         known = self.jobs
         size = len(known)
         known.update(zip(ids, jobs, strict=True))
@@ -725,6 +731,13 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
+def usual_jobs(raws: list[Any]) -> list[Job] | None:
+    """The Jobs for a list of job objects all of the usual, valid shape (one ``map``), else None
+    (see :func:`_usual_job`)."""
+    jobs = list(map(_usual_job, raws))
+    return cast("list[Job]", jobs) if all(jobs) else None  # (a Job is true; `None in` calls ==)
+
+
 def job_from_dict(raw: Any, where: str) -> Job:
     """Check one job object from a run file or journal and build the Job."""
     return _usual_job(raw) or _checked_job(raw, where)
@@ -739,6 +752,8 @@ def _usual_job(raw: Any) -> Job | None:
     """
     if type(raw) is not dict:
         return None
+    if raw.keys() <= _PLAIN_KEYS:  # (most jobs: fewer keys to look at, no keyword call)
+        return _plain_job(raw)
     try:
         job = Job(**raw)
     except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
@@ -776,6 +791,33 @@ def _usual_job(raw: Any) -> Job | None:
         _ERRORS_SLOT.__set__(job, None)
     job.state = sys.intern(job.state)
     return job
+
+
+_PLAIN_KEYS = frozenset(("id", "state", "ctx", "history"))
+_ABSENT: Any = object()
+
+
+def _plain_job(raw: dict[str, Any]) -> Job | None:
+    """:func:`_usual_job` for a job object with no keys but these four (the same verdicts)."""
+    ident, state, ctx = raw.get("id"), raw.get("state"), raw.get("ctx")
+    if not (
+        type(ident) is str
+        and ident != ""
+        and type(state) is str
+        and state != ""
+        and type(ctx) is dict
+    ):
+        return None
+    history = raw.get("history", _ABSENT)
+    if history is _ABSENT:
+        return Job(ident, sys.intern(state), ctx)
+    if type(history) is not list:
+        return None
+    if history:
+        history = _steps(history)
+        if history is None:
+            return None
+    return Job(ident, sys.intern(state), ctx, history=history)
 
 
 def _errors_ok(errors: dict[str, Any]) -> bool:
