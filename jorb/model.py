@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import compress, islice, repeat
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
@@ -637,8 +637,8 @@ class Run:
         ``next_id`` moves past every numeric id. A CorruptRunError if an id is taken.
 
         A million jobs pass through here on a reopen, so the work is kept in C where it can be:
-        added by one ``dict.update``, and their ids looked at one by one only if one is long
-        enough to be a number at or past ``next_id``.
+        added by one ``dict.update``, and only ids long enough to be a number at or past
+        ``next_id`` looked at one by one.
         """
         known = self.jobs
         size = len(known)
@@ -649,11 +649,12 @@ class Run:
                 if ident in earlier or ident in seen:
                     raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
                 seen.add(ident)
-        # (An id shorter than next_id is a smaller number; one below 1 is hand-written, and
-        # its sign makes it longer than ids that are past it.)
-        if self.next_id < 1 or max(map(len, ids), default=0) >= len(str(self.next_id)):
-            for ident in ids:
-                self._count_past(ident)
+        # Only ids at least as long as next_id are looked at (picked in C): a shorter one is a
+        # smaller number. (Below 1, next_id is hand-written, and its sign makes it longer than
+        # ids that are past it: then all are.)
+        shortest = len(str(self.next_id)) if self.next_id >= 1 else 0
+        for ident in compress(ids, map(shortest.__le__, map(len, ids))):
+            self._count_past(ident)
 
     def _read_one_by_one(self, raws: list[Any], start: int) -> None:
         where = _where(self.path)
