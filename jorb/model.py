@@ -206,16 +206,37 @@ _STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
 _KEYS = ["from", "to", "time", "duration"]
 _REDRIVE_KEYS = [*_KEYS, "redrive"]
 
-_NOT_MADE: Any = None  # a Job's errors until first read (see below)
+_NEW_LIST: Any = object()  # Job(history=...) not given: a new list
+
 
 #: A history entry: ``(from, to, time, duration[, redrive])``, or an object of another shape
 #: that a user wrote into the file.
 Entry = tuple[Any, ...] | dict[str, Any]
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(init=False, repr=False, eq=False)
 class Job:
-    """One unit of work moving through the states. Field order is the order in the run file."""
+    """One unit of work moving through the states. Field order is the order in the run file.
+
+    A dataclass whose ``__slots__`` and ``__init__`` are written out: ``errors`` is a property
+    over the ``_errors`` slot, which holds None until the dict is first read (most jobs never
+    have an error, and a million empty dicts are 64 MB).
+    """
+
+    __slots__ = (
+        "_errors",
+        "attempts",
+        "ctx",
+        "history",
+        "id",
+        "key",
+        "not_before",
+        "parent",
+        "polls",
+        "priority",
+        "state",
+        "throttled",
+    )
 
     id: str
     """Unique within the run, never reused (a counter kept in the run)."""
@@ -223,29 +244,68 @@ class Job:
     """The state the job is in; edit it in the run file to redrive."""
     ctx: Ctx
     """The job's own JSON context, as the last exec returned it."""
-    parent: str | None = None
+    parent: str | None
     """Id of the job whose exec kicked this one, or None."""
-    priority: int = 0
+    priority: int
     """Higher starts first within a state."""
-    not_before: float | None = None
+    not_before: float | None
     """Unix time before which the job may not start (a delay, or a retry's backoff)."""
-    attempts: int = 0
+    attempts: int
     """Failed attempts in the current state since the job entered it."""
-    throttled: int = 0
+    throttled: int
     """Rate-limited attempts in the current state since the job entered it."""
-    history: list[Entry] = field(default_factory=list)
+    history: list[Entry]
     """Transitions, oldest first: each a plain tuple ``(from, to, time, duration)`` (a redrive's
     adds the change's id), or the object as written if one was edited into the file in another
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
-    errors: dict[str, list[dict[str, Any]]] = _NOT_MADE
-    """Errors grouped by the state they happened in. (Read through a property that makes the
-    dict when first read: most jobs never have an error, and a million empty dicts are 64 MB.
-    Its slot holds None until then; see ``job_errors``.)"""
-    key: str | None = None
+    errors: dict[str, list[dict[str, Any]]]
+    """Errors grouped by the state they happened in (made when first read)."""
+    key: str | None
     """The job's unique key, if it was added with one: at most one job per key in a run."""
-    polls: int = 0
+    polls: int
     """How many times an exec sent the job back to its own state with :class:`Next` (counted
     here, not in ``history``)."""
+
+    def __init__(
+        self,
+        id: str,
+        state: str,
+        ctx: Ctx,
+        parent: str | None = None,
+        priority: int = 0,
+        not_before: float | None = None,
+        attempts: int = 0,
+        throttled: int = 0,
+        history: list[Entry] = _NEW_LIST,
+        errors: dict[str, list[dict[str, Any]]] | None = None,
+        key: str | None = None,
+        polls: int = 0,
+    ) -> None:
+        self.id = id
+        self.state = state
+        self.ctx = ctx
+        self.parent = parent
+        self.priority = priority
+        self.not_before = not_before
+        self.attempts = attempts
+        self.throttled = throttled
+        self.history = [] if history is _NEW_LIST else history
+        self._errors = errors
+        self.key = key
+        self.polls = polls
+
+    @property  # type: ignore[no-redef]
+    def errors(self) -> dict[str, list[dict[str, Any]]]:
+        """Errors grouped by the state they happened in: the same dict each time, made when
+        first read, which the reader may write into."""
+        errors = self._errors
+        if errors is None:
+            errors = self._errors = {}
+        return errors
+
+    @errors.setter
+    def errors(self, errors: dict[str, list[dict[str, Any]]]) -> None:
+        self._errors = errors
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
@@ -256,30 +316,13 @@ class Job:
         return [entry if isinstance(entry, Mapping) else Step(*entry) for entry in self.history]
 
 
-_ERRORS_SLOT = Job.__dict__["errors"]  # the slot under the property below
-_ERRORS_DOC = "Errors grouped by the state they happened in."
-_peek_errors: Callable[[Job], dict[str, list[dict[str, Any]]] | None] = _ERRORS_SLOT.__get__
 _NO_ERRORS: Mapping[str, list[dict[str, Any]]] = MappingProxyType({})
-
-
-def _errors(job: Job) -> dict[str, list[dict[str, Any]]]:
-    errors = _peek_errors(job)
-    if errors is None:
-        errors = {}
-        _ERRORS_SLOT.__set__(job, errors)
-    return errors
-
-
-# ``job.errors`` is always a dict, the same one each time, which the reader may write into
-# (``job.errors.setdefault(state, []).append(...)``); it is made when first read. Setting it
-# (``Job(...)`` does) writes the slot directly.
-Job.errors = property(_errors, _ERRORS_SLOT.__set__, doc=_ERRORS_DOC)  # type: ignore[misc,assignment]
 
 
 def job_errors(job: Job) -> Mapping[str, list[dict[str, Any]]]:
     """``job.errors`` for reading, without making an empty dict for a job that has none (for
     scans of a whole run: a report, the run file)."""
-    return _peek_errors(job) or _NO_ERRORS
+    return job._errors or _NO_ERRORS
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -699,7 +742,7 @@ def job_document(job: Job) -> dict[str, Any]:
             ]
         except UnwritableEntry as e:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
-    errors = _peek_errors(job)
+    errors = job._errors
     if errors:
         doc["errors"] = errors
     if job.polls:
@@ -759,7 +802,7 @@ def _usual_job(raw: Any) -> Job | None:
         job = Job(**raw)
     except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
         return None
-    not_before, history, errors = job.not_before, job.history, _peek_errors(job)
+    not_before, history, errors = job.not_before, job.history, job._errors
     if not (
         type(job.id) is str
         and job.id != ""
@@ -789,7 +832,7 @@ def _usual_job(raw: Any) -> Job | None:
             return None
         job.history = steps
     if errors is not None and not errors:  # ("errors": {}, as older jorbs wrote for every job)
-        _ERRORS_SLOT.__set__(job, None)
+        job._errors = None
     job.state = sys.intern(job.state)
     return job
 
@@ -899,7 +942,7 @@ def _checked_job(raw: Any, where: str) -> Job:
         _check(raw, "attempts", int, where, 0),
         _check(raw, "throttled", int, where, 0),
         _check(raw, "history", list, where, []),
-        _check(raw, "errors", dict, where, {}) or _NOT_MADE,
+        _check(raw, "errors", dict, where, {}) or None,
         _check(raw, "key", (str, type(None)), where, None),
         _check(raw, "polls", int, where, 0),
     )
