@@ -77,6 +77,7 @@ from .errors import (
     RunLockedError,
 )
 from .model import (
+    Job,
     Run,
     UnwritableEntry,
     apply_record,
@@ -224,12 +225,14 @@ def encode_run(run: Run) -> bytes:
     return b"".join(encode_pieces(run))
 
 
-def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
+def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memoryview]:
     """The run file's bytes, ``ENCODE_CHUNK`` jobs at a time; joined, exactly
     ``orjson.dumps(run.to_document())`` with 2 spaces of indent and a final newline.
 
     Each chunk of job documents is encoded on its own, as ``{"jobs": [...]}``, and taken out
-    of that object: its jobs are then at the depth they have in the file.
+    of that object: its jobs are then at the depth they have in the file. With ``reuse``, a
+    chunk none of whose jobs changed since the file ``reuse`` read was written is copied
+    from that file instead of encoded again, and where each chunk lands is noted in it.
     """
     option = orjson.OPT_INDENT_2
     try:
@@ -241,20 +244,70 @@ def encode_pieces(run: Run) -> Iterator[bytes | memoryview]:
         yield head + b"\n"
         return
     before = head[: -len(b"[]\n}")] + b"[\n    "  # the head ends with '"jobs": []', then '}'
-    for start in range(0, len(jobs), ENCODE_CHUNK):
-        with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
-            docs = [job_document(job) for job in jobs[start : start + ENCODE_CHUNK]]
-            try:
-                chunk = orjson.dumps({"jobs": docs}, default=json_default, option=option)
-            except TypeError as e:
-                raise TypeError(f"{_first_unwritable(docs)}: {e}") from None
-            del docs  # freed before the collector is back on: nothing left for it to walk
-        # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
-        # handed on as a view: a chunk is never copied).
+    offset = 0  # where the next piece starts in the file
+    for index, start in enumerate(range(0, len(jobs), ENCODE_CHUNK)):
+        chunk_jobs = jobs[start : start + ENCODE_CHUNK]
+        copied = reuse.copy(index, chunk_jobs) if reuse is not None else None
+        piece = _encode_chunk(chunk_jobs) if copied is None else copied
         yield before
-        yield memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
+        offset += len(before)
+        if reuse is not None:
+            reuse.note(chunk_jobs, offset, len(piece))
+        yield piece
+        offset += len(piece)
         before = b",\n    "
     yield b"\n  ]\n}\n"
+
+
+def _encode_chunk(jobs: list[Job]) -> memoryview:
+    """Jobs' documents as they appear in the run file, between the ``[`` and ``]`` of "jobs"."""
+    with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
+        docs = [job_document(job) for job in jobs]
+        try:
+            chunk = orjson.dumps({"jobs": docs}, default=json_default, option=orjson.OPT_INDENT_2)
+        except TypeError as e:
+            raise TypeError(f"{_first_unwritable(docs)}: {e}") from None
+        del docs  # freed before the collector is back on: nothing left for it to walk
+    # Under a "jobs" key, as in the file, the jobs come out at the file's depth (and are
+    # handed on as a view: a chunk is never copied).
+    return memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
+
+
+class Reuse:
+    """What a store needs to write its next snapshot without encoding again the jobs that did
+    not change since its last one: that file (open for reading), where each of its chunks of
+    jobs lies in it, and the run's ``_epoch`` once it was written.
+
+    A chunk is copied only if it holds the same ``Job`` objects (its first and last, and how
+    many: while a processor executes, jobs are only ever added, at the end) and no record
+    changed any of them since that file was written (each ``Job._epoch`` is older). Everything
+    else is encoded, so the bytes are exactly what encoding the whole
+    run would give (``tests/test_snapshot_reuse.py`` checks every snapshot of a mixed run).
+    """
+
+    __slots__ = ("chunks", "epoch", "fd", "laid")
+
+    def __init__(self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
+        self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
+        self.chunks = chunks  # (first job, last job, jobs, offset, length) of each chunk
+        self.epoch = epoch  # jobs changed since that file was written have this epoch or later
+        self.laid: list[tuple[Job, Job, int, int, int]] = []  # the same, for the new file
+
+    def copy(self, index: int, jobs: list[Job]) -> bytes | None:
+        """The previous file's bytes for this chunk, if none of its jobs changed since."""
+        if self.fd < 0 or index >= len(self.chunks):
+            return None
+        first, last, count, offset, length = self.chunks[index]
+        if count != len(jobs) or first is not jobs[0] or last is not jobs[-1]:
+            return None
+        epoch = self.epoch
+        if any(getattr(job, "_epoch", 0) >= epoch for job in jobs):
+            return None
+        data = os.pread(self.fd, length, offset)
+        return data if len(data) == length else None
+
+    def note(self, jobs: list[Job], offset: int, length: int) -> None:
+        self.laid.append((jobs[0], jobs[-1], len(jobs), offset, length))
 
 
 def _first_unwritable(docs: list[dict[str, Any]]) -> str:
@@ -935,6 +988,12 @@ class Store:
         #: process writes it is set aside (the processor tells the user).
         self.on_edit: Callable[[Path], None] | None = None
         self._written: tuple[int, int, int] | None = None  # the file as this store last wrote it
+        # The last snapshot, open for reading, and where its chunks of jobs lie: the next
+        # snapshot copies the chunks whose jobs did not change (see ``Reuse``).
+        self._source_fd = -1
+        self._chunks: list[tuple[Job, Job, int, int, int]] = []
+        self._written_source: tuple[int, int, int] | None = None
+        self._source_epoch = 0
         self._lock_fd = _take_lock(path)
         _STORES.add(self)
 
@@ -952,11 +1011,11 @@ class Store:
 
     def forget(self) -> None:
         """In a forked child: drop this process's copies of the files, write nothing more."""
-        for fd in (self._lock_fd, self._fd):
+        for fd in (self._lock_fd, self._fd, self._source_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self._lock_fd = self._fd = -1
+        self._lock_fd = self._fd = self._source_fd = -1
         self._files = threading.Lock()  # (the parent's may have been held at the fork)
         self.executing = False
         self.failure = CheckpointError(
@@ -968,6 +1027,7 @@ class Store:
         """Close the journal and release the lock (after any write in progress)."""
         with self._files:
             self._close_journal()
+            self._drop_source()
         if self._sync_thread is not None:
             self._sync_thread.shutdown(wait=False)
             self._sync_thread = None
@@ -983,6 +1043,8 @@ class Store:
         self.failure = None
         self._pending, self._batch = [], None
         self._remove_stale_temps()
+        with self._files:  # (the run may have been changed in memory since: encode it all)
+            self._drop_source()
         self.compact(run)
         self.executing = True
 
@@ -999,6 +1061,7 @@ class Store:
         else:
             with self._files:
                 self._close_journal()
+                self._drop_source()
 
     def compact(self, run: Run, *, finish: bool = False) -> None:
         """Fold ``run`` into a new snapshot; start a fresh journal (or, with ``finish``, none)."""
@@ -1014,8 +1077,13 @@ class Store:
             seq = run.seq
             if self._written is not None:
                 self._keep_edit()
-            length, crc = atomic_write(self.path, self._pieces(run), durable=self.durable)
+            reuse = self._reuse(run)
+            length, crc = atomic_write(self.path, self._pieces(run, reuse), durable=self.durable)
             self._written = _stamp(self.path)
+            self._drop_source()
+            run._epoch += 1  # (records from now on change jobs after this file)
+            if not finish:
+                self._keep_source(reuse.laid, run._epoch)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
@@ -1048,9 +1116,37 @@ class Store:
         if self.on_edit is not None:
             self.on_edit(aside)
 
-    def _pieces(self, run: Run) -> Iterator[bytes | memoryview]:
+    def _reuse(self, run: Run) -> Reuse:
+        """What the next snapshot may copy from the last one: nothing at the start of an exec
+        (``begin`` drops it), or if the file was changed in place since it was written."""
+        fd = self._source_fd
+        if fd >= 0:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) == self._written_source:
+                return Reuse(fd, self._chunks, self._source_epoch)
+        return Reuse(-1, [], 0)
+
+    def _keep_source(self, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
+        """Open the snapshot just written, to copy its unchanged chunks into the next one."""
         try:
-            yield from encode_pieces(run)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return  # (the next snapshot encodes every job)
+        st = os.fstat(fd)
+        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._written:
+            os.close(fd)  # replaced since we wrote it: not ours to copy from
+            return
+        self._source_fd, self._chunks, self._written_source = fd, chunks, self._written
+        self._source_epoch = epoch
+
+    def _drop_source(self) -> None:
+        if self._source_fd >= 0:
+            os.close(self._source_fd)
+        self._source_fd, self._chunks = -1, []
+
+    def _pieces(self, run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memoryview]:
+        try:
+            yield from encode_pieces(run, reuse)
         except UnwritableEntry as e:
             raise CheckpointError(f"{self.path}: the run cannot be written: {e}") from None
         except TypeError as e:  # orjson: something in overall or a ctx is not JSON

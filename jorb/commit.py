@@ -141,7 +141,7 @@ class Commits:
                 return
             record = {"seq": run.seq + 1, "ok": ok}
             data = orjson.dumps(record, option=_LINE)
-        apply_record(run, record)
+        apply_record(run, record, [job for _, jobs in settled for job in jobs])
         self.transitions += len(ok)
         self._join(store.append(data), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
 

@@ -154,6 +154,13 @@ class LocalExecutor:
             f"alive={self._alive}>"
         )
 
+    def direct(self, state: State) -> Callable[..., Any] | None:
+        """``state.exec`` itself when awaiting it is all :meth:`call` would do (an async def
+        with no pool and no timeout), for the worker loop to call without a wrapper."""
+        if state.pool is None and state.timeout is None and state.name in self._async:
+            return state.exec
+        return None
+
     async def call(self, state: State, args: tuple[Any, ...]) -> Any:
         if state.pool is not None:
             return await state.pool.call(state, args)

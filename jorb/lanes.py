@@ -14,7 +14,7 @@ import itertools
 import math
 import time
 import types
-from collections.abc import Coroutine, Generator, Iterator
+from collections.abc import Collection, Coroutine, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -164,6 +164,33 @@ class Lanes:
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
+
+    def open(self, states: Mapping[str, State], paused: Collection[str], max_pending: int) -> None:
+        """Make a lane per non-terminal state, each with its share of ``max_pending``."""
+        lanes = sum(not state.terminal for state in states.values())
+        budget = max(1, max_pending // max(1, lanes))
+        for name, state in states.items():
+            if state.terminal:
+                self.counts[name] = 0
+            else:
+                rate = state.rate or Rate.unlimited()
+                self.by_name[name] = Lane(state, rate, name in paused, self.proc._order, budget)
+
+    def load(self, jobs: Collection[Job], now: float) -> None:
+        """Count and queue the jobs of a run as loaded, then wake the lanes."""
+        by_name = self.by_name
+        for state, n in collections.Counter(job.state for job in jobs).items():
+            self.count_many(state, n)
+        # Most jobs go straight to the back of their lane's plain queue (what enqueue does for
+        # a job with no delay, no priority, in a state that does not join), without a call.
+        plain = {n: lane.ready.plain.append for n, lane in by_name.items() if not lane.state.join}
+        for job in jobs:
+            add = plain.get(job.state)
+            if add is not None and job.not_before is None and not job.priority:
+                add(job)
+            elif job.state in by_name:
+                self.enqueue(by_name[job.state], job, now)
+        self.wake_all()
 
     def count_in(self, state: str) -> None:
         lane = self.by_name.get(state)
@@ -345,6 +372,10 @@ class Lanes:
             copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
         state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
         commits, call, states = proc._commits, executor.call, proc.states
+        # An async def exec with nothing around it is called directly (one coroutine less),
+        # where the executor offers that (``LocalExecutor.direct``).
+        offer = getattr(executor, "direct", None)
+        direct = offer(state) if offer is not None else None
         clock, offset = proc._clock, proc._offset
         ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
         ok_jobs: list[Job] = []
@@ -353,7 +384,7 @@ class Lanes:
             if join:
                 args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
-            coro = call(state, args)
+            coro = call(state, args) if direct is None else direct(*args)
             if type(coro) is not types.CoroutineType:  # an executor's call returned another
                 coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
             lane.running += 1

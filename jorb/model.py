@@ -214,8 +214,23 @@ _NEW_LIST: Any = object()  # Job(history=...) not given: a new list
 Entry = tuple[Any, ...] | dict[str, Any]
 
 
+class _Stamped:
+    """Job's base: one slot that is not a field (not in the file, ``asdict``, ``__init__``).
+
+    ``_epoch``: the run's ``_epoch`` when a record last changed the job (unset: never). A
+    snapshot copies a job's bytes from the one before it only if that one was written after.
+    """
+
+    __slots__ = ("_epoch",)
+
+
+#: ``_set_epoch(job, epoch)`` sets ``job._epoch`` (through the slot itself: mypy does not see a
+#: dataclass's base's slots).
+_set_epoch: Callable[[Job, int], None] = _Stamped.__dict__["_epoch"].__set__
+
+
 @dataclass(init=False, repr=False, eq=False)
-class Job:
+class Job(_Stamped):
     """One unit of work moving through the states. Field order is the order in the run file.
 
     A dataclass whose ``__slots__`` and ``__init__`` are written out: ``errors`` is a property
@@ -337,6 +352,7 @@ class Run:
     """
 
     __slots__ = (
+        "_epoch",
         "_holder",
         "_keys",
         "_stamp",
@@ -373,6 +389,9 @@ class Run:
         self._holder: Any = None  # the checkpoint.Store holding the run's lock, if any
         self._stamp: tuple[int, int, int] | None = None  # the file as last read or written
         self._keys: dict[str, str] | None = None  # job ids by key, built when first needed
+        # Counts the snapshots a store wrote of this run; ``apply_record`` stamps every job it
+        # changes with it (``Job._epoch``).
+        self._epoch = 0
 
     # -- opening and saving (the file work lives in checkpoint) -------------------------
 
@@ -1024,14 +1043,21 @@ def transitions_in(record: dict[str, Any]) -> int:
     return len(record["ok"]) if "ok" in record else 1
 
 
-def apply_record(run: Run, record: dict[str, Any]) -> None:
-    """Apply one journal record to ``run`` (live or on replay)."""
+def apply_record(run: Run, record: dict[str, Any], ok_jobs: list[Job] | None = None) -> None:
+    """Apply one journal record to ``run`` (live or on replay).
+
+    ``ok_jobs``: for a record of plain successes, the jobs its entries name, in order, when
+    the caller has them at hand (live: looking a hundred thousand ids up costs).
+    """
     run.seq = record["seq"]
+    epoch = run._epoch
     ok = record.get("ok")
     if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
-        jobs, intern = run.jobs, sys.intern
-        for ident, to, ctx, when, duration in ok:
-            job = jobs[ident]
+        if ok_jobs is None:
+            jobs = run.jobs
+            ok_jobs = [jobs[entry[0]] for entry in ok]
+        intern = sys.intern
+        for job, (_, to, ctx, when, duration) in zip(ok_jobs, ok, strict=True):
             to = intern(to)
             job.history.append((job.state, to, when, duration))
             job.ctx = ctx
@@ -1039,10 +1065,12 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             # A success resets these (see the exec record below).
             job.attempts = job.throttled = 0
             job.not_before = None
+            _set_epoch(job, epoch)
         return
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]
+        _set_epoch(job, epoch)
         error = record.get("error")
         if error is not None:
             job.errors.setdefault(record["in"], []).append(error)
@@ -1070,6 +1098,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
+                _set_epoch(kid, epoch)  # (new, so in no chunk of the last snapshot: to be sure)
                 run.note_key(kid)
                 edge = (source, kid.state)
                 kicks[edge] = kicks.get(edge, 0) + 1
@@ -1080,6 +1109,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
             run.note_key(job)
+            _set_epoch(job, epoch)
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])
@@ -1088,6 +1118,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
         for ident in record["jobs"]:
             job = run.jobs[ident]
+            _set_epoch(job, epoch)
             to = sys.intern(record["to"])
             job.history.append((job.state, to, record["time"], 0.0, record["change"]["id"]))
             job.state = to

@@ -239,9 +239,7 @@ def _unwritable(value: Any, where: str) -> str | None:
     return f"{where} is {_kind(value)}, which JSON cannot hold"
 
 
-def _unpack(
-    result: Any, state: State | None
-) -> tuple[dict[str, Any], str | Next, Sequence[Kick]]:
+def _unpack(result: Any, state: State | None) -> tuple[dict[str, Any], str | Next, Sequence[Kick]]:
     if inspect.isawaitable(result):
         _close_if_coroutine(result)
         raise _bad(state, f"returned {_kind(result)} instead of its answer: a forgotten `await`?")

@@ -1,77 +1,47 @@
 """The Processor: one coordinator drives every job of a run through its states.
 
-Shape of the machine. Each non-terminal state is a *lane*: its ready jobs (by priority, FIFO),
-``concurrency`` slots and at most that many worker tasks, created on demand and parked when
-there is nothing to take. A worker waits for the state's Rate, takes a batch of jobs (up to
-the free slots), and runs their execs through the executor seam, inline while they return
-without waiting; at the first that waits, the rest go back to the lane. Each outcome goes to
-the commit path, which turns it into a journal record (new state, ctx, history, error, kicked
-children: see ``outcome``; the plain successes of a turn share one record), applies it to the
-run and queues it for the turn's group commit. A plain success that leaves its state frees its
-slot at once; everything else keeps it until its record is durable. When a commit is on disk,
-its jobs' next steps and their children become ready. What a crash can make run again is the
-running execs plus at most ``max_pending`` settled transitions (each lane stops starting execs
-at its share). Changes from the command line (``control``) go through the same journal.
-Everything runs on one event loop, so nothing is locked: the run is only ever touched from it.
+One event loop owns the run, so nothing is locked. Each non-terminal state is a *lane* (ready
+jobs, slots, workers running batches of execs); outcomes become journal records; a job's next
+step starts once its record is durable (README, Design notes). The modules, one job each, and
+the modules of jorb each may import (tests/test_api.py holds them to it):
 
-Modules of the engine, each with one job (the arrows are the only imports allowed):
-
-- ``processor`` (this module): the coordinator. The public ``Processor`` (exec/aexec, steering
-  calls, statistics), setting an exec up, its task set, signals and shutdown. Builds one of each
-  part below per exec and holds the state they share (run, store, loop, clock, the finished
-  future). Imports every part; nothing imports it except for type checking.
-- ``lanes``: ``Ready`` queues, ``Lane`` counters and ``Lanes`` — counting jobs per state,
-  queueing them, waking workers, the worker loop and one attempt (exec through the executor).
-  Imports model, states, errors.
-- ``waiting``: jobs waiting for a time (the delay heap and its one timer) or for their open
-  children (fan-in joins). Imports model.
-- ``steering``: pause/resume/redrive/add from Python (any thread) and from the inbox; each
-  change goes through the journal, then into the lanes. Imports control, model, errors.
-- ``commit``: the commit path — settle an outcome into a record (``outcome``), apply it
-  (``model.apply_record``, the same function replay uses), append it to the ``Store`` and, when
-  its group commit is durable, free the slot and queue the job's next step and its children.
-  Imports outcome, model, errors.
-- ``stops``: how an exec ends when it does not simply complete (the first bug in the script,
-  ``sys.exit()`` in an exec), the errors for the end-of-exec summary, and the message that
-  says what happened and how to resume. Imports tracebacks, states, errors.
-- Below them: ``model`` (pure data and records, no I/O), ``checkpoint`` (files, journal, Store),
-  ``control`` (planning changes), ``executor`` (how an exec is called), ``states``.
-
-The parts reach the shared state through the coordinator (``proc._run``, ``proc._lanes``, ...):
-one loop owns it all, so there are no locks and no copies.
+- ``processor`` (the public ``Processor``; sets an exec up, owns its tasks, shuts it down, holds
+  what the parts share: ``proc._run``, ``proc._lanes``...): any; no part imports it at run time.
+- ``lanes`` (queues, slots, counters, workers, one attempt): model, states, errors.
+- ``waiting`` (delays, fan-in joins): model, errors.
+- ``commit`` (settle an outcome into a record, apply it as replay does, append it to the
+  ``Store``; once durable, free the slot, queue the next step and children): outcome, model, errors.
+- ``steering`` (changes from Python, any thread, and the inbox): control, model, errors.
+- ``stops`` (a bug, ``sys.exit()``, Ctrl-C; what the user is told): tracebacks, states, errors.
+- ``status`` (snapshots of the lanes' counters), ``gc_tuning`` (the collector, tuned): none.
+- ``model`` (the run's data and records; no I/O): errors.
+- Below the parts: ``checkpoint`` (files, journal, ``Store``), ``control``, ``executor``, ...
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import gc
 import inspect
 import itertools
 import logging
-import math
-import os
-import signal
-import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
-from . import control
+from . import control, gc_tuning
 from .checkpoint import Store
 from .commit import Commits
-from .errors import ExecResultError, JorbError, RunFileError, StateError, public
+from .errors import ExecResultError, JorbError, RunFileError, public
 from .executor import Executor, LocalExecutor
-from .lanes import Lane, Lanes
-from .model import Run, check_key, parent_cycle
+from .lanes import Lanes
+from .model import Run, check_key
 from .readonly import read_only
-from .states import CANCELLED, Rate, State, validate
-from .status import StateStatus, Status, StatusListener
+from .states import CANCELLED, State, check_jobs, validate
+from .status import Status, StatusListener, snapshot
 from .steering import Steering
-from .stops import Stops, command_line, say_interrupted
+from .stops import Stops, say_interrupted, take_signals
 from .waiting import Waiting
 
 __all__ = ["Processor"]
@@ -149,7 +119,7 @@ class Processor:
         self._waiting = Waiting(self)
         self._commits = Commits(self)
         self._finished: asyncio.Future[None] | None = None
-        self._stopping = self._interrupted = False
+        self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._listeners: list[StatusListener] = []
         self._clock = time.monotonic
@@ -200,16 +170,20 @@ class Processor:
         self._steering.start(loop)
         self._listeners = listeners = self._all_listeners()
         ticker = loop.create_task(self._tick()) if listeners else None
-        collector = _tune_collector()
-        restore = self._take_signals(loop)
+        collector = gc_tuning.tune()
+        restore = take_signals(loop, self._stops.interrupt)
         app = self.app
         try:
             async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
                 try:
-                    await stack.enter_async_context(self._lifespan())
+                    if self.lifespan is not None:  # execs get what it yields as their app
+                        self.app = await stack.enter_async_context(_entered(self.lifespan, app))
                     for file, answer in answers:
                         control.reply(file, answer)
-                    self._start_lanes()  # queues the jobs; nothing runs before the first await
+                    if self._joins:
+                        self._waiting.index(run)
+                    # Queue the jobs (nothing runs before the first await).
+                    self._lanes.load(run.jobs.values(), self._now())
                     for listener in listeners:
                         listener.start(self.statistics())
                     for name in sorted(run.paused):
@@ -226,7 +200,7 @@ class Processor:
         finally:
             self.app = app
             restore()
-            _restore_collector(collector)
+            gc_tuning.restore(collector)
             if ticker is not None:
                 ticker.cancel()
             status = self.statistics()
@@ -238,55 +212,13 @@ class Processor:
                 print_summary(status, self._stops.common())
             run.remember_file()
             run.close()  # no longer executing: commands may now edit the file directly
-        self._stops.raise_stop(run, self._interrupted)
+        self._stops.raise_stop(run)
         return run
-
-    @contextlib.asynccontextmanager
-    async def _lifespan(self) -> AsyncIterator[None]:
-        """Enter the lifespan (if any) on this loop; execs get what it yields as their app."""
-        if self.lifespan is None:
-            yield
-            return
-        async with _entered(self.lifespan, self.app) as app:
-            self.app = app
-            yield
 
     def statistics(self) -> Status:
         """A frozen snapshot of every state's counters (cheap: no scan of the jobs)."""
-        rows = []
-        for name, state in self.states.items():
-            lane = self._lanes.by_name.get(name)
-            if lane is None:
-                rows.append(StateStatus(name, True, self._lanes.counts.get(name, 0)))
-                continue
-            rate = lane.rate
-            busy = lane.running + lane.delayed + lane.awaiting
-            paused_until = None
-            if rate.paused_until and self._loop is not None:
-                left = rate.paused_until - self._loop.time()
-                paused_until = self._now() + left if left > 0 else None
-            rows.append(
-                StateStatus(
-                    name,
-                    False,
-                    lane.jobs,
-                    waiting=max(0, lane.jobs - busy),
-                    delayed=lane.delayed,
-                    awaiting=lane.awaiting,
-                    running=lane.running,
-                    done=lane.done,
-                    errors=lane.errors,
-                    failed=lane.failed,
-                    paused=lane.paused,
-                    concurrency=state.concurrency,
-                    rate=None if rate.n == math.inf else rate.current / rate.per,
-                    paused_until=paused_until,
-                )
-            )
-        finished = sum(self._lanes.counts.values())
-        total = finished + sum(lane.jobs for lane in self._lanes.by_name.values())
-        elapsed = time.monotonic() - self._started if self._started else 0.0
-        return Status(tuple(rows), total, finished, elapsed, self._commits.transitions)
+        transitions = self._commits.transitions
+        return snapshot(self.states, self._lanes, transitions, self._started, self._loop, self._now)
 
     # -- steering from Python (the command line goes through the run's inbox) -----------------
 
@@ -352,20 +284,14 @@ class Processor:
         store.durable = self.durable
         run.path = store.path  # the real file (a Run made by name may name a symlink)
         run.declared = [{"name": s.name, "terminal": s.terminal} for s in self.states.values()]
-        applied = self._steering.applied = control.applied_ids(run)  # grows as applied
-        answers = control.apply_inbox(run, applied)
-        for req in self._steering.take_queued():
-            control.apply_one(run, req, applied)
-        self._check_states(run)
-        if self._joins and (cycle := parent_cycle(run)):
-            raise RunFileError(
-                f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
-                f'edit of "parent" fields): a join would wait for them forever. Fix those fields'
-            )
+        answers = self._steering.apply_waiting(run)
+        check_jobs(run, self.states)
+        if self._joins:
+            self._waiting.check_parents(run)
         # (Pools start here, before any job: one that cannot start stops the exec now.)
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
-        store.on_edit = self._edit_kept
+        store.on_edit = self._steering.edit_kept
         store.begin(run)  # every added job, change and the declarations reach disk here
         store.prepare = self._commits.prepare  # plain successes go out as one record per flush
         self._finished = loop.create_future()
@@ -375,67 +301,8 @@ class Processor:
         self._clock = time.monotonic if base_time else loop.time
         self._offset = time.time() - self._clock()
         self._started = time.monotonic()
-        unlimited: dict[str, Rate] = {}
-        lanes = sum(not state.terminal for state in self.states.values())
-        budget = max(1, self.max_pending // max(1, lanes))  # each lane's share
-        for name, state in self.states.items():
-            if state.terminal:
-                self._lanes.counts[name] = 0
-            else:
-                rate = state.rate or unlimited.setdefault(name, Rate.unlimited())
-                paused = name in run.paused
-                self._lanes.by_name[name] = Lane(state, rate, paused, self._order, budget)
+        self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
-
-    def _edit_kept(self, aside: Path) -> None:
-        self._note(
-            f"{self._store.path if self._store else 'the run file'} was edited while this "
-            f"process runs it; this process is its only writer, so the edit is not applied: "
-            f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
-            f"`jorb add`, `jorb pause`; edit the file once it has stopped"
-        )
-
-    def _check_states(self, run: Run) -> None:
-        unknown: dict[str, list[str]] = {}
-        for job in run.jobs.values():
-            if job.state not in self.states:
-                unknown.setdefault(job.state, []).append(job.id)
-        if unknown:
-            detail = "; ".join(
-                f"{state!r} (jobs {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
-                for state, ids in sorted(unknown.items())
-            )
-            if run.path is not None and run.path.exists():
-                fix = f"move the jobs (`jorb redrive {run.path} --from S --to T`)"
-            else:  # only in memory so far: nothing on disk to redrive
-                fix = "add the jobs in a declared state (`run.add_job(ctx, state=...)`)"
-            if "new" in unknown:
-                fix += "; `add_job` puts a job in 'new' unless it is given a state"
-            raise StateError(
-                f"{run.path}: jobs are in states the script does not declare: {detail}. "
-                f"Declare them, or {fix}"
-            )
-
-    def _start_lanes(self) -> None:
-        run = self._run
-        assert run is not None
-        lanes = self._lanes
-        if self._joins:
-            self._waiting.index(run)
-        now = self._now()
-        by_name = lanes.by_name
-        for state, n in collections.Counter(job.state for job in run.jobs.values()).items():
-            lanes.count_many(state, n)
-        # Most jobs go straight to the back of their lane's plain queue (what enqueue does for
-        # a job with no delay, no priority, in a state that does not join), without a call.
-        plain = {n: lane.ready.plain.append for n, lane in by_name.items() if not lane.state.join}
-        for job in run.jobs.values():
-            add = plain.get(job.state)
-            if add is not None and job.not_before is None and not job.priority:
-                add(job)
-            elif job.state in by_name:
-                lanes.enqueue(by_name[job.state], job, now)
-        lanes.wake_all()
 
     def _all_listeners(self) -> list[StatusListener]:
         listeners = list(self.listeners)
@@ -499,60 +366,6 @@ class Processor:
 
     # -- stopping ------------------------------------------------------------------------------
 
-    def _take_signals(self, loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
-        """Handle SIGINT and SIGTERM on the loop while the exec runs, unless someone else does:
-        the default handlers, or asyncio.run's own (which would cancel the main task, with a
-        traceback and no grace period). Returns what puts the previous handlers back."""
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None  # (signals only reach the main thread)
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            handler = signal.getsignal(signum)
-            bound = getattr(handler, "func", handler)  # (asyncio.run's is a partial)
-            ours_to_take = handler in (signal.SIG_DFL, signal.default_int_handler) or isinstance(
-                getattr(bound, "__self__", None), asyncio.Runner
-            )
-            if not ours_to_take:
-                continue
-            try:
-                loop.add_signal_handler(signum, self._on_signal)
-            except (NotImplementedError, RuntimeError, ValueError):
-                continue  # a loop without signal support: Ctrl-C raises KeyboardInterrupt
-            previous[signum] = handler
-
-        def restore() -> None:
-            for signum, handler in previous.items():
-                loop.remove_signal_handler(signum)
-                signal.signal(signum, handler)
-
-        return restore
-
-    def _on_signal(self) -> None:
-        if self._interrupted:
-            # Second signal: stop at once. The run file and journal are always loadable.
-            show_cursor = b"\x1b[?25h" if os.isatty(1) else b""  # a live display hid it
-            os.write(
-                2,
-                show_cursor
-                + f"\njorb: stopped at once; running execs run again when you "
-                f"resume: {command_line()}\n".encode(),
-            )
-            os._exit(130)
-        self._interrupted = True
-        running = sum(lane.running for lane in self._lanes.by_name.values())
-        message = (
-            f"stopping: waiting up to {self.grace:g}s for {running} running exec(s); "
-            f"Ctrl-C again to stop at once"
-            if running
-            else "stopping: no exec is running; saving the run"
-        )
-        if self._listeners:
-            self._note(message)  # a live display prints it above its bars
-        else:
-            os.write(2, f"\njorb: {message}\n".encode())
-        if self._finished is not None and not self._finished.done():
-            self._finished.set_result(None)
-
     async def _shutdown(self, grace: float) -> None:
         """Stop starting execs, let running ones finish (up to ``grace``), fold the journal in."""
         self._stopping = True
@@ -591,33 +404,6 @@ def _entered(
     """``lifespan(app)`` if it takes an argument (Starlette's convention), else ``lifespan()``."""
     try:
         inspect.signature(lifespan).bind(app)
-    except TypeError:
-        return lifespan()
-    except ValueError:  # (no signature to read)
+    except (TypeError, ValueError):  # (ValueError: no signature to read)
         return lifespan()
     return lifespan(app)
-
-
-#: The cyclic collector's young-generation threshold while an exec runs (Python's default: 700).
-GC_YOUNG = 50_000
-
-
-def _tune_collector() -> tuple[int, int, int] | None:
-    """Make young collections rarer for the exec's lifetime; returns what to restore.
-
-    Every transition allocates a few containers (a ctx copy, a record entry), so with the
-    default threshold the collector ran every ~200 transitions, each time walking every young
-    object, and its older generations (the run's jobs) every few thousand: 20-30% of an exec's
-    CPU, for no garbage (a transition makes no cycles). A young generation of 50,000 objects
-    costs a few MB at most. Left alone if the collector is off or already tuned higher.
-    """
-    old = gc.get_threshold()
-    if not gc.isenabled() or old[0] == 0 or old[0] >= GC_YOUNG:
-        return None
-    gc.set_threshold(GC_YOUNG, *old[1:])
-    return old
-
-
-def _restore_collector(old: tuple[int, int, int] | None) -> None:
-    if old is not None and gc.get_threshold()[0] == GC_YOUNG:  # (unless changed meanwhile)
-        gc.set_threshold(*old)

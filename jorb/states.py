@@ -8,7 +8,7 @@ import inspect
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -18,8 +18,9 @@ from .errors import StateError
 
 if TYPE_CHECKING:
     from .executor import Pool
+    from .model import Run
 
-__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "exec_name", "validate"]
+__all__ = ["CANCELLED", "ExecFn", "Rate", "State", "check_jobs", "exec_name", "validate"]
 
 #: The terminal state ``jorb cancel`` moves jobs to unless told otherwise (declared for you).
 CANCELLED = "cancelled"
@@ -373,3 +374,27 @@ def _check(state: State, by_name: dict[str, State]) -> Iterable[str]:
         yield f"state {name!r}: backoff and backoff_max must be >= 0"
     if state.rate_limit_retries < 0:
         yield f"state {name!r}: rate_limit_retries must be >= 0"
+
+
+def check_jobs(run: Run, states: Mapping[str, State]) -> None:
+    """Check that every job of ``run`` is in a declared state; raises :class:`StateError`
+    naming the others and how to move them."""
+    unknown: dict[str, list[str]] = {}
+    for job in run.jobs.values():
+        if job.state not in states:
+            unknown.setdefault(job.state, []).append(job.id)
+    if unknown:
+        detail = "; ".join(
+            f"{state!r} (jobs {', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})"
+            for state, ids in sorted(unknown.items())
+        )
+        if run.path is not None and run.path.exists():
+            fix = f"move the jobs (`jorb redrive {run.path} --from S --to T`)"
+        else:  # only in memory so far: nothing on disk to redrive
+            fix = "add the jobs in a declared state (`run.add_job(ctx, state=...)`)"
+        if "new" in unknown:
+            fix += "; `add_job` puts a job in 'new' unless it is given a state"
+        raise StateError(
+            f"{run.path}: jobs are in states the script does not declare: {detail}. "
+            f"Declare them, or {fix}"
+        )

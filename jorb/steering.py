@@ -14,6 +14,9 @@ from .errors import JorbError, StateError
 from .model import Job, apply_record
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .model import Run
     from .processor import Processor
 
 _LINE = orjson.OPT_APPEND_NEWLINE
@@ -66,11 +69,26 @@ class Steering:
             self.in_transit += 1  # the exec does not end with a change on its way to it
             loop.call_soon_threadsafe(self._steer_soon, req, self.exec_number)
 
-    def take_queued(self) -> list[dict[str, Any]]:
-        """The changes asked for before this exec (to apply offline at its start)."""
+    def apply_waiting(self, run: Run) -> list[tuple[Any, dict[str, Any]]]:
+        """Apply the changes that waited for this exec to the run, offline: the inbox's, then
+        those asked for from Python. Returns the answers owed to the commands that sent them."""
+        applied = self.applied = control.applied_ids(run)  # grows as applied
+        answers = control.apply_inbox(run, applied)
         with self.lock:
             queued, self.queued = self.queued, []
-        return queued
+        for req in queued:
+            control.apply_one(run, req, applied)
+        return answers
+
+    def edit_kept(self, aside: Path) -> None:
+        """The run file was edited while this exec runs it: say where the edit is kept."""
+        store = self.proc._store
+        self.proc._note(
+            f"{store.path if store else 'the run file'} was edited while this "
+            f"process runs it; this process is its only writer, so the edit is not applied: "
+            f"it is kept in {aside}. While a process runs, change the run with `jorb redrive`, "
+            f"`jorb add`, `jorb pause`; edit the file once it has stopped"
+        )
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         """From now on, steering calls go to this loop."""

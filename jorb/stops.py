@@ -2,18 +2,24 @@
 
 A part of the processor, like ``commit`` and ``steering``: the coordinator builds one per
 exec. It keeps the first bug in the script an exec stopped at (an ``ExecResultError``, with
-``stop_on_bug``), a ``SystemExit``/``KeyboardInterrupt`` an exec raised, and the errors of the
-exec for the end-of-exec summary; when the exec is over, :meth:`Stops.raise_stop` prints the
-one message that says what happened and how to resume, and raises what ``exec``/``aexec``
+``stop_on_bug``), a ``SystemExit``/``KeyboardInterrupt`` an exec raised, a Ctrl-C or SIGTERM
+(:func:`take_signals` routes them to :meth:`Stops.interrupt` while the exec runs), and the errors
+of the exec for the end-of-exec summary; when the exec is over, :meth:`Stops.raise_stop` prints
+the one message that says what happened and how to resume, and raises what ``exec``/``aexec``
 must raise. Imports errors, tracebacks, states.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import os
 import re
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import ExecResultError
@@ -24,16 +30,16 @@ if TYPE_CHECKING:
     from .model import Job, Run
     from .processor import Processor
 
-__all__ = ["Stops", "command_line", "say"]
+__all__ = ["Stops", "command_line", "say", "take_signals"]
 
 _DIGITS = re.compile(r"\d+")
 
 
 class Stops:
-    """``stops.bug(job, state, error)``, ``stops.exit(job, state, raised)``, ``stops.error(...)``
-    while the exec runs; ``stops.raise_stop(run)`` once it is over."""
+    """``stops.bug(job, state, error)``, ``stops.exit(job, state, raised)``, ``stops.interrupt()``,
+    ``stops.error(...)`` while the exec runs; ``stops.raise_stop(run)`` once it is over."""
 
-    __slots__ = ("bug_error", "exit_raised", "kinds", "lines", "proc")
+    __slots__ = ("bug_error", "exit_raised", "interrupted", "kinds", "lines", "proc")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
@@ -41,6 +47,8 @@ class Stops:
         self.bug_error: ExecResultError | None = None
         #: ``(job, state, SystemExit or KeyboardInterrupt)`` an exec raised.
         self.exit_raised: tuple[Job, State, BaseException] | None = None
+        #: Whether a Ctrl-C or SIGTERM stopped the exec.
+        self.interrupted = False
         self.kinds: collections.Counter[tuple[str, str]] = collections.Counter()
         self.lines: dict[tuple[str, str], str] = {}  # a kind's first message
 
@@ -71,6 +79,34 @@ class Stops:
         if proc._finished is not None and not proc._finished.done():
             proc._finished.set_result(None)  # running execs finish, as after a first Ctrl-C
 
+    def interrupt(self) -> None:
+        """Ctrl-C or SIGTERM: stop gracefully the first time, at once the second."""
+        proc = self.proc
+        if self.interrupted:
+            # Second signal: stop at once. The run file and journal are always loadable.
+            show_cursor = b"\x1b[?25h" if os.isatty(1) else b""  # a live display hid it
+            os.write(
+                2,
+                show_cursor
+                + f"\njorb: stopped at once; running execs run again when you "
+                f"resume: {command_line()}\n".encode(),
+            )
+            os._exit(130)
+        self.interrupted = True
+        running = sum(lane.running for lane in proc._lanes.by_name.values())
+        message = (
+            f"stopping: waiting up to {proc.grace:g}s for {running} running exec(s); "
+            f"Ctrl-C again to stop at once"
+            if running
+            else "stopping: no exec is running; saving the run"
+        )
+        if proc._listeners:
+            proc._note(message)  # a live display prints it above its bars
+        else:
+            os.write(2, f"\njorb: {message}\n".encode())
+        if proc._finished is not None and not proc._finished.done():
+            proc._finished.set_result(None)
+
     def error(self, state: str, record: dict[str, Any]) -> None:
         """Count an error record for the summary (messages differing in numbers as one)."""
         line = f"{record['type'].rpartition('.')[2]}: {str(record['message']).splitlines()[0]}"
@@ -82,7 +118,7 @@ class Stops:
         """The most common errors of this exec: (count, state, first message of the kind)."""
         return [(count, key[0], self.lines[key]) for key, count in self.kinds.most_common(top)]
 
-    def raise_stop(self, run: Run, interrupted: bool) -> None:
+    def raise_stop(self, run: Run) -> None:
         """After a stop that was not the run's completion: say what and how to resume, and
         raise what exec/aexec raise (nothing if the run completed)."""
         if self.exit_raised is not None:
@@ -103,9 +139,40 @@ class Stops:
                 f"stop_on_bug=False to jorb.Processor to record such errors and go on"
             )
             raise self.bug_error
-        if interrupted:
+        if self.interrupted:
             say_interrupted(run)
             raise SystemExit(130)
+
+
+def take_signals(
+    loop: asyncio.AbstractEventLoop, handler: Callable[[], None]
+) -> Callable[[], None]:
+    """Call ``handler`` on SIGINT and SIGTERM while the exec runs, unless someone else handles
+    them: take the default handlers, or asyncio.run's own (which would cancel the main task,
+    with a traceback and no grace period). Returns what puts the previous handlers back."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # (signals only reach the main thread)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(signum)
+        bound = getattr(current, "func", current)  # (asyncio.run's is a partial)
+        ours_to_take = current in (signal.SIG_DFL, signal.default_int_handler) or isinstance(
+            getattr(bound, "__self__", None), asyncio.Runner
+        )
+        if not ours_to_take:
+            continue
+        try:
+            loop.add_signal_handler(signum, handler)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # a loop without signal support: Ctrl-C raises KeyboardInterrupt
+        previous[signum] = current
+
+    def restore() -> None:
+        for signum, current in previous.items():
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, current)
+
+    return restore
 
 
 def say_interrupted(run: Run) -> None:

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from .model import Child, Job, Run
+from .errors import RunFileError
+from .model import Child, Job, Run, parent_cycle
 
 if TYPE_CHECKING:
     from .lanes import Lane
@@ -71,6 +72,14 @@ class Waiting:
             self.timer = None
 
     # -- fan-in --------------------------------------------------------------------------------
+
+    def check_parents(self, run: Run) -> None:
+        """Refuse a run whose jobs are each other's parent (an edit of "parent" fields)."""
+        if cycle := parent_cycle(run):
+            raise RunFileError(
+                f"{run.path}: jobs {' -> '.join([*cycle, cycle[0]])} are each other's parent (an "
+                f'edit of "parent" fields): a join would wait for them forever. Fix those fields'
+            )
 
     def index(self, run: Run) -> None:
         """Note every job's open children (at exec start, for the join states)."""

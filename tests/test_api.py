@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ast
 import email.utils
+import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 import jorb
+import jorb.processor
 
 #: Every name ``import jorb`` offers. Changing the public API means changing this set on purpose.
 EXPORTS = {
@@ -106,3 +110,37 @@ def test_importing_jorb_does_not_import_rich_or_typer() -> None:
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def _run_time_imports(module: str) -> set[str]:
+    """The jorb modules ``jorb/<module>.py`` imports when it runs (not for type checking)."""
+    tree = ast.parse((Path(jorb.__file__).parent / f"{module}.py").read_text())
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found.update([node.module] if node.module else [a.name for a in node.names])
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def test_the_engine_modules_import_only_what_the_processor_docstring_allows() -> None:
+    doc = jorb.processor.__doc__
+    assert doc is not None
+    rules: dict[str, str] = {}
+    for bullet in re.split(r"^- ", doc.split("\n\n", 2)[2], flags=re.MULTILINE):
+        head, colon, allowed = " ".join(bullet.split()).rpartition("): ")
+        for module in re.findall(r"(?:^|\), )``(\w+)``", head) if colon else ():
+            rules[module] = allowed.rstrip(".")
+    assert {"processor", "lanes", "waiting", "commit", "steering", "stops", "model"} <= set(rules)
+    for module, allowed in rules.items():
+        if module != "processor":
+            names = set() if allowed == "none" else set(allowed.split(", "))
+            assert _run_time_imports(module) <= names, (module, allowed)
+    modules = [path.stem for path in Path(jorb.__file__).parent.glob("*.py")]
+    assert [m for m in modules if "processor" in _run_time_imports(m)] == ["__init__"]

@@ -123,7 +123,6 @@ def test_fold_refuses_a_run_a_process_holds(crashed: Path) -> None:
         holder.close()
 
 
-
 def test_the_conflict_counts_transitions_not_journal_lines(
     make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:

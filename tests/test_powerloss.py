@@ -281,8 +281,10 @@ class Seen:
             Store._write_snapshot,
         )
 
-        def apply_record(run: jorb.Run, record: dict[str, Any]) -> None:
-            real_apply(run, record)
+        def apply_record(
+            run: jorb.Run, record: dict[str, Any], ok_jobs: list[jorb.Job] | None = None
+        ) -> None:
+            real_apply(run, record, ok_jobs)
             self.hold(run)
 
         def append(store: Store, record: bytes) -> asyncio.Future[None]:

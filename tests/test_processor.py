@@ -722,7 +722,7 @@ def test_a_first_ctrl_c_with_no_exec_running_does_not_offer_to_wait_for_none(
     # (Every job waiting out a backoff or a delay, say: "waiting up to 30s for 0 running
     # exec(s)" read as if something were running.)
     processor = jorb.Processor(None, [jorb.State("a", exec=lambda *a: None), DONE], progress=False)
-    processor._on_signal()
+    processor._stops.interrupt()
     assert capfd.readouterr().err == "\njorb: stopping: no exec is running; saving the run\n"
 
 

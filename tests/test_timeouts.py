@@ -331,7 +331,7 @@ def test_ctrl_c_does_not_wait_for_an_exec_waiting_on_an_abandoned_threads_slot(
     async def interrupt(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, waiting.event.wait, STUCK)
-        app._on_signal()  # what Ctrl-C does
+        app._stops.interrupt()  # what Ctrl-C does
         return ctx, "done"
 
     states = [
