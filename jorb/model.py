@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from itertools import compress, islice, repeat
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError, public
 
@@ -233,13 +233,14 @@ _set_epoch: Callable[[Job, int], None] = _Stamped.__dict__["_epoch"].__set__
 class Job(_Stamped):
     """One unit of work moving through the states. Field order is the order in the run file.
 
-    A dataclass whose ``__slots__`` and ``__init__`` are written out: ``errors`` is a property
-    over the ``_errors`` slot, which holds None until the dict is first read (most jobs never
-    have an error, and a million empty dicts are 64 MB).
+    A dataclass whose ``__slots__`` and ``__init__`` are written out, to keep a job small (a
+    run holds millions): ``errors`` and ``polls``, which few jobs ever have, are properties over
+    one slot, ``_rare``, which holds None or ``(errors or None, polls)``. So a job holds no
+    empty dict (64 B), and a slot less (an object of 12 slots takes 128 B, of 13, 144).
     """
 
     __slots__ = (
-        "_errors",
+        "_rare",
         "attempts",
         "ctx",
         "history",
@@ -247,7 +248,6 @@ class Job(_Stamped):
         "key",
         "not_before",
         "parent",
-        "polls",
         "priority",
         "state",
         "throttled",
@@ -273,13 +273,15 @@ class Job(_Stamped):
     """Transitions, oldest first: each a plain tuple ``(from, to, time, duration)`` (a redrive's
     adds the change's id), or the object as written if one was edited into the file in another
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
-    errors: dict[str, list[dict[str, Any]]]
-    """Errors grouped by the state they happened in (made when first read)."""
+    if not TYPE_CHECKING:  # (a field here; to a type checker, the property below)
+        errors: dict[str, list[dict[str, Any]]]
+        """Errors grouped by the state they happened in (made when first read)."""
     key: str | None
     """The job's unique key, if it was added with one: at most one job per key in a run."""
-    polls: int
-    """How many times an exec sent the job back to its own state with :class:`Next` (counted
-    here, not in ``history``)."""
+    if not TYPE_CHECKING:  # (the same)
+        polls: int
+        """How many times an exec sent the job back to its own state with :class:`Next`
+        (counted here, not in ``history``)."""
 
     def __init__(
         self,
@@ -305,22 +307,34 @@ class Job(_Stamped):
         self.attempts = attempts
         self.throttled = throttled
         self.history = [] if history is _NEW_LIST else history
-        self._errors = errors
         self.key = key
-        self.polls = polls
+        self._rare: tuple[Any, Any] | None = (
+            None if errors is None and polls == 0 and type(polls) is int else (errors, polls)
+        )
 
-    @property  # type: ignore[no-redef]
+    @property
     def errors(self) -> dict[str, list[dict[str, Any]]]:
         """Errors grouped by the state they happened in: the same dict each time, made when
         first read, which the reader may write into."""
-        errors = self._errors
+        errors, polls = self._rare or _NO_RARE
         if errors is None:
-            errors = self._errors = {}
+            errors = {}
+            self._rare = (errors, polls)
         return errors
 
     @errors.setter
     def errors(self, errors: dict[str, list[dict[str, Any]]]) -> None:
-        self._errors = errors
+        self._rare = (errors, (self._rare or _NO_RARE)[1])
+
+    @property
+    def polls(self) -> int:
+        """How many times an exec sent the job back to its own state with :class:`Next`
+        (counted here, not in ``history``)."""
+        return (self._rare or _NO_RARE)[1]
+
+    @polls.setter
+    def polls(self, polls: int) -> None:
+        self._rare = ((self._rare or _NO_RARE)[0], polls)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
@@ -334,10 +348,14 @@ class Job(_Stamped):
 _NO_ERRORS: Mapping[str, list[dict[str, Any]]] = MappingProxyType({})
 
 
+_NO_RARE = (None, 0)  # a Job's _rare when it is None: no errors, no polls
+
+
 def job_errors(job: Job) -> Mapping[str, list[dict[str, Any]]]:
     """``job.errors`` for reading, without making an empty dict for a job that has none (for
     scans of a whole run: a report, the run file)."""
-    return job._errors or _NO_ERRORS
+    rare = job._rare
+    return (rare[0] if rare is not None else None) or _NO_ERRORS
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -761,11 +779,13 @@ def job_document(job: Job) -> dict[str, Any]:
             ]
         except UnwritableEntry as e:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
-    errors = job._errors
-    if errors:
-        doc["errors"] = errors
-    if job.polls:
-        doc["polls"] = job.polls
+    rare = job._rare
+    if rare is not None:
+        errors, polls = rare
+        if errors:
+            doc["errors"] = errors
+        if polls:
+            doc["polls"] = polls
     return doc
 
 
@@ -821,7 +841,8 @@ def _usual_job(raw: Any) -> Job | None:
         job = Job(**raw)
     except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
         return None
-    not_before, history, errors = job.not_before, job.history, job._errors
+    not_before, history = job.not_before, job.history
+    errors, polls = job._rare or _NO_RARE
     if not (
         type(job.id) is str
         and job.id != ""
@@ -842,7 +863,7 @@ def _usual_job(raw: Any) -> Job | None:
             or (type(errors) is dict and (not errors or _errors_ok(errors)))
         )
         and (job.key is None or (type(job.key) is str and job.key != ""))
-        and type(job.polls) is int
+        and type(polls) is int
     ):
         return None
     if history:
@@ -851,7 +872,7 @@ def _usual_job(raw: Any) -> Job | None:
             return None
         job.history = steps
     if errors is not None and not errors:  # ("errors": {}, as older jorbs wrote for every job)
-        job._errors = None
+        job._rare = None if polls == 0 else (None, polls)
     job.state = sys.intern(job.state)
     return job
 
