@@ -248,11 +248,11 @@ def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memo
     for index, start in enumerate(range(0, len(jobs), ENCODE_CHUNK)):
         chunk_jobs = jobs[start : start + ENCODE_CHUNK]
         copied = reuse.copy(index, chunk_jobs) if reuse is not None else None
-        piece = _encode_chunk(chunk_jobs) if copied is None else copied
+        piece, crc = (_encode_chunk(chunk_jobs), None) if copied is None else copied
         yield before
         offset += len(before)
         if reuse is not None:
-            reuse.note(chunk_jobs, offset, len(piece))
+            reuse.note(chunk_jobs, offset, piece, crc)
         yield piece
         offset += len(piece)
         before = b",\n    "
@@ -273,41 +273,60 @@ def _encode_chunk(jobs: list[Job]) -> memoryview:
     return memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
 
 
+#: Where a chunk of jobs lies in a snapshot: its first and last ``Job``, how many jobs, the
+#: offset and length of its bytes, and their CRC-32.
+Chunk = tuple[Job, Job, int, int, int, int]
+
+
 class Reuse:
     """What a store needs to write its next snapshot without encoding again the jobs that did
     not change since its last one: that file (open for reading), where each of its chunks of
     jobs lies in it, and the run's ``_epoch`` once it was written.
 
     A chunk is copied only if it holds the same ``Job`` objects (its first and last, and how
-    many: while a processor executes, jobs are only ever added, at the end) and no record
-    changed any of them since that file was written (each ``Job._epoch`` is older). Everything
-    else is encoded, so the bytes are exactly what encoding the whole
-    run would give (``tests/test_snapshot_reuse.py`` checks every snapshot of a mixed run).
+    many: while a processor executes, jobs are only ever added, at the end), no record changed
+    any of them since that file was written (each ``Job._epoch`` is older), and the bytes read
+    back have the CRC-32 they were written with (whatever changed the file since, even in
+    place keeping its size and times, is never copied). Everything else is encoded, so the
+    bytes are exactly what encoding the whole run would give (``tests/test_snapshot_reuse.py``
+    checks every snapshot of a mixed run).
     """
 
     __slots__ = ("chunks", "epoch", "fd", "laid")
 
-    def __init__(self, fd: int, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
+    def __init__(self, fd: int, chunks: list[Chunk], epoch: int) -> None:
         self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
-        self.chunks = chunks  # (first job, last job, jobs, offset, length) of each chunk
+        self.chunks = chunks  # where that file's chunks are
         self.epoch = epoch  # jobs changed since that file was written have this epoch or later
-        self.laid: list[tuple[Job, Job, int, int, int]] = []  # the same, for the new file
+        self.laid: list[Chunk] = []  # where the new file's are
 
-    def copy(self, index: int, jobs: list[Job]) -> bytes | None:
-        """The previous file's bytes for this chunk, if none of its jobs changed since."""
+    def copy(self, index: int, jobs: list[Job]) -> tuple[bytes, int] | None:
+        """The previous file's bytes for this chunk and their CRC-32, if none of its jobs
+        changed since and the bytes are still the ones written there."""
         if self.fd < 0 or index >= len(self.chunks):
             return None
-        first, last, count, offset, length = self.chunks[index]
+        first, last, count, offset, length, crc = self.chunks[index]
         if count != len(jobs) or first is not jobs[0] or last is not jobs[-1]:
             return None
         epoch = self.epoch
         if any(getattr(job, "_epoch", 0) >= epoch for job in jobs):
             return None
-        data = os.pread(self.fd, length, offset)
-        return data if len(data) == length else None
+        try:
+            data = os.pread(self.fd, length, offset)
+        except OSError:  # (EIO; ESTALE on NFS): only the shortcut failed, so encode
+            self.fd = -1
+            return None
+        if len(data) != length or zlib.crc32(data) != crc:
+            return None
+        return data, crc
 
-    def note(self, jobs: list[Job], offset: int, length: int) -> None:
-        self.laid.append((jobs[0], jobs[-1], len(jobs), offset, length))
+    def note(
+        self, jobs: list[Job], offset: int, piece: bytes | memoryview, crc: int | None
+    ) -> None:
+        """``jobs`` went to the new file at ``offset``, as ``piece`` (whose CRC-32, if copied,
+        is known)."""
+        crc = zlib.crc32(piece) if crc is None else crc
+        self.laid.append((jobs[0], jobs[-1], len(jobs), offset, len(piece), crc))
 
 
 def _first_unwritable(docs: list[dict[str, Any]]) -> str:
@@ -385,7 +404,7 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def _create_temp(tmp: Path, like: Path) -> int:
+def _create_temp(tmp: Path, like: Path, *, readable: bool = False) -> int:
     """Create ``tmp`` for writing, never through a link planted at its name (``O_EXCL |
     O_NOFOLLOW``; anything already there is a leftover of a crash, or planted: it is removed
     and the name taken afresh). Its mode (and, as root, its owner) is that of ``like`` if it
@@ -395,7 +414,8 @@ def _create_temp(tmp: Path, like: Path) -> int:
         st: os.stat_result | None = os.stat(like)
     except OSError:
         st = None
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= os.O_RDWR if readable else os.O_WRONLY
     mode = 0o600 if st is not None else 0o644
     try:
         fd = os.open(tmp, flags, mode)
@@ -421,6 +441,7 @@ def atomic_write(
     *,
     durable: bool = True,
     like: Path | None = None,
+    keep: list[int] | None = None,
 ) -> tuple[int, int]:
     """Replace ``path`` with ``data`` (bytes, or pieces of them written as they come): temp
     file, fsync, rename, fsync the directory. Returns the bytes' length and CRC-32.
@@ -434,7 +455,7 @@ def atomic_write(
     length = crc = 0
     small = bytearray()
     tmp = _temp_path(path)
-    fd = _create_temp(tmp, like or path)
+    fd = _create_temp(tmp, like or path, readable=keep is not None)
     try:
         try:
             for piece in pieces:
@@ -453,15 +474,25 @@ def atomic_write(
                 write_all(fd, small)
             if durable:
                 os.fsync(fd)
+            os.replace(tmp, path)
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            if keep is None:
+                os.close(fd)
     except BaseException:
+        if keep is not None:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if durable:
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except BaseException:
+            if keep is not None:
+                os.close(fd)
+            raise
+    if keep is not None:
+        keep.append(fd)  # the file just written, open: whatever is at ``path`` by now
     return length, crc
 
 
@@ -991,8 +1022,8 @@ class Store:
         # The last snapshot, open for reading, and where its chunks of jobs lie: the next
         # snapshot copies the chunks whose jobs did not change (see ``Reuse``).
         self._source_fd = -1
-        self._chunks: list[tuple[Job, Job, int, int, int]] = []
-        self._written_source: tuple[int, int, int] | None = None
+        self._chunks: list[Chunk] = []
+        self._written_source: tuple[int, int, int, int] | None = None  # (+ its ctime)
         self._source_epoch = 0
         self._lock_fd = _take_lock(path)
         _STORES.add(self)
@@ -1078,12 +1109,24 @@ class Store:
             if self._written is not None:
                 self._keep_edit()
             reuse = self._reuse(run)
-            length, crc = atomic_write(self.path, self._pieces(run, reuse), durable=self.durable)
-            self._written = _stamp(self.path)
+            kept: list[int] = []
+            length, crc = atomic_write(
+                self.path, self._pieces(run, reuse), durable=self.durable, keep=kept
+            )
+            fd = kept[0]  # our file, even if another was renamed over it since
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            self._written = (st.st_ino, st.st_size, st.st_mtime_ns)
             self._drop_source()
             run._epoch += 1  # (records from now on change jobs after this file)
-            if not finish:
-                self._keep_source(reuse.laid, run._epoch)
+            if finish:
+                os.close(fd)
+            else:  # kept open, to copy its unchanged chunks into the next snapshot
+                self._source_fd, self._chunks, self._source_epoch = fd, reuse.laid, run._epoch
+                self._written_source = (*self._written, st.st_ctime_ns)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
@@ -1121,23 +1164,13 @@ class Store:
         (``begin`` drops it), or if the file was changed in place since it was written."""
         fd = self._source_fd
         if fd >= 0:
-            st = os.fstat(fd)
-            if (st.st_ino, st.st_size, st.st_mtime_ns) == self._written_source:
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                return Reuse(-1, [], 0)
+            if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._written_source:
                 return Reuse(fd, self._chunks, self._source_epoch)
         return Reuse(-1, [], 0)
-
-    def _keep_source(self, chunks: list[tuple[Job, Job, int, int, int]], epoch: int) -> None:
-        """Open the snapshot just written, to copy its unchanged chunks into the next one."""
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return  # (the next snapshot encodes every job)
-        st = os.fstat(fd)
-        if (st.st_ino, st.st_size, st.st_mtime_ns) != self._written:
-            os.close(fd)  # replaced since we wrote it: not ours to copy from
-            return
-        self._source_fd, self._chunks, self._written_source = fd, chunks, self._written
-        self._source_epoch = epoch
 
     def _drop_source(self) -> None:
         if self._source_fd >= 0:

@@ -286,9 +286,11 @@ def run_job(
     if not isinstance(ctx, dict):
         raise JorbError(f"each ctx must be a JSON object, not {type(ctx).__name__}")
     try:
-        orjson.dumps(ctx)
+        data = orjson.dumps(ctx)
     except TypeError as e:
         raise JorbError(f"a ctx to add is not JSON: {e}") from None
+    # The job's own copy, as journaled: a caller that goes on using its dict changes nothing.
+    ctx = orjson.loads(data)
     return Job(str(run.next_id + offset), state, ctx, None, priority, not_before, key=key)
 
 

@@ -18,9 +18,10 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice, repeat
+from itertools import compress, islice, repeat
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, SupportsIndex, cast, overload
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, SupportsIndex, cast, overload
 
 from .errors import CorruptRunError, JorbError, RunFileError, public
 
@@ -205,6 +206,9 @@ _STEP_KEYS = {"from": 0, "to": 1, "time": 2, "duration": 3, "redrive": 4}
 _KEYS = ["from", "to", "time", "duration"]
 _REDRIVE_KEYS = [*_KEYS, "redrive"]
 
+_NEW_LIST: Any = object()  # Job(history=...) not given: a new list
+
+
 #: A history entry: ``(from, to, time, duration[, redrive])``, or an object of another shape
 #: that a user wrote into the file.
 Entry = tuple[Any, ...] | dict[str, Any]
@@ -225,9 +229,29 @@ class _Stamped:
 _set_epoch: Callable[[Job, int], None] = _Stamped.__dict__["_epoch"].__set__
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(init=False, repr=False, eq=False)
 class Job(_Stamped):
-    """One unit of work moving through the states. Field order is the order in the run file."""
+    """One unit of work moving through the states. Field order is the order in the run file.
+
+    A dataclass whose ``__slots__`` and ``__init__`` are written out, to keep a job small (a
+    run holds millions): ``errors`` and ``polls``, which few jobs ever have, are properties over
+    one slot, ``_rare``, which holds None or ``(errors or None, polls)``. So a job holds no
+    empty dict (64 B), and a slot less (an object of 12 slots takes 128 B, of 13, 144).
+    """
+
+    __slots__ = (
+        "_rare",
+        "attempts",
+        "ctx",
+        "history",
+        "id",
+        "key",
+        "not_before",
+        "parent",
+        "priority",
+        "state",
+        "throttled",
+    )
 
     id: str
     """Unique within the run, never reused (a counter kept in the run)."""
@@ -235,27 +259,82 @@ class Job(_Stamped):
     """The state the job is in; edit it in the run file to redrive."""
     ctx: Ctx
     """The job's own JSON context, as the last exec returned it."""
-    parent: str | None = None
+    parent: str | None
     """Id of the job whose exec kicked this one, or None."""
-    priority: int = 0
+    priority: int
     """Higher starts first within a state."""
-    not_before: float | None = None
+    not_before: float | None
     """Unix time before which the job may not start (a delay, or a retry's backoff)."""
-    attempts: int = 0
+    attempts: int
     """Failed attempts in the current state since the job entered it."""
-    throttled: int = 0
+    throttled: int
     """Rate-limited attempts in the current state since the job entered it."""
-    history: list[Entry] = field(default_factory=list)
+    history: list[Entry]
     """Transitions, oldest first: each a plain tuple ``(from, to, time, duration)`` (a redrive's
     adds the change's id), or the object as written if one was edited into the file in another
     shape. :meth:`steps` gives them as :class:`Step`, read by name."""
-    errors: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    """Errors grouped by the state they happened in."""
-    key: str | None = None
+    if not TYPE_CHECKING:  # (a field here; to a type checker, the property below)
+        errors: dict[str, list[dict[str, Any]]]
+        """Errors grouped by the state they happened in (made when first read)."""
+    key: str | None
     """The job's unique key, if it was added with one: at most one job per key in a run."""
-    polls: int = 0
-    """How many times an exec sent the job back to its own state with :class:`Next` (counted
-    here, not in ``history``)."""
+    if not TYPE_CHECKING:  # (the same)
+        polls: int
+        """How many times an exec sent the job back to its own state with :class:`Next`
+        (counted here, not in ``history``)."""
+
+    def __init__(
+        self,
+        id: str,
+        state: str,
+        ctx: Ctx,
+        parent: str | None = None,
+        priority: int = 0,
+        not_before: float | None = None,
+        attempts: int = 0,
+        throttled: int = 0,
+        history: list[Entry] = _NEW_LIST,
+        errors: dict[str, list[dict[str, Any]]] | None = None,
+        key: str | None = None,
+        polls: int = 0,
+    ) -> None:
+        self.id = id
+        self.state = state
+        self.ctx = ctx
+        self.parent = parent
+        self.priority = priority
+        self.not_before = not_before
+        self.attempts = attempts
+        self.throttled = throttled
+        self.history = [] if history is _NEW_LIST else history
+        self.key = key
+        self._rare: tuple[Any, Any] | None = (
+            None if errors is None and polls == 0 and type(polls) is int else (errors, polls)
+        )
+
+    @property
+    def errors(self) -> dict[str, list[dict[str, Any]]]:
+        """Errors grouped by the state they happened in: the same dict each time, made when
+        first read, which the reader may write into."""
+        errors, polls = self._rare or _NO_RARE
+        if errors is None:
+            errors = {}
+            self._rare = (errors, polls)
+        return errors
+
+    @errors.setter
+    def errors(self, errors: dict[str, list[dict[str, Any]]]) -> None:
+        self._rare = (errors, (self._rare or _NO_RARE)[1])
+
+    @property
+    def polls(self) -> int:
+        """How many times an exec sent the job back to its own state with :class:`Next`
+        (counted here, not in ``history``)."""
+        return (self._rare or _NO_RARE)[1]
+
+    @polls.setter
+    def polls(self, polls: int) -> None:
+        self._rare = ((self._rare or _NO_RARE)[0], polls)
 
     def __repr__(self) -> str:
         return f"<Job {self.id} {self.state!r} attempts={self.attempts} parent={self.parent}>"
@@ -264,6 +343,19 @@ class Job(_Stamped):
         """The history, each entry a :class:`Step` (``step["from"]``, ``step.target``, ...);
         an entry edited into the file in another shape stays the object it is."""
         return [entry if isinstance(entry, Mapping) else Step(*entry) for entry in self.history]
+
+
+_NO_ERRORS: Mapping[str, list[dict[str, Any]]] = MappingProxyType({})
+
+
+_NO_RARE = (None, 0)  # a Job's _rare when it is None: no errors, no polls
+
+
+def job_errors(job: Job) -> Mapping[str, list[dict[str, Any]]]:
+    """``job.errors`` for reading, without making an empty dict for a job that has none (for
+    scans of a whole run: a report, the run file)."""
+    rare = job._rare
+    return (rare[0] if rare is not None else None) or _NO_ERRORS
 
 
 _JOB_FIELDS = frozenset(Job.__annotations__)
@@ -610,18 +702,24 @@ class Run:
         """Check job objects read from the run file and add them (``start``: the index of the
         first in the file's list); ``next_id`` moves past every numeric id.
 
-        A million jobs pass through here on a reopen, so for a list of usual jobs the work is
-        kept in C where it can be: built by one ``map``, added by one ``dict.update``, and
-        their ids looked at one by one only if one is long enough to be a number at or past
-        ``next_id``. A list with anything else in it is read a job at a time, so that the
+        A list of usual jobs is checked and built by :func:`usual_jobs`, then added by
+        :meth:`add_read`. A list with anything else in it is read a job at a time, so that the
         first problem in it is the one reported.
         """
-        built = list(map(_usual_job, raws))
-        if None in built:
+        jobs = usual_jobs(raws)
+        if jobs is None:
             self._read_one_by_one(raws, start)
-            return
-        jobs = cast("list[Job]", built)
-        ids = [job.id for job in jobs]
+        else:
+            self.add_read([job.id for job in jobs], jobs)
+
+    def add_read(self, ids: list[str], jobs: list[Job]) -> None:
+        """Add jobs read from the run file (and checked), with their ids, in their order;
+        ``next_id`` moves past every numeric id. A CorruptRunError if an id is taken.
+
+        A million jobs pass through here on a reopen, so the work is kept in C where it can be:
+        added by one ``dict.update``, and only ids long enough to be a number at or past
+        ``next_id`` looked at one by one.
+        """
         known = self.jobs
         size = len(known)
         known.update(zip(ids, jobs, strict=True))
@@ -631,11 +729,12 @@ class Run:
                 if ident in earlier or ident in seen:
                     raise CorruptRunError(f"{_where(self.path)}: job id {ident!r} appears twice")
                 seen.add(ident)
-        # (An id shorter than next_id is a smaller number; one below 1 is hand-written, and
-        # its sign makes it longer than ids that are past it.)
-        if self.next_id < 1 or max(map(len, ids), default=0) >= len(str(self.next_id)):
-            for ident in ids:
-                self._count_past(ident)
+        # Only ids at least as long as next_id are looked at (picked in C): a shorter one is a
+        # smaller number. (Below 1, next_id is hand-written, and its sign makes it longer than
+        # ids that are past it: then all are.)
+        shortest = len(str(self.next_id)) if self.next_id >= 1 else 0
+        for ident in compress(ids, map(shortest.__le__, map(len, ids))):
+            self._count_past(ident)
 
     def _read_one_by_one(self, raws: list[Any], start: int) -> None:
         where = _where(self.path)
@@ -680,10 +779,13 @@ def job_document(job: Job) -> dict[str, Any]:
             ]
         except UnwritableEntry as e:
             raise UnwritableEntry(f"job {job.id}: {e}") from None
-    if job.errors:
-        doc["errors"] = job.errors
-    if job.polls:
-        doc["polls"] = job.polls
+    rare = job._rare
+    if rare is not None:
+        errors, polls = rare
+        if errors:
+            doc["errors"] = errors
+        if polls:
+            doc["polls"] = polls
     return doc
 
 
@@ -712,6 +814,13 @@ def json_default(value: Any) -> Any:
     raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
 
 
+def usual_jobs(raws: list[Any]) -> list[Job] | None:
+    """The Jobs for a list of job objects all of the usual, valid shape (one ``map``), else None
+    (see :func:`_usual_job`)."""
+    jobs = list(map(_usual_job, raws))
+    return cast("list[Job]", jobs) if all(jobs) else None  # (a Job is true; `None in` calls ==)
+
+
 def job_from_dict(raw: Any, where: str) -> Job:
     """Check one job object from a run file or journal and build the Job."""
     return _usual_job(raw) or _checked_job(raw, where)
@@ -726,11 +835,14 @@ def _usual_job(raw: Any) -> Job | None:
     """
     if type(raw) is not dict:
         return None
+    if raw.keys() <= _PLAIN_KEYS:  # (most jobs: fewer keys to look at, no keyword call)
+        return _plain_job(raw)
     try:
         job = Job(**raw)
     except TypeError:  # no "id", "state" or "ctx", or a key that is not a field
         return None
-    not_before, history, errors = job.not_before, job.history, job.errors
+    not_before, history = job.not_before, job.history
+    errors, polls = job._rare or _NO_RARE
     if not (
         type(job.id) is str
         and job.id != ""
@@ -746,10 +858,12 @@ def _usual_job(raw: Any) -> Job | None:
         and type(job.attempts) is int
         and type(job.throttled) is int
         and type(history) is list
-        and type(errors) is dict
-        and (not errors or _errors_ok(errors))
+        and (
+            (errors is None and "errors" not in raw)  # (not an explicit null)
+            or (type(errors) is dict and (not errors or _errors_ok(errors)))
+        )
         and (job.key is None or (type(job.key) is str and job.key != ""))
-        and type(job.polls) is int
+        and type(polls) is int
     ):
         return None
     if history:
@@ -757,8 +871,37 @@ def _usual_job(raw: Any) -> Job | None:
         if steps is None:
             return None
         job.history = steps
+    if errors is not None and not errors:  # ("errors": {}, as older jorbs wrote for every job)
+        job._rare = None if polls == 0 else (None, polls)
     job.state = sys.intern(job.state)
     return job
+
+
+_PLAIN_KEYS = frozenset(("id", "state", "ctx", "history"))
+_ABSENT: Any = object()
+
+
+def _plain_job(raw: dict[str, Any]) -> Job | None:
+    """:func:`_usual_job` for a job object with no keys but these four (the same verdicts)."""
+    ident, state, ctx = raw.get("id"), raw.get("state"), raw.get("ctx")
+    if not (
+        type(ident) is str
+        and ident != ""
+        and type(state) is str
+        and state != ""
+        and type(ctx) is dict
+    ):
+        return None
+    history = raw.get("history", _ABSENT)
+    if history is _ABSENT:
+        return Job(ident, sys.intern(state), ctx)
+    if type(history) is not list:
+        return None
+    if history:
+        history = _steps(history)
+        if history is None:
+            return None
+    return Job(ident, sys.intern(state), ctx, history=history)
 
 
 def _errors_ok(errors: dict[str, Any]) -> bool:
@@ -839,7 +982,7 @@ def _checked_job(raw: Any, where: str) -> Job:
         _check(raw, "attempts", int, where, 0),
         _check(raw, "throttled", int, where, 0),
         _check(raw, "history", list, where, []),
-        _check(raw, "errors", dict, where, {}),
+        _check(raw, "errors", dict, where, {}) or None,
         _check(raw, "key", (str, type(None)), where, None),
         _check(raw, "polls", int, where, 0),
     )
@@ -852,7 +995,7 @@ def _checked_job(raw: Any, where: str) -> Job:
             f'{where}: "not_before" {job.not_before!r} is no time (past the year 9999): a job '
             f"would wait for it forever. Set it to null to let the job start"
         )
-    for state, records in job.errors.items():
+    for state, records in job_errors(job).items():
         if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
             raise CorruptRunError(f'{where}: "errors" of {state!r} is not a list of objects')
     steps = []

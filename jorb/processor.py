@@ -164,18 +164,19 @@ class Processor:
         """
         self._reset()
         loop = asyncio.get_running_loop()
-        answers = self._prepare(run, loop)
-        self._loop = loop
-        self._overall = read_only(run.overall)
-        self._steering.start(loop)
-        self._listeners = listeners = self._all_listeners()
-        ticker = loop.create_task(self._tick()) if listeners else None
-        collector = gc_tuning.tune()
-        restore = take_signals(loop, self._stops.interrupt)
-        app = self.app
+        answers = self._prepare(run, loop)  # (if it fails, it leaves nothing started)
+        app, listeners, ticker, collector = self.app, [], None, None
+        restore: Callable[[], None] = _nothing
         try:
             async with contextlib.AsyncExitStack() as stack:  # the lifespan exits after shutdown
                 try:
+                    self._loop = loop
+                    self._overall = read_only(run.overall)
+                    self._steering.start(loop)
+                    self._listeners = listeners = self._all_listeners()
+                    ticker = loop.create_task(self._tick()) if listeners else None
+                    collector = gc_tuning.tune()
+                    restore = take_signals(loop, self._stops.interrupt)
                     if self.lifespan is not None:  # execs get what it yields as their app
                         self.app = await stack.enter_async_context(_entered(self.lifespan, app))
                     for file, answer in answers:
@@ -292,7 +293,13 @@ class Processor:
         self._executor = self._executor or LocalExecutor(self.states.values())
         self._run, self._store = run, store
         store.on_edit = self._steering.edit_kept
-        store.begin(run)  # every added job, change and the declarations reach disk here
+        try:
+            store.begin(run)  # every added job, change and the declarations reach disk here
+        except BaseException:
+            executor = self._executor
+            executor.close()  # (its pools' workers: nothing else would end them now)
+            self._executor = None if isinstance(executor, LocalExecutor) else executor
+            raise
         store.prepare = self._commits.prepare  # plain successes go out as one record per flush
         self._finished = loop.create_future()
         # The loop's clock, so a fake loop clock fakes history times too (read directly when
@@ -407,3 +414,7 @@ def _entered(
     except (TypeError, ValueError):  # (ValueError: no signature to read)
         return lifespan()
     return lifespan(app)
+
+
+def _nothing() -> None:
+    pass

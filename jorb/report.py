@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import JorbError, StateError
-from .model import Entry, Job, Run
+from .model import Entry, Job, Run, job_errors
 
 __all__ = [
     "ErrorGroup",
@@ -194,7 +194,7 @@ def states(run: Run, now: float | None = None) -> list[StateReport]:
     errors_in: Counter[str] = Counter()
     failing: Counter[str] = Counter()
     for job in run.jobs.values():
-        for state, records in job.errors.items():
+        for state, records in job_errors(job).items():
             errors_in[state] += len(records)
             failing[state] += 1 if records else 0
     return [
@@ -218,7 +218,7 @@ def server_pauses(run: Run, now: float | None = None) -> dict[str, float]:
     now = time.time() if now is None else now
     pauses: dict[str, float] = {}
     for job in run.jobs.values():
-        for state, records in job.errors.items():
+        for state, records in job_errors(job).items():
             for record in records:
                 until = record.get("paused_until")
                 if isinstance(until, int | float) and until > max(now, pauses.get(state, 0.0)):
@@ -270,7 +270,7 @@ def errors(run: Run, top: int = 3) -> list[ErrorSummary]:
     by_state: dict[str, dict[str, list[Any]]] = {}  # state -> key -> [first line, count, lines]
     jobs: Counter[str] = Counter()
     for job in run.jobs.values():
-        for state, records in job.errors.items():
+        for state, records in job_errors(job).items():
             if not records:
                 continue
             jobs[state] += 1
@@ -311,7 +311,7 @@ def error_line(record: dict[str, Any]) -> str:
 def last_error(job: Job) -> tuple[str, dict[str, Any]] | None:
     """The most recent error of a job and the state it happened in, if it has any."""
     latest: tuple[str, dict[str, Any]] | None = None
-    for state, records in job.errors.items():
+    for state, records in job_errors(job).items():
         for record in records:
             if latest is None or _time(record) >= _time(latest[1]):
                 latest = (state, record)
@@ -338,7 +338,7 @@ def find_jobs(run: Run, state: str | None = None, *, errors: bool = False) -> li
     return [
         job
         for job in run.jobs.values()
-        if (state is None or job.state == state) and (not errors or any(job.errors.values()))
+        if (state is None or job.state == state) and (not errors or any(job_errors(job).values()))
     ]
 
 
@@ -405,7 +405,7 @@ def graph(run: Run) -> Graph:
     kicks: Counter[tuple[str, str]] = Counter()
     jobs = run.jobs
     for job in jobs.values():
-        failed_at = _error_times(job) if job.errors else None
+        failed_at = _error_times(job) if job_errors(job) else None
         for entry in job.history:
             source, target, when, took = entry[:4] if type(entry) is tuple else _fields(entry)
             edge = (str(source), str(target))
@@ -441,7 +441,7 @@ def _error_times(job: Job) -> set[tuple[str, float]]:
     """``(state, time)`` of each error: a give-up's history entry has its error's time."""
     return {
         (state, record["time"])
-        for state, records in job.errors.items()
+        for state, records in job_errors(job).items()
         for record in records
         if isinstance(record.get("time"), int | float)
     }
@@ -621,7 +621,7 @@ def timeline(run: Run, bins: int = 60) -> Timeline | None:
     failed = [
         (state, float(record["time"]), bool(record.get("rate_limited")))
         for job in run.jobs.values()
-        for state, records in job.errors.items()
+        for state, records in job_errors(job).items()
         for record in records
         if isinstance(record.get("time"), int | float)
     ]

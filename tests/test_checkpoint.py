@@ -162,6 +162,9 @@ CORRUPT: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     # Python traceback (model.py's checks stop at the job's own keys).
     "a history entry not an object": (_job("history", [1]), '(job 2): "history"'),
     "errors not lists": (_job("errors", {"a": 5}), '(job 2): "errors"'),
+    "errors null": (_job("errors", None), '(job 2): "errors" has the wrong type (null)'),
+    "polls a float zero": (_job("polls", 0.0), '(job 2): "polls" has the wrong type (float)'),
+    "polls null": (_job("polls", None), '(job 2): "polls" has the wrong type (null)'),
     "a paused state not a name": (_doc(lambda d: d.update(paused=[3])), '"paused"'),
     "duplicate ids": (
         _doc(lambda d: d["jobs"].append(dict(d["jobs"][0]))),

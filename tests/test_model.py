@@ -65,6 +65,33 @@ def test_a_run_opened_in_a_with_block_is_released_at_its_end(tmp_path: Path) -> 
         assert [job.ctx for job in again.jobs.values()] == [{"n": 1}]
 
 
+def test_a_jobs_errors_and_polls_keep_what_is_written_into_them(make_run: MakeRun) -> None:
+    # (Few jobs have either: the two share a slot, and the dict is made when first read.)
+    run = make_run()
+    fresh, written, replaced = (run.add_job({"n": n}) for n in range(3))
+    assert fresh.errors == {} and fresh.errors is fresh.errors and fresh.polls == 0
+    written.errors["edit"] = [{"error": "boom", "time": 1.0}]
+    written.polls = 2
+    written.errors.setdefault("edit", []).append({"error": "again", "time": 2.0})
+    replaced.polls = 5
+    replaced.errors = {"push": [{"error": "denied", "time": 3.0}]}
+    replaced.polls += 1
+    run.save()
+
+    on_disk = json.loads(run.path.read_bytes())["jobs"]  # type: ignore[union-attr]
+    assert [("errors" in raw, "polls" in raw) for raw in on_disk] == [(False, False)] + [
+        (True, True)
+    ] * 2  # (the fresh job's were read, never written)
+    again = jorb.Run.load(run.path)  # type: ignore[arg-type]
+    assert [(job.errors, job.polls) for job in again.jobs.values()] == [
+        ({}, 0),
+        ({"edit": [{"error": "boom", "time": 1.0}, {"error": "again", "time": 2.0}]}, 2),
+        ({"push": [{"error": "denied", "time": 3.0}]}, 6),
+    ]
+    made = jorb.Job("9", "new", {}, errors={"a": []}, polls=4)
+    assert (made.errors, made.polls, jorb.Job("10", "new", {}).errors) == ({"a": []}, 4, {})
+
+
 def test_add_job_defaults_to_state_new_and_counts_by_state(make_run: MakeRun) -> None:
     run = make_run()
     first = run.add_job({"n": 1})

@@ -388,6 +388,25 @@ def test_an_app_factory_that_fails_stops_the_exec_before_any_job(make_run: MakeR
     assert (job.state, job.errors, job.history) == ("new", {}, [])
 
 
+def test_a_first_checkpoint_that_fails_leaves_no_pool_process_behind(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pools start before the run's first checkpoint is written; when that write fails
+    (a full disk), the exec stops there and the pool's processes end with it."""
+
+    def disk_full(store: Any, run: jorb.Run) -> None:
+        raise jorb.CheckpointError(f"{store.path}: could not write a checkpoint (the disk is full)")
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, "done"
+
+    monkeypatch.setattr(jorb.checkpoint.Store, "begin", disk_full)
+    run = make_run([{"i": 0}])
+    with pytest.raises(jorb.CheckpointError, match="disk is full"):
+        process([jorb.State("new", exec=work, pool=jorb.ProcessPool(2)), DONE], run)
+    # (no_pool_left_behind checks that every process the pool started has ended)
+
+
 def test_a_pool_serves_one_exec_after_another(make_run: MakeRun) -> None:
     def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
         ctx["pid"] = os.getpid()

@@ -197,6 +197,23 @@ def test_hand_written_ids_move_the_counter_and_a_repeat_is_refused_from_any_piec
             jorb.Run.load(path)
 
 
+@pytest.mark.parametrize("piece", [100, 1 << 16])
+def test_a_piece_with_a_job_read_one_by_one_keeps_the_files_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, piece: int
+) -> None:
+    # A number as an id ("id": 20) is valid but unusual: its piece is read a job at a time,
+    # between pieces whose jobs are added to the run together at the end.
+    monkeypatch.setattr(runfile, "PIECE", piece)
+    path = tmp_path / "run.json"
+    data = _saved(path, 40).replace(b'"id": "20"', b'"id": 20')
+    path.write_bytes(data)
+    with path.open("rb") as file:
+        read = runfile.read_pieces(file, path)
+    assert read is not None
+    assert list(read[0].jobs) == [str(i) for i in range(1, 41)]
+    _same(read[0], checkpoint.decode_run(data, path))
+
+
 def test_a_loaded_run_goes_to_the_collectors_oldest_generation_unwalked(tmp_path: Path) -> None:
     # Built with the collector paused, the jobs would all be "young": the first collection
     # after the load would walk every one. They are handed to the oldest generation instead,

@@ -6,6 +6,8 @@ moment, byte for byte: copying must never change what the file says.
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +31,7 @@ class Snapshots:
         self.copied = 0
         self.encoded = 0
         self.chunks: set[int] = set()  # the chunks copied, by index
+        self.differ: list[int] = []  # the snapshots whose file was not the run encoded
 
 
 @pytest.fixture
@@ -43,9 +46,10 @@ def snapshots(monkeypatch: pytest.MonkeyPatch) -> Iterator[Snapshots]:
     def checked_write(store: Store, run: jorb.Run, finish: bool) -> None:
         write(store, run, finish)
         seen.written += 1
-        assert store.path.read_bytes() == encode_run(run), f"snapshot {seen.written} differs"
+        if store.path.read_bytes() != encode_run(run):
+            seen.differ.append(seen.written)
 
-    def counted_copy(reuse: Reuse, index: int, jobs: list[jorb.Job]) -> bytes | None:
+    def counted_copy(reuse: Reuse, index: int, jobs: list[jorb.Job]) -> tuple[bytes, int] | None:
         data = copy(reuse, index, jobs)
         if data is None:
             seen.encoded += 1
@@ -94,6 +98,7 @@ def test_every_snapshot_equals_a_full_encoding(make_run: MakeRun, snapshots: Sna
     assert snapshots.written >= 4, "compactions happened mid-run"
     assert snapshots.copied > 0, "unchanged chunks were copied, not encoded again"
     assert snapshots.encoded > 0
+    assert snapshots.differ == []
     assert jorb.Run.load(run.path or Path()).to_document() == run.to_document()
 
 
@@ -111,6 +116,7 @@ def test_a_job_changed_between_two_execs_is_written_again(
             job.state = "a"  # (as a script may redrive, between execs)
     process(STATES, run)
     assert jorb.Run.load(run.path or Path()).jobs[first.id].ctx["edited"] == "by the script"
+    assert snapshots.differ == []
 
 
 def test_a_file_changed_in_place_mid_run_is_not_copied_from(
@@ -136,3 +142,102 @@ def test_a_file_changed_in_place_mid_run_is_not_copied_from(
     assert edited, "the file was edited mid-run"
     assert all("m" not in job.ctx for job in jorb.Run.load(path).jobs.values())
     assert list(path.parent.glob("run.json.edited-*")), "the edit was set aside"
+    assert snapshots.differ == []
+
+
+def test_an_edit_in_place_that_puts_the_times_back_is_not_copied_either(
+    make_run: MakeRun, snapshots: Snapshots
+) -> None:
+    """The same edit, then its modification time set back as it was (``touch -r``, ``rsync -t
+    --inplace`` do that): the bytes read back are checked, not only the file's times."""
+    run = make_run([{"n": i} for i in range(60)], "a")
+    path = run.path
+    assert path is not None
+    edited: list[bool] = []
+
+    async def scribble(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        if not edited and snapshots.written >= 2:
+            st = path.stat()
+            data = path.read_bytes().replace(b'"n": ', b'"m": ')
+            with path.open("r+b") as file:
+                file.write(data)
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            edited.append(True)
+        return await _finish(app, overall, ctx)
+
+    process([STATES[0], jorb.State("b", exec=scribble), *STATES[2:]], run)
+    assert edited
+    assert all("m" not in job.ctx for job in jorb.Run.load(path).jobs.values())
+    assert snapshots.differ == []
+
+
+def test_a_file_renamed_over_ours_as_we_write_it_is_not_taken_for_ours(
+    make_run: MakeRun, snapshots: Snapshots, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An editor saves the file (a temp renamed over it) just after a snapshot was renamed in:
+    the store keeps copying from its own file, and sets the editor's aside."""
+    run = make_run([{"n": i} for i in range(60)], "a")
+    path = run.path
+    assert path is not None
+    fsync_dir = checkpoint.fsync_dir
+    replaced: list[int] = []
+
+    def then_an_editor_saves(directory: Path) -> None:
+        fsync_dir(directory)
+        if snapshots.written >= 2 and not replaced:
+            saved = path.with_name("editor.tmp")
+            saved.write_bytes(path.read_bytes().replace(b'"n": ', b'"m": '))
+            os.replace(saved, path)
+            replaced.append(snapshots.written + 1)  # (the snapshot being written)
+
+    monkeypatch.setattr(checkpoint, "fsync_dir", then_an_editor_saves)
+    process(STATES, run)
+    assert replaced
+    assert all("m" not in job.ctx for job in jorb.Run.load(path).jobs.values())
+    assert list(path.parent.glob("run.json.edited-*")), "the editor's file was set aside"
+    assert snapshots.differ == replaced  # (that one check read the editor's file: only it)
+
+
+def test_a_read_error_on_the_last_snapshot_only_means_encoding(
+    make_run: MakeRun, snapshots: Snapshots, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO (or ESTALE on NFS) reading the last snapshot back: the chunks are encoded instead,
+    and the exec goes on."""
+    run = make_run([{"n": i} for i in range(60)], "a")
+    pread = os.pread
+
+    def failing(fd: int, n: int, offset: int) -> bytes:
+        if snapshots.written >= 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", failing)
+    process(STATES, run)
+    assert run.counts().get("a", 0) == run.counts().get("b", 0) == 0
+    assert snapshots.differ == []
+
+
+def test_jobs_added_from_python_are_the_runs_own(make_run: MakeRun, snapshots: Snapshots) -> None:
+    """``processor.add_jobs(ctxs)`` copies each ctx: a caller that goes on using its dict
+    changes nothing in the run (in memory or on disk)."""
+    run = make_run([{"n": i} for i in range(30)], "a")
+    mine: Ctx = {"n": -1}
+    added: list[bool] = []
+
+    async def add_then_reuse(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        if ctx["n"] == 3:
+            processor.add_jobs([mine], "done")
+            added.append(True)
+        if ctx["n"] == 20 and added:
+            mine["n"] = 12345
+        return await _finish(app, overall, ctx)
+
+    processor = jorb.Processor(
+        None, [STATES[0], jorb.State("b", exec=add_then_reuse), *STATES[2:]], progress=False
+    )
+    processor.exec(run)
+    assert added
+    ours = [job for job in run.jobs.values() if job.ctx["n"] < 0]
+    assert [job.ctx for job in ours] == [{"n": -1}]
+    assert jorb.Run.load(run.path or Path()).jobs[ours[0].id].ctx == {"n": -1}
+    assert snapshots.differ == []
