@@ -55,6 +55,7 @@ import functools
 import gc
 import io
 import itertools
+import operator
 import os
 import re
 import stat
@@ -85,6 +86,7 @@ from .model import (
     json_default,
     plug_files,
     record_problem,
+    stamp_all,
     transitions_in,
 )
 from .runfile import read_pieces
@@ -273,6 +275,8 @@ def _encode_chunk(jobs: list[Job]) -> memoryview:
     return memoryview(chunk)[len(_CHUNK_OPEN) : -len(_CHUNK_CLOSE)]
 
 
+_EPOCH = operator.attrgetter("_epoch")
+
 #: Where a chunk of jobs lies in a snapshot: its first and last ``Job``, how many jobs, the
 #: offset and length of its bytes, and their CRC-32.
 Chunk = tuple[Job, Job, int, int, int, int]
@@ -308,8 +312,10 @@ class Reuse:
         first, last, count, offset, length, crc = self.chunks[index]
         if count != len(jobs) or first is not jobs[0] or last is not jobs[-1]:
             return None
-        epoch = self.epoch
-        if any(getattr(job, "_epoch", 0) >= epoch for job in jobs):
+        try:
+            if max(map(_EPOCH, jobs)) >= self.epoch:
+                return None
+        except AttributeError:  # (a job stamped by neither begin() nor a record: encode it)
             return None
         try:
             data = os.pread(self.fd, length, offset)
@@ -1076,6 +1082,7 @@ class Store:
         self._remove_stale_temps()
         with self._files:  # (the run may have been changed in memory since: encode it all)
             self._drop_source()
+        stamp_all(run.jobs.values())
         self.compact(run)
         self.executing = True
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, islice, repeat
@@ -227,6 +227,12 @@ class _Stamped:
 #: ``_set_epoch(job, epoch)`` sets ``job._epoch`` (through the slot itself: mypy does not see a
 #: dataclass's base's slots).
 _set_epoch: Callable[[Job, int], None] = _Stamped.__dict__["_epoch"].__set__
+
+
+def stamp_all(jobs: Iterable[Job]) -> None:
+    """Stamp every job as written by the snapshot about to be written whole (epoch 0, older
+    than any), so that while an exec runs every job has an ``_epoch`` to compare."""
+    deque(map(_set_epoch, jobs, repeat(0)), maxlen=0)
 
 
 @dataclass(init=False, repr=False, eq=False)
