@@ -434,9 +434,7 @@ class ProcessPool:
             if len(data) < CHUNK:
                 return answers
 
-    def _on_message(
-        self, worker: _Worker, kind: str, value: Any, took: float, ended: float
-    ) -> int:
+    def _on_message(self, worker: _Worker, kind: str, value: Any, took: float, ended: float) -> int:
         if kind == "ready":
             self._ready.append(worker)
             self._dispatch()
