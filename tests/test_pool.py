@@ -511,6 +511,20 @@ def starts(proc: Proc) -> int:
     return sum(line.startswith("start ") for line in proc.lines)
 
 
+def wait_starts(proc: Proc, n: int) -> None:
+    """Block until the script has printed ``n`` exec starts."""
+    while starts(proc) < n:
+        proc.wait_lines(len(proc.lines) + 1)
+
+
+def pooled(tmp_path: Path, path: Path, fifo: Path, reaper: list[Proc]) -> Proc:
+    """``scripts/pooled.py`` running 12 jobs held at ``fifo``, once its coordinator is up."""
+    proc = Proc(tmp_path, "pooled.py", path, 12, fifo)
+    reaper.append(proc)
+    proc.wait_for("coordinator")
+    return proc
+
+
 def effects(run_path: Path) -> list[int]:
     path = Path(f"{run_path}.effects")
     return [int(n) for n in path.read_text().split()] if path.exists() else []
@@ -521,14 +535,10 @@ def test_a_coordinator_killed_mid_run_leaves_no_worker_and_resumes_to_the_end(
 ) -> None:
     fifo, fd = gate
     path = tmp_path / "pooled.json"
-    proc = Proc(tmp_path, "pooled.py", path, 12, fifo)
-    reaper.append(proc)
-    proc.wait_for("coordinator")
-    while starts(proc) < 2:  # both workers are mid-exec, held at the gate
-        proc.wait_lines(len(proc.lines) + 1)
+    proc = pooled(tmp_path, path, fifo, reaper)
+    wait_starts(proc, 2)  # both workers are mid-exec, held at the gate
     os.write(fd, b"xxxx")  # let four execs finish
-    while starts(proc) < 6:
-        proc.wait_lines(len(proc.lines) + 1)
+    wait_starts(proc, 6)
     pids = pool_pids(proc)
     assert len(pids) == 3  # two workers, one fork server
 
@@ -552,11 +562,8 @@ def test_ctrl_c_lets_running_execs_finish_then_no_pool_process_is_left(
 ) -> None:
     fifo, fd = gate
     path = tmp_path / "pooled.json"
-    proc = Proc(tmp_path, "pooled.py", path, 12, fifo)
-    reaper.append(proc)
-    proc.wait_for("coordinator")
-    while starts(proc) < 2:
-        proc.wait_lines(len(proc.lines) + 1)
+    proc = pooled(tmp_path, path, fifo, reaper)
+    wait_starts(proc, 2)
     pids = pool_pids(proc)
 
     for pid in [proc.pid, *pids]:  # Ctrl-C reaches the whole foreground process group
