@@ -1030,7 +1030,6 @@ class Store:
         self._source_fd = -1
         self._chunks: list[Chunk] = []
         self._written_source: tuple[int, int, int, int] | None = None  # (+ its ctime)
-        self._source_epoch = 0
         self._lock_fd = _take_lock(path)
         _STORES.add(self)
 
@@ -1132,7 +1131,7 @@ class Store:
             if finish:
                 os.close(fd)
             else:  # kept open, to copy its unchanged chunks into the next snapshot
-                self._source_fd, self._chunks, self._source_epoch = fd, reuse.laid, run._epoch
+                self._source_fd, self._chunks = fd, reuse.laid
                 self._written_source = (*self._written, st.st_ctime_ns)
             self._snapshot_seq, self._snapshot_len = seq, length
             self.stats["snapshots"] += 1
@@ -1176,7 +1175,8 @@ class Store:
             except OSError:
                 return Reuse(-1, [], 0)
             if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._written_source:
-                return Reuse(fd, self._chunks, self._source_epoch)
+                # (run._epoch has not moved since that file: only writing a snapshot moves it)
+                return Reuse(fd, self._chunks, run._epoch)
         return Reuse(-1, [], 0)
 
     def _drop_source(self) -> None:
