@@ -413,18 +413,23 @@ class Lanes:
         # where the executor offers that (``LocalExecutor.direct``).
         offer = getattr(executor, "direct", None)
         direct = offer(state) if offer is not None else None
+        plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
         for i, job in enumerate(jobs):
-            args: tuple[Any, ...] = (app, overall, copies[i])
-            if join:
-                args += (proc._waiting.children(job.id),)
+            if plain is None:
+                args: tuple[Any, ...] = (app, overall, copies[i])
+                if join:
+                    args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
             at[0] = i
             at[1] = started
             lane.running += 1
             try:
-                # (An executor's call may return any awaitable: a Future, a Cython coroutine.)
-                result = await (call(state, args) if direct is None else direct(*args))
+                if plain is not None:
+                    result = await plain(app, overall, copies[i])
+                else:
+                    # (An executor's call may return any awaitable: a Future, a Cython coroutine.)
+                    result = await (call(state, args) if direct is None else direct(*args))
             except Exception as e:
                 if at[2]:
                     raise
