@@ -70,6 +70,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from .crc import crc32_combine
 from .errors import (
     CheckpointError,
     CorruptRunError,
@@ -234,7 +235,8 @@ def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memo
     Each chunk of job documents is encoded on its own, as ``{"jobs": [...]}``, and taken out
     of that object: its jobs are then at the depth they have in the file. With ``reuse``, a
     chunk none of whose jobs changed since the file ``reuse`` read was written is copied
-    from that file instead of encoded again, and where each chunk lands is noted in it.
+    from that file instead of encoded again, and every piece is told to it (where each chunk
+    lands, and the whole file's CRC-32).
     """
     option = orjson.OPT_INDENT_2
     try:
@@ -243,22 +245,26 @@ def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memo
         raise TypeError(f"overall: {e}") from None
     jobs = list(run.jobs.values())
     if not jobs:
-        yield head + b"\n"
+        head += b"\n"
+        if reuse is not None:
+            reuse.note(head)
+        yield head
         return
     before = head[: -len(b"[]\n}")] + b"[\n    "  # the head ends with '"jobs": []', then '}'
-    offset = 0  # where the next piece starts in the file
     for index, start in enumerate(range(0, len(jobs), ENCODE_CHUNK)):
         chunk_jobs = jobs[start : start + ENCODE_CHUNK]
         copied = reuse.copy(index, chunk_jobs) if reuse is not None else None
         piece, crc = (_encode_chunk(chunk_jobs), None) if copied is None else copied
-        yield before
-        offset += len(before)
         if reuse is not None:
-            reuse.note(chunk_jobs, offset, piece, crc)
+            reuse.note(before)
+            reuse.note(piece, chunk_jobs, crc)
+        yield before
         yield piece
-        offset += len(piece)
         before = b",\n    "
-    yield b"\n  ]\n}\n"
+    tail = b"\n  ]\n}\n"
+    if reuse is not None:
+        reuse.note(tail)
+    yield tail
 
 
 def _encode_chunk(jobs: list[Job]) -> memoryview:
@@ -294,15 +300,22 @@ class Reuse:
     place keeping its size and times, is never copied). Everything else is encoded, so the
     bytes are exactly what encoding the whole run would give (``tests/test_snapshot_reuse.py``
     checks every snapshot of a mixed run).
+
+    With ``keeping`` (the new file will be copied from in turn), it is told every piece of the
+    new file as it is made: it notes where each chunk lands with its CRC-32, and combines those
+    into the whole file's (for the journal's header), so no byte is summed twice. Without it
+    (the fold at the end of an exec) nothing is summed but the copies' check.
     """
 
-    __slots__ = ("chunks", "epoch", "fd", "laid")
+    __slots__ = ("chunks", "crc", "epoch", "fd", "keeping", "laid", "length")
 
-    def __init__(self, fd: int, chunks: list[Chunk], epoch: int) -> None:
+    def __init__(self, fd: int, chunks: list[Chunk], epoch: int, *, keeping: bool) -> None:
         self.fd = fd  # the previous snapshot, or -1: nothing to copy (the first snapshot)
         self.chunks = chunks  # where that file's chunks are
         self.epoch = epoch  # jobs changed since that file was written have this epoch or later
+        self.keeping = keeping
         self.laid: list[Chunk] = []  # where the new file's are
+        self.length = self.crc = 0  # the new file's so far
 
     def copy(self, index: int, jobs: list[Job]) -> tuple[bytes, int] | None:
         """The previous file's bytes for this chunk and their CRC-32, if none of its jobs
@@ -327,12 +340,19 @@ class Reuse:
         return data, crc
 
     def note(
-        self, jobs: list[Job], offset: int, piece: bytes | memoryview, crc: int | None
+        self, piece: bytes | memoryview, jobs: list[Job] | None = None, crc: int | None = None
     ) -> None:
-        """``jobs`` went to the new file at ``offset``, as ``piece`` (whose CRC-32, if copied,
-        is known)."""
-        crc = zlib.crc32(piece) if crc is None else crc
-        self.laid.append((jobs[0], jobs[-1], len(jobs), offset, len(piece), crc))
+        """``piece`` is the new file's next (``jobs``' chunk, if given, whose CRC-32 may be
+        known already)."""
+        if not self.keeping:
+            return
+        if jobs is None:
+            self.crc = zlib.crc32(piece, self.crc)
+        else:
+            crc = zlib.crc32(piece) if crc is None else crc
+            self.laid.append((jobs[0], jobs[-1], len(jobs), self.length, len(piece), crc))
+            self.crc = crc32_combine(self.crc, crc, len(piece))
+        self.length += len(piece)
 
 
 def _first_unwritable(docs: list[dict[str, Any]]) -> str:
@@ -448,9 +468,11 @@ def atomic_write(
     durable: bool = True,
     like: Path | None = None,
     keep: list[int] | None = None,
+    checksum: bool = True,
 ) -> tuple[int, int]:
     """Replace ``path`` with ``data`` (bytes, or pieces of them written as they come): temp
-    file, fsync, rename, fsync the directory. Returns the bytes' length and CRC-32.
+    file, fsync, rename, fsync the directory. Returns the bytes' length and CRC-32 (0 without
+    ``checksum``: the caller sums them itself, or needs no sum).
 
     Pieces under ``_SMALL`` bytes are gathered into one write. On any error before the rename
     (also one raised while the pieces are made) the temp file is removed and ``path`` is
@@ -465,7 +487,9 @@ def atomic_write(
     try:
         try:
             for piece in pieces:
-                length, crc = length + len(piece), zlib.crc32(piece, crc)
+                length += len(piece)
+                if checksum:
+                    crc = zlib.crc32(piece, crc)
                 if len(piece) < _SMALL:
                     small += piece
                     if len(small) >= _SMALL:
@@ -1114,10 +1138,14 @@ class Store:
             seq = run.seq
             if self._written is not None:
                 self._keep_edit()
-            reuse = self._reuse(run)
+            reuse = self._reuse(run, keeping=not finish)
             kept: list[int] = []
-            length, crc = atomic_write(
-                self.path, self._pieces(run, reuse), durable=self.durable, keep=kept
+            length, _ = atomic_write(
+                self.path,
+                self._pieces(run, reuse),
+                durable=self.durable,
+                keep=kept,
+                checksum=False,  # (the reuse sums the pieces it is told, if the sum is needed)
             )
             fd = kept[0]  # our file, even if another was renamed over it since
             try:
@@ -1144,7 +1172,7 @@ class Store:
                     if self.durable:
                         fsync_dir(self.path.parent)
                 return
-            header = _journal_header(length, crc, seq)
+            header = _journal_header(length, reuse.crc, seq)
             atomic_write(self.journal, header, durable=self.durable, like=self.path)
             flags = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
             self._fd = os.open(self.journal, flags)
@@ -1165,7 +1193,7 @@ class Store:
         if self.on_edit is not None:
             self.on_edit(aside)
 
-    def _reuse(self, run: Run) -> Reuse:
+    def _reuse(self, run: Run, *, keeping: bool) -> Reuse:
         """What the next snapshot may copy from the last one: nothing at the start of an exec
         (``begin`` drops it), or if the file was changed in place since it was written."""
         fd = self._source_fd
@@ -1173,11 +1201,11 @@ class Store:
             try:
                 st = os.fstat(fd)
             except OSError:
-                return Reuse(-1, [], 0)
+                return Reuse(-1, [], 0, keeping=keeping)
             if (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) == self._written_source:
                 # (run._epoch has not moved since that file: only writing a snapshot moves it)
-                return Reuse(fd, self._chunks, run._epoch)
-        return Reuse(-1, [], 0)
+                return Reuse(fd, self._chunks, run._epoch, keeping=keeping)
+        return Reuse(-1, [], 0, keeping=keeping)
 
     def _drop_source(self) -> None:
         if self._source_fd >= 0:

@@ -9,10 +9,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from conftest import MakeRun, process
 
@@ -32,6 +34,7 @@ class Snapshots:
         self.encoded = 0
         self.chunks: set[int] = set()  # the chunks copied, by index
         self.differ: list[int] = []  # the snapshots whose file was not the run encoded
+        self.unmatched: list[int] = []  # the snapshots whose journal named another length/CRC
 
 
 @pytest.fixture
@@ -46,8 +49,14 @@ def snapshots(monkeypatch: pytest.MonkeyPatch) -> Iterator[Snapshots]:
     def checked_write(store: Store, run: jorb.Run, finish: bool) -> None:
         write(store, run, finish)
         seen.written += 1
-        if store.path.read_bytes() != encode_run(run):
+        data = store.path.read_bytes()
+        if data != encode_run(run):
             seen.differ.append(seen.written)
+        if not finish:  # the journal's header names the file it continues, by length and CRC
+            with checkpoint.journal_path(store.path).open("rb") as journal:
+                header = orjson.loads(journal.readline()[9:])
+            if (header["length"], header["crc"]) != (len(data), zlib.crc32(data)):
+                seen.unmatched.append(seen.written)
 
     def counted_copy(reuse: Reuse, index: int, jobs: list[jorb.Job]) -> tuple[bytes, int] | None:
         data = copy(reuse, index, jobs)
@@ -99,6 +108,7 @@ def test_every_snapshot_equals_a_full_encoding(make_run: MakeRun, snapshots: Sna
     assert snapshots.copied > 0, "unchanged chunks were copied, not encoded again"
     assert snapshots.encoded > 0
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
     assert jorb.Run.load(run.path or Path()).to_document() == run.to_document()
 
 
@@ -117,6 +127,7 @@ def test_a_job_changed_between_two_execs_is_written_again(
     process(STATES, run)
     assert jorb.Run.load(run.path or Path()).jobs[first.id].ctx["edited"] == "by the script"
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
 
 
 def test_a_file_changed_in_place_mid_run_is_not_copied_from(
@@ -143,6 +154,7 @@ def test_a_file_changed_in_place_mid_run_is_not_copied_from(
     assert all("m" not in job.ctx for job in jorb.Run.load(path).jobs.values())
     assert list(path.parent.glob("run.json.edited-*")), "the edit was set aside"
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
 
 
 def test_an_edit_in_place_that_puts_the_times_back_is_not_copied_either(
@@ -169,6 +181,7 @@ def test_an_edit_in_place_that_puts_the_times_back_is_not_copied_either(
     assert edited
     assert all("m" not in job.ctx for job in jorb.Run.load(path).jobs.values())
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
 
 
 def test_a_file_renamed_over_ours_as_we_write_it_is_not_taken_for_ours(
@@ -215,6 +228,7 @@ def test_a_read_error_on_the_last_snapshot_only_means_encoding(
     process(STATES, run)
     assert run.counts().get("a", 0) == run.counts().get("b", 0) == 0
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
 
 
 def test_jobs_added_from_python_are_the_runs_own(make_run: MakeRun, snapshots: Snapshots) -> None:
@@ -241,3 +255,4 @@ def test_jobs_added_from_python_are_the_runs_own(make_run: MakeRun, snapshots: S
     assert [job.ctx for job in ours] == [{"n": -1}]
     assert jorb.Run.load(run.path or Path()).jobs[ours[0].id].ctx == {"n": -1}
     assert snapshots.differ == []
+    assert snapshots.unmatched == []
