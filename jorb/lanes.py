@@ -368,10 +368,10 @@ class Lanes:
         self.running.update(map(_ID, jobs))
         # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after. One round trip for all.
-        if len(jobs) == 1:
-            copies = [orjson.loads(orjson.dumps(jobs[0].ctx))]
-        else:
-            copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
+        if len(jobs) == 1:  # (a lane whose execs wait: a job per worker)
+            await self._attempt(lane, jobs[0], orjson.loads(orjson.dumps(jobs[0].ctx)), task)
+            return
+        copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
         ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
         ok_jobs: list[Job] = []
         at: list[Any] = [0, 0.0, False]  # the exec running: its index, its start, if it waited
@@ -390,6 +390,50 @@ class Lanes:
         if lane.ready:
             self.wake(lane)
         await self._wait_for(lane, jobs[i], task, inline, yielded, started)
+
+    async def _attempt(self, lane: Lane, job: Job, copy: Any, task: asyncio.Task[None]) -> None:
+        """``_attempts`` for one job: its exec is started by hand, so one that waits goes on in
+        ``_wait_for`` with no coroutine of ours around it (cheaper where every exec waits)."""
+        proc = self.proc
+        executor = proc._executor
+        assert executor is not None
+        state = lane.state
+        args: tuple[Any, ...] = (proc.app, proc._overall, copy)
+        if state.join:
+            args += (proc._waiting.children(job.id),)
+        offer = getattr(executor, "direct", None)
+        direct = offer(state) if offer is not None else None
+        started = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
+        coro = executor.call(state, args) if direct is None else direct(*args)
+        if type(coro) is not types.CoroutineType:  # an executor's call returned another
+            coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
+        lane.running += 1
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:  # it returned without waiting
+            result, error = stop.value, None
+        except Exception as e:
+            result, error = None, e
+        except asyncio.CancelledError as e:
+            if proc._stopping or task.cancelling():
+                lane.running -= 1
+                lane.held -= 1  # we are cancelling it: the job runs again on resume
+                self.running.discard(job.id)
+                raise
+            result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+        except (SystemExit, KeyboardInterrupt) as e:
+            lane.running -= 1
+            self._exited(lane, job, e)
+            return
+        else:  # it waits
+            lane.waits = True
+            if lane.ready:
+                self.wake(lane)
+            await self._wait_for(lane, job, task, coro, yielded, started)
+            return
+        lane.running -= 1
+        proc._commits.settle(lane, job, result, error, started)
+        lane.waits = False
 
     async def _inline(
         self,
@@ -550,6 +594,10 @@ class Lanes:
         if not self.proc._stopping:
             for job in reversed(jobs):
                 lane.ready.push_front(job)
+
+
+async def _awaiting(awaitable: Any) -> Any:
+    return await awaitable
 
 
 @types.coroutine
