@@ -3,10 +3,12 @@ group commit is on disk start what comes next.
 
 Plain successes (an exec that returned ``(ctx, next_state)`` with nothing unusual) settled during
 one turn of the event loop become ONE record, ``{"seq": n, "ok": [[id, to, ctx, time, duration],
-...]}``: one ``orjson.dumps``, one ``apply_record`` and one append for the lot, built when the
-turn's group commit is written (``Store.prepare``). Anything else (errors, kicks, rate limits)
-becomes a record of its own at once. Either way ``model.apply_record`` applies it, the same
-function replay uses.
+...]}``: each worker's batch of them is encoded (one ``orjson.dumps``) and applied to the run
+(``model.apply_ok``) as it settles, while its jobs are fresh in the CPU's caches, and the
+turn's batches are joined into the record, with its ``seq``, when the turn's group commit is
+written (``Store.prepare``). Anything else (errors, kicks, rate limits) becomes a record of its
+own at once. Either way the record on disk is what ``model.apply_record``, the function replay
+uses, applies to the same effect.
 
 A plain success that leaves its state frees its slot at once; anything else keeps it until
 its record is on disk. Either way the job's next step and its children wait for the disk. What
@@ -28,7 +30,7 @@ import orjson
 
 from . import outcome
 from .errors import ExecResultError, RateLimited
-from .model import Job, apply_record
+from .model import Job, apply_ok, apply_record
 
 if TYPE_CHECKING:
     from .lanes import Lane
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 
 _LINE = orjson.OPT_APPEND_NEWLINE
 _NO_KIDS: tuple[Job, ...] = ()
+_OK_START = len(b'{"ok":[')  # where the entries start in a batch's encoded part
 # Attempts settled into a group commit: their lane, their jobs, the kids they made, and whether
 # their slots are still held until it is on disk (True; False: freed at settle; None: held by
 # those that stayed in the lane's state, the rest freed).
@@ -54,20 +57,20 @@ class Commits:
     batch of plain successes); the job's next step is queued once its record is durable.
     """
 
-    __slots__ = ("batch", "batch_jobs", "ok", "ok_settled", "proc", "transitions")
+    __slots__ = ("batch", "batch_jobs", "ok", "ok_parts", "ok_settled", "proc", "transitions")
 
     def __init__(self, proc: Processor) -> None:
         self.proc = proc
         self.transitions = 0
         self.batch: asyncio.Future[None] | None = None  # the group commit being filled
         self.batch_jobs: list[_Settled] = []  # settled into it
-        self.ok: list[list[Any]] = []  # plain successes settled, not yet in a record
+        self.ok = 0  # plain successes settled (and applied), not yet in a record
+        self.ok_parts: list[bytes] = []  # their entries, a list encoded per batch, in order
         self.ok_settled: list[tuple[Lane, list[Job]]] = []  # their lanes and jobs, in order
 
     def __repr__(self) -> str:
         return (
-            f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)} "
-            f"ok={len(self.ok)}>"
+            f"<Commits transitions={self.transitions} filling={len(self.batch_jobs)} ok={self.ok}>"
         )
 
     def settle(
@@ -85,14 +88,25 @@ class Commits:
         self._settle_one(lane, job, result, error, started, True)
 
     def settle_ok(self, lane: Lane, entries: list[list[Any]], jobs: list[Job]) -> None:
-        """Settle plain successes of ``lane`` (``[id, to, ctx, time, duration]`` each): they go
-        out as one record with the turn's others, when its group commit is written.
+        """Settle plain successes of ``lane`` (``[id, to, ctx, time, duration]`` each): they are
+        applied now and go out as one record with the turn's others, when its group commit is
+        written.
 
         A plain success that leaves the state frees its slot at once. Anything else keeps it
         until its record is on disk (a retry or a job staying in its state then competes for
         the slot as it always did: by priority, then arrival).
         """
         proc = self.proc
+        run = proc._run
+        assert run is not None
+        try:
+            part = orjson.dumps({"ok": entries})  # (nested as deep as in the record)
+        except TypeError:  # a returned ctx holds something JSON cannot represent
+            entries, jobs = self._weed(lane, entries, jobs)
+            if not entries:
+                return
+            part = orjson.dumps({"ok": entries})
+        apply_ok(run, entries, jobs)
         n = len(entries)
         lane.unsynced += n
         lane.done += n
@@ -101,12 +115,12 @@ class Commits:
             now = proc._loop.time()
             for _ in range(n):
                 lane.rate.succeeded(now)
-        ok = self.ok
-        if not ok:
+        if not self.ok:
             store = proc._store
             assert store is not None
             store.pending()  # written at the end of this turn, by prepare()
-        ok += entries
+        self.ok += n
+        self.ok_parts.append(part)
         self.ok_settled.append((lane, jobs))
         name = lane.state.name
         moved: dict[str, int] = {}
@@ -114,7 +128,7 @@ class Commits:
             to = entry[1]
             if to != name:
                 moved[to] = moved.get(to, 0) + 1
-        if moved:  # counted where they go now (applied at the flush); their slots are free
+        if moved:  # counted where they are now; their slots are free
             lanes = proc._lanes
             for to, k in moved.items():
                 lane.held -= k
@@ -123,57 +137,41 @@ class Commits:
                 lanes.count_many(to, k)
 
     def prepare(self) -> None:
-        """Write the plain successes settled this turn as one record (the store calls this
-        first thing in each flush)."""
-        ok, settled = self.ok, self.ok_settled
-        if not ok:
+        """Append the plain successes settled (and applied) so far as one record: the store
+        calls this first thing in each flush, and so does anything about to apply a record of
+        its own meanwhile, so that the journal holds them in the order they were applied."""
+        if not self.ok:
             return
-        self.ok, self.ok_settled = [], []
+        n, parts, settled = self.ok, self.ok_parts, self.ok_settled
+        self.ok, self.ok_parts, self.ok_settled = 0, [], []
         proc = self.proc
         run, store = proc._run, proc._store
         assert run is not None and store is not None
-        record = {"seq": run.seq + 1, "ok": ok}
-        try:
-            data = orjson.dumps(record, option=_LINE)
-        except TypeError:  # a returned ctx holds something JSON cannot represent
-            ok, settled = self._weed(ok, settled)
-            if not ok:
-                return
-            record = {"seq": run.seq + 1, "ok": ok}
-            data = orjson.dumps(record, option=_LINE)
-        apply_record(run, record, [job for _, jobs in settled for job in jobs])
-        self.transitions += len(ok)
+        run.seq += 1  # (what apply_record does with the record's seq; its entries are applied)
+        # The bytes orjson.dumps({"seq": ..., "ok": [every entry]}) gives, without encoding
+        # the entries again: each part is '{"ok":[[...],[...]]}'.
+        entries = b",".join([part[_OK_START:-2] for part in parts])
+        data = b'{"seq":%d,"ok":[%b]}\n' % (run.seq, entries)
+        self.transitions += n
         self._join(store.append(data), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
 
     def _weed(
-        self, ok: list[list[Any]], settled: list[tuple[Lane, list[Job]]]
-    ) -> tuple[list[list[Any]], list[tuple[Lane, list[Job]]]]:
+        self, lane: Lane, entries: list[list[Any]], jobs: list[Job]
+    ) -> tuple[list[list[Any]], list[Job]]:
         """Settle the successes whose ctx is not JSON as the errors they are; keep the rest."""
         kept: list[list[Any]] = []
-        kept_settled = []
-        entries = iter(ok)
-        for lane, jobs in settled:
-            group = []
-            for job in jobs:
-                entry = next(entries)
-                try:
-                    orjson.dumps(entry[2])
-                except TypeError:
-                    lane.done -= 1
-                    holds = entry[1] == lane.state.name
-                    if not holds:  # settle_ok counted it moved and freed its slot: it stays
-                        lanes = self.proc._lanes
-                        lanes.count_out(entry[1])
-                        lane.jobs += 1
-                        lanes.active += 1
-                    error = outcome.not_json(lane.state, (entry[2], entry[1]))
-                    self._settle_one(lane, job, None, error, entry[3] - entry[4], holds)
-                    continue
-                kept.append(entry)
-                group.append(job)
-            if group:
-                kept_settled.append((lane, group))
-        return kept, kept_settled
+        kept_jobs = []
+        for entry, job in zip(entries, jobs, strict=True):
+            try:
+                orjson.dumps({"ok": [entry]})
+            except TypeError:
+                error = outcome.not_json(lane.state, (entry[2], entry[1]))
+                lane.unsynced += 1
+                self._settle_one(lane, job, None, error, entry[3] - entry[4], True)
+                continue
+            kept.append(entry)
+            kept_jobs.append(job)
+        return kept, kept_jobs
 
     def _settle_one(
         self,
@@ -188,6 +186,7 @@ class Commits:
         slot stays taken until the record is on disk."""
         store = self.proc._store
         assert store is not None
+        self.prepare()  # the successes applied before it go first: the journal keeps that order
         data, kids = self._record(lane, job, result, error, started)
         running = self.proc._lanes.running
         for kid in kids:  # busy, like the job, until placed: a redrive must not move them first

@@ -361,94 +361,170 @@ class Lanes:
 
     async def _attempts(self, lane: Lane, jobs: list[Job], task: asyncio.Task[None]) -> None:
         """Run the execs of ``jobs`` (their slots are taken) one after the other, and settle
-        each. An exec that returns without waiting is driven inline; at the first that waits,
-        the jobs not started yet go back to the lane (other workers take them) and this
-        worker waits for it. Plain successes are settled together, once per batch."""
-        proc = self.proc
-        run, executor = proc._run, proc._executor
-        assert run is not None and executor is not None
-        running = self.running
-        running.update(map(_ID, jobs))
+        each. Execs that return without waiting all run inside one coroutine (``_inline``), so
+        one that returns costs no StopIteration of its own; at the first that waits, the jobs
+        not started yet go back to the lane (other workers take them) and this worker waits
+        for it. Plain successes are settled together, once per batch."""
+        self.running.update(map(_ID, jobs))
         # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after. One round trip for all.
-        if len(jobs) == 1:
-            copies = [orjson.loads(orjson.dumps(jobs[0].ctx))]
-        else:
-            copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
+        if len(jobs) == 1:  # (a lane whose execs wait: a job per worker)
+            await self._attempt(lane, jobs[0], orjson.loads(orjson.dumps(jobs[0].ctx)), task)
+            return
+        copies = orjson.loads(orjson.dumps([job.ctx for job in jobs]))
+        ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
+        ok_jobs: list[Job] = []
+        at: list[Any] = [0, 0.0, False]  # the exec running: its index, its start, if it waited
+        inline = self._inline(lane, jobs, copies, task, ok, ok_jobs, at)
+        try:
+            yielded = inline.send(None)
+        except StopIteration:
+            return  # none waited: all settled (or the exec is stopping)
+        # One waits: the jobs not started go back to the lane, for other workers.
+        i, started = at[0], at[1]
+        at[2] = True
+        if ok:
+            self.proc._commits.settle_ok(lane, ok, ok_jobs)
+        self._give_back(lane, jobs[i + 1 :])
+        lane.waits = True
+        if lane.ready:
+            self.wake(lane)
+        await self._wait_for(lane, jobs[i], task, inline, yielded, started)
+
+    async def _attempt(self, lane: Lane, job: Job, copy: Any, task: asyncio.Task[None]) -> None:
+        """``_attempts`` for one job: its exec is started by hand, so one that waits goes on in
+        ``_wait_for`` with no coroutine of ours around it (cheaper where every exec waits)."""
+        proc = self.proc
+        executor = proc._executor
+        assert executor is not None
+        state = lane.state
+        args: tuple[Any, ...] = (proc.app, proc._overall, copy)
+        if state.join:
+            args += (proc._waiting.children(job.id),)
+        offer = getattr(executor, "direct", None)
+        direct = offer(state) if offer is not None else None
+        started = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
+        coro = executor.call(state, args) if direct is None else direct(*args)
+        if type(coro) is not types.CoroutineType:  # an executor's call returned another
+            coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
+        lane.running += 1
+        try:
+            yielded = coro.send(None)
+        except StopIteration as stop:  # it returned without waiting
+            result, error = stop.value, None
+        except Exception as e:
+            result, error = None, e
+        except asyncio.CancelledError as e:
+            if proc._stopping or task.cancelling():
+                lane.running -= 1
+                lane.held -= 1  # we are cancelling it: the job runs again on resume
+                self.running.discard(job.id)
+                raise
+            result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+        except (SystemExit, KeyboardInterrupt) as e:
+            lane.running -= 1
+            self._exited(lane, job, e)
+            return
+        else:  # it waits
+            lane.waits = True
+            if lane.ready:
+                self.wake(lane)
+            await self._wait_for(lane, job, task, coro, yielded, started)
+            return
+        lane.running -= 1
+        proc._commits.settle(lane, job, result, error, started)
+        lane.waits = False
+
+    async def _inline(
+        self,
+        lane: Lane,
+        jobs: list[Job],
+        copies: list[Any],
+        task: asyncio.Task[None],
+        ok: list[list[Any]],
+        ok_jobs: list[Job],
+        at: list[Any],
+    ) -> Any:
+        """The execs of ``_attempts``, each settled as it returns (plain successes into
+        ``ok``). Once ``at[2]`` says the exec running waited, what it returns or raises is
+        passed on as it is, for ``_wait_for`` to settle, and no other exec starts."""
+        proc = self.proc
+        executor = proc._executor
+        assert executor is not None
         state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
         commits, call, states = proc._commits, executor.call, proc.states
         # An async def exec with nothing around it is called directly (one coroutine less),
         # where the executor offers that (``LocalExecutor.direct``).
         offer = getattr(executor, "direct", None)
         direct = offer(state) if offer is not None else None
+        plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
-        ok: list[list[Any]] = []  # plain successes: [id, to, ctx, time, duration]
-        ok_jobs: list[Job] = []
         for i, job in enumerate(jobs):
-            args: tuple[Any, ...] = (app, overall, copies[i])
-            if join:
-                args += (proc._waiting.children(job.id),)
+            if plain is None:
+                args: tuple[Any, ...] = (app, overall, copies[i])
+                if join:
+                    args += (proc._waiting.children(job.id),)
             started = clock() + offset  # proc._now(), without a call (hot path)
-            coro = call(state, args) if direct is None else direct(*args)
-            if type(coro) is not types.CoroutineType:  # an executor's call returned another
-                coro = _awaiting(coro)  # awaitable (a Future, a Cython coroutine): drive that
+            at[0] = i
+            at[1] = started
             lane.running += 1
             try:
-                yielded = coro.send(None)
-            except StopIteration as stop:  # it returned without waiting
+                if plain is not None:
+                    result = await plain(app, overall, copies[i])
+                else:
+                    # (An executor's call may return any awaitable: a Future, a Cython coroutine.)
+                    result = await (call(state, args) if direct is None else direct(*args))
+            except Exception as e:
+                if at[2]:
+                    raise
                 lane.running -= 1
-                result = stop.value
-                if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
-                    ctx, to = result
-                    if type(ctx) is dict and type(to) is str and to in states:
-                        now = clock() + offset
-                        ok.append([job.id, to, ctx, now, now - started])
-                        ok_jobs.append(job)
-                        continue
-                commits.settle(lane, job, result, None, started)
+                commits.settle(lane, job, None, e, started)
                 if proc._stopping:  # a bug in the script stopped the exec: start no more
                     break
                 continue
-            except Exception as e:
-                lane.running -= 1
-                commits.settle(lane, job, None, e, started)
-                if proc._stopping:
-                    break
-                continue
             except asyncio.CancelledError as e:
+                if at[2]:
+                    raise
                 lane.running -= 1
                 if proc._stopping or task.cancelling():
                     if ok:
                         commits.settle_ok(lane, ok, ok_jobs)
                     self._give_back(lane, jobs[i + 1 :])
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
-                    running.discard(job.id)
+                    self.running.discard(job.id)
                     raise
                 error = JorbError(f"the exec raised CancelledError: {e}")
                 commits.settle(lane, job, None, error, started)
                 continue
             except (SystemExit, KeyboardInterrupt) as e:
+                if at[2]:
+                    raise
                 lane.running -= 1
                 if ok:
                     commits.settle_ok(lane, ok, ok_jobs)
                 self._give_back(lane, jobs[i + 1 :])
                 self._exited(lane, job, e)
-                return
-            # It waits: the jobs not started go back to the lane, for other workers.
-            if ok:
-                commits.settle_ok(lane, ok, ok_jobs)
-            self._give_back(lane, jobs[i + 1 :])
-            lane.waits = True
-            if lane.ready:
-                self.wake(lane)
-            await self._wait_for(lane, job, task, coro, yielded, started)
-            return
+                return None
+            if at[2]:
+                return result  # it waited: _wait_for settles it
+            lane.running -= 1
+            if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
+                ctx, to = result
+                if type(ctx) is dict and type(to) is str and to in states:
+                    now = clock() + offset
+                    ok.append([job.id, to, ctx, now, now - started])
+                    ok_jobs.append(job)
+                    continue
+            commits.settle(lane, job, result, None, started)
+            if proc._stopping:
+                break
         else:
             i = len(jobs)
         if ok:
             commits.settle_ok(lane, ok, ok_jobs)
         self._give_back(lane, jobs[i + 1 :])  # (after a stop: the jobs not started)
         lane.waits = False
+        return None
 
     async def _wait_for(
         self,

@@ -1070,30 +1070,15 @@ def transitions_in(record: dict[str, Any]) -> int:
     return len(record["ok"]) if "ok" in record else 1
 
 
-def apply_record(run: Run, record: dict[str, Any], ok_jobs: list[Job] | None = None) -> None:
-    """Apply one journal record to ``run`` (live or on replay).
-
-    ``ok_jobs``: for a record of plain successes, the jobs its entries name, in order, when
-    the caller has them at hand (live: looking a hundred thousand ids up costs).
-    """
+def apply_record(run: Run, record: dict[str, Any]) -> None:
+    """Apply one journal record to ``run`` (live or on replay)."""
     run.seq = record["seq"]
-    epoch = run._epoch
     ok = record.get("ok")
-    if ok is not None:  # plain successes settled together: [id, to, ctx, time, duration] each
-        if ok_jobs is None:
-            jobs = run.jobs
-            ok_jobs = [jobs[entry[0]] for entry in ok]
-        intern = sys.intern
-        for job, (_, to, ctx, when, duration) in zip(ok_jobs, ok, strict=True):
-            to = intern(to)
-            job.history.append((job.state, to, when, duration))
-            job.ctx = ctx
-            job.state = to
-            # A success resets these (see the exec record below).
-            job.attempts = job.throttled = 0
-            job.not_before = None
-            _set_epoch(job, epoch)
+    if ok is not None:  # plain successes settled together (live: applied by batch, apply_ok)
+        jobs = run.jobs
+        apply_ok(run, ok, [jobs[entry[0]] for entry in ok])
         return
+    epoch = run._epoch
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]
@@ -1154,6 +1139,27 @@ def apply_record(run: Run, record: dict[str, Any], ok_jobs: list[Job] | None = N
     else:
         raise CorruptRunError(f"journal record {record['seq']}: unknown op {op!r}")
     run.changes.append(record["change"])
+
+
+def apply_ok(run: Run, ok: list[list[Any]], jobs: list[Job]) -> None:
+    """Apply the entries of a record of plain successes, ``[id, to, ctx, time, duration]``
+    each, to ``jobs`` (the jobs they name, in order), leaving ``run.seq`` as it is.
+
+    ``apply_record`` does this for the whole record; the commit path does it for each
+    worker's batch as it settles (its jobs and entries are still in the CPU's caches then),
+    and sets the record's ``seq`` when the turn's record is written.
+    """
+    epoch = run._epoch
+    intern = sys.intern
+    for job, (_, to, ctx, when, duration) in zip(jobs, ok, strict=True):
+        to = intern(to)
+        job.history.append((job.state, to, when, duration))
+        job.ctx = ctx
+        job.state = to
+        # A success resets these (see the exec record in apply_record).
+        job.attempts = job.throttled = 0
+        job.not_before = None
+        _set_epoch(job, epoch)
 
 
 def _is_time(value: Any) -> bool:

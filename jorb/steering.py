@@ -176,6 +176,7 @@ class Steering:
         if op == "cancel":
             for ident in record["change"]["result"]["running"]:
                 lanes.cancel_exec(ident)  # its outcome is never settled: the job moves here
+        proc._commits.prepare()  # (successes applied before it go first, in the journal too)
         record["seq"] = run.seq + 1
         data = orjson.dumps(record, option=_LINE)
         apply_record(run, record)

@@ -55,6 +55,26 @@ Op = tuple[Any, ...]
 #: The workflow of test_checkpoint, an exec at a time: a batch per transition or two.
 ONE_AT_A_TIME = [jorb.State("a", exec=_a), jorb.State("b", exec=_b), STATES[-1]]
 
+_failed_once: set[str] = set()
+
+
+async def _flaky(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    """Every third job fails its first attempt, so a worker's batch mixes plain successes
+    (applied as they settle) with failures (each a record of its own)."""
+    if int(ctx["key"][1:]) % 3 == 0 and ctx["key"] not in _failed_once:
+        _failed_once.add(ctx["key"])
+        raise ValueError("the first attempt fails")
+    ctx["a"] = True
+    return ctx, "b"
+
+
+#: Batches of four execs that never wait, successes and failures settled in one turn.
+MIXED = [
+    jorb.State("a", exec=_flaky, concurrency=4, retries=1, backoff=0),
+    jorb.State("b", exec=_b, concurrency=4),
+    STATES[-1],
+]
+
 
 class File:
     """One file (an inode): its content now, and as of its last fsync plus the writes since."""
@@ -275,17 +295,24 @@ class Seen:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, recorder: Recorder) -> None:
         self.runs: dict[int, set[bytes]] = {}
-        real_apply, real_append, real_snapshot = (
+        real_apply, real_prepare, real_append, real_snapshot = (
             model.apply_record,
+            commit.Commits.prepare,
             Store.append,
             Store._write_snapshot,
         )
 
-        def apply_record(
-            run: jorb.Run, record: dict[str, Any], ok_jobs: list[jorb.Job] | None = None
-        ) -> None:
-            real_apply(run, record, ok_jobs)
+        def apply_record(run: jorb.Run, record: dict[str, Any]) -> None:
+            real_apply(run, record)
             self.hold(run)
+
+        def prepare(commits: commit.Commits) -> None:
+            # Plain successes are applied as they settle; their record's seq, here.
+            seq = commits.proc._run.seq if commits.proc._run is not None else None
+            real_prepare(commits)
+            run = commits.proc._run
+            if run is not None and run.seq != seq:
+                self.hold(run)
 
         def append(store: Store, record: bytes) -> asyncio.Future[None]:
             # Acknowledged when the append's future resolves: what the processor waits for.
@@ -306,6 +333,7 @@ class Seen:
 
         for module in (commit, steering):  # where the live path applies records
             monkeypatch.setattr(module, "apply_record", apply_record)
+        monkeypatch.setattr(commit.Commits, "prepare", prepare)
         monkeypatch.setattr(Store, "append", append)
         monkeypatch.setattr(Store, "_write_snapshot", write_snapshot)
 
@@ -313,7 +341,12 @@ class Seen:
         self.runs.setdefault(run.seq, set()).add(encode_run(run))
 
 
-def explore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_fsync: int | None) -> Any:
+def explore(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fail_fsync: int | None,
+    states: list[jorb.State] = ONE_AT_A_TIME,
+) -> Any:
     """Run the workflow under the recorder; then load every crash state it collected."""
     monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 0)  # compact often
     monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.4)
@@ -330,7 +363,7 @@ def explore(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_fsync: int | N
     monkeypatch.setattr(checkpoint, "os", recorder)
     error: BaseException | None = None
     try:
-        process(ONE_AT_A_TIME, run)
+        process(states, run)
     except jorb.CheckpointError as e:
         error = e
     finally:
@@ -372,6 +405,23 @@ def test_every_power_cut_state_loads_to_a_state_the_process_had(
         )
     assert violations == []
     assert len(recorder.states) > 600 and len(seqs) > 150  # the simulator saw a real run
+
+
+def test_successes_and_failures_settled_in_one_turn_reach_the_journal_in_the_order_applied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's plain successes are applied as they settle, but written as one record at the
+    end of the turn; a failure settled after them in that turn must not take a seq before
+    theirs, or a power cut between the two records loads a run the process never had."""
+    _failed_once.clear()
+    _, violations, seqs, error, path = explore(tmp_path, monkeypatch, None, MIXED)
+    assert error is None
+    final = jorb.Run.load(path)
+    assert {job.state for job in final.jobs.values()} == {"done"}
+    assert all(job.ctx.get("a") and job.ctx.get("b") for job in final.jobs.values())
+    assert sum(bool(job.errors) for job in final.jobs.values()) == 34  # the failures happened
+    assert violations == []
+    assert len(seqs) > 10
 
 
 @pytest.mark.parametrize("unsafe", ["no directory fsync", "no fsync before the rename"])
