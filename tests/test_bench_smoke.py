@@ -121,3 +121,8 @@ def test_queue_basics_bench_polls_and_compares_executors() -> None:
 def test_checksum_bench_measures_with_and_without_the_crc() -> None:
     out = _run("checksum_cost.py", "--n", "300", "--rounds", "1")
     assert "| durable |" in out and "| nofsync |" in out and "frame():" in out
+
+
+def test_warm_memory_touches_what_it_is_asked_to() -> None:
+    out = _run("warm_memory.py", "--gb", "0.01")
+    assert out.startswith("touched 0.0 GB") and "µs a page" in out
