@@ -286,10 +286,12 @@ class _Body:
         self.thread = threading.get_ident()
         try:
             result = self._fn(*self._args)
-        except BaseException:
+        except BaseException as e:
             self._end()
             if self._late():
                 raise _Late from None
+            if isinstance(e, StopIteration):  # an asyncio future refuses it: none would resolve
+                raise RuntimeError("exec raised StopIteration") from e  # (as a coroutine's does)
             raise
         self._end()
         if self._late():

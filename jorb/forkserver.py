@@ -291,6 +291,8 @@ def rebuild(value: tuple[bytes | None, str, str, str]) -> BaseException:
         error = JorbError(f"{name}: {message} (the exception itself could not leave its worker)")
     if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt... in a worker
         error = JorbError(f"the exec raised {name}: {message}")
+    elif isinstance(error, StopIteration):  # an asyncio future refuses it: none would resolve
+        error = RuntimeError("exec raised StopIteration")  # (as a coroutine's does)
     error.__cause__ = _RemoteTraceback(text)
     return error
 

@@ -237,10 +237,14 @@ def test_first_interrupt_finishes_running_execs_checkpoints_and_exits_130(
     tmp_path: Path, signum: int, reaper: list[Proc]
 ) -> None:
     fanout = Fanout(tmp_path, 30, 6)
-    proc = fanout.start()
+    # Every "child" exec waits for the test's word after logging: the run cannot finish before
+    # the signal arrives, and the execs it finds running finish after it.
+    proc = fanout.start("--hold", "child")
     reaper.append(proc)
     proc.wait_for(" child")  # mid-run: children exist and execs are in flight
     proc.signal(signum)
+    proc.wait_for("stopping", stderr=True)  # the signal is handled: the running execs go on
+    proc.release()
     assert proc.wait() == 130
     stderr = proc.stderr()
     assert "Traceback" not in stderr

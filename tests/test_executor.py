@@ -279,3 +279,37 @@ def test_a_def_exec_ending_after_its_deadline_is_timed_out_even_if_noticed_late(
 
     called = [job for job in run.jobs.values() if "n" in job.ctx]
     assert [job.state for job in called] == ["failed"] * 4, errors_of(run)
+
+
+def test_a_def_exec_that_raises_stop_iteration_fails_its_attempt(make_run: MakeRun) -> None:
+    """StopIteration cannot be set on an asyncio future: raised by a ``def`` exec in its thread,
+    it must still fail the attempt (as it does in an ``async def``), not leave the job hanging."""
+
+    def check(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["n"] == 2:
+            raise StopIteration  # (a next() on an empty iterator, not caught)
+        return ctx, "done"
+
+    run = make_run([{"n": 1}, {"n": 2}, {"n": 3}])
+    states = [jorb.State("new", exec=check, retries=0), DONE, jorb.State("failed", terminal=True)]
+    processor = jorb.Processor(None, states, progress=False)
+
+    async def guarded() -> jorb.Run:
+        task = asyncio.current_task()
+        assert task is not None
+        guard = asyncio.get_running_loop().call_later(STUCK, task.cancel)  # a hang fails
+        try:
+            return await processor.aexec(run)
+        finally:
+            guard.cancel()
+
+    try:
+        asyncio.run(guarded())
+    except asyncio.CancelledError:
+        raise AssertionError(f"the run was still going after {STUCK:g}s") from None
+    assert {job.id: job.state for job in run.jobs.values()} == {
+        "1": "done",
+        "2": "failed",
+        "3": "done",
+    }
+    assert "StopIteration" in errors_of(run)["2"][0]

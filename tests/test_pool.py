@@ -369,6 +369,29 @@ def test_errors_cross_back_with_their_type_message_and_worker_traceback(
     assert by_kind["answer"].state == "failed"
 
 
+def test_a_pooled_exec_that_raises_stop_iteration_fails_its_attempt(make_run: MakeRun) -> None:
+    """StopIteration cannot be set on an asyncio future: sent back from a worker, it must still
+    fail the attempt, not leave the job (and the run) hanging."""
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["n"] == 2:
+            raise StopIteration  # (a next() on an empty iterator, not caught)
+        return ctx, "done"
+
+    pool = jorb.ProcessPool(1)
+    states = [jorb.State("new", exec=work, on_error="failed", pool=pool), DONE]
+    run = make_run([{"n": 1}, {"n": 2}, {"n": 3}])
+
+    process(states, run)
+
+    assert {job.id: job.state for job in run.jobs.values()} == {
+        "1": "done",
+        "2": "failed",
+        "3": "done",
+    }
+    assert "StopIteration" in errors_of(run)["2"][0]
+
+
 def test_an_app_factory_that_fails_stops_the_exec_before_any_job(make_run: MakeRun) -> None:
     def make_app() -> Any:
         raise ConnectionError("no database at db:5432")

@@ -68,6 +68,29 @@ async def _flaky(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
     return ctx, "b"
 
 
+_steering: list[jorb.Processor] = []  # the processor running STEERED (its execs steer it)
+
+
+async def _adding(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+    """Every fifth root adds a job: the change is applied in a later turn, often after other
+    workers settled plain successes in it (applied, their record not yet written). Odd roots
+    wait a turn, so workers settle in every turn."""
+    n = int(ctx["key"][1:])
+    if n % 2:
+        await asyncio.sleep(0)  # resumed in a later turn, where it settles
+    if n % 5 == 0 and n < 100:
+        _steering[0].add_jobs([{"key": f"r{n + 100}"}], "a")
+    ctx["a"] = True
+    return ctx, "b"
+
+
+#: Execs that never wait, in batches, adding jobs to the run as it goes.
+STEERED = [
+    jorb.State("a", exec=_adding, concurrency=8),
+    jorb.State("b", exec=_b, concurrency=4),
+    STATES[-1],
+]
+
 #: Batches of four execs that never wait, successes and failures settled in one turn.
 MIXED = [
     jorb.State("a", exec=_flaky, concurrency=4, retries=1, backoff=0),
@@ -460,3 +483,26 @@ def test_an_fsync_that_fails_acknowledges_nothing_and_loses_nothing(
     with jorb.Run.open(path) as run:  # and the run resumes to the end
         process(STATES, run)
     assert_consistent(jorb.Run.load(path))
+
+
+def test_a_change_applied_after_successes_settled_in_its_turn_is_journaled_after_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A steering change (here ``add_jobs``) applied in a turn in which plain successes were
+    settled, and so applied already, must take a seq after theirs: a power cut between the two
+    records must load a run the process had."""
+    real_aexec = jorb.Processor.aexec
+    _steering.clear()
+
+    async def aexec(processor: jorb.Processor, run: jorb.Run) -> jorb.Run:
+        _steering.append(processor)
+        return await real_aexec(processor, run)
+
+    monkeypatch.setattr(jorb.Processor, "aexec", aexec)
+    _, violations, seqs, error, path = explore(tmp_path, monkeypatch, None, STEERED)
+    assert error is None
+    final = jorb.Run.load(path)
+    assert len(final.jobs) == 120  # every change was applied
+    assert {job.state for job in final.jobs.values()} == {"done"}
+    assert violations == []
+    assert len(seqs) > 4  # (the records are few: each holds a turn's successes)

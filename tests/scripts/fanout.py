@@ -1,7 +1,7 @@
 """A fan-out workflow for the durability tests: roots kick children, every exec logs its effect.
 
     python fanout.py RUN EFFECTS [--roots 40] [--kids 8] [--durable 1] [--compact-always]
-                     [--encode-chunk JOBS] [--stall STATE] [--grace SECONDS]
+                     [--encode-chunk JOBS] [--stall STATE] [--hold STATE] [--grace SECONDS]
                      [--max-pending N] [--instant] [--fsync-thread]
 
 Each exec appends ``"key state"`` to EFFECTS (opened O_APPEND, so a line is never torn) and
@@ -10,12 +10,14 @@ effect in the job's ctx (``ctx[state] = True``). Roots have keys ``r0``, ``r1``,
 children of root ``rN`` have keys ``rN/0``, ``rN/1``, ... so a duplicate is easy to spot.
 
 ``--stall STATE`` makes every exec of STATE wait (for an hour) after logging, to hold execs in
-flight for the Ctrl-C tests. ``--compact-always`` compacts the journal after every batch, so
-kills land in compactions too; ``--encode-chunk`` writes each snapshot a few jobs at a time, so
-they land between its pieces. ``--max-pending`` is the Processor's (transitions settled and
-not yet on disk, across the run); ``--instant`` makes the ``async def`` execs return without
-waiting, so they settle many at a time and that bound is what holds a crash's re-runs;
-``--fsync-thread`` fsyncs the journal on the store's thread (``checkpoint.FSYNC_ON_LOOP``).
+flight for the Ctrl-C tests; ``--hold STATE`` makes them wait until a line (or the end) comes
+on stdin, so the test decides when they finish. ``--compact-always`` compacts the journal after
+every batch, so kills land in compactions too; ``--encode-chunk`` writes each snapshot a few
+jobs at a time, so they land between its pieces. ``--max-pending`` is the Processor's
+(transitions settled and not yet on disk, across the run); ``--instant`` makes the ``async
+def`` execs return without waiting, so they settle many at a time and that bound is what holds
+a crash's re-runs; ``--fsync-thread`` fsyncs the journal on the store's thread
+(``checkpoint.FSYNC_ON_LOOP``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import argparse
 import asyncio
 import os
 import random
+import sys
+import threading
 import time
 from typing import Any
 
@@ -46,6 +50,7 @@ def main() -> None:
     parser.add_argument("--compact-always", action="store_true")
     parser.add_argument("--encode-chunk", type=int, default=None)
     parser.add_argument("--stall", default=None)
+    parser.add_argument("--hold", default=None)
     parser.add_argument("--grace", type=float, default=30.0)
     parser.add_argument("--max-pending", type=int, default=PENDING)
     parser.add_argument("--instant", action="store_true")
@@ -66,6 +71,15 @@ def main() -> None:
         os.write(1, line)
         ctx[state] = True
 
+    released = threading.Event()  # --hold: a line came on stdin
+    if args.hold:
+
+        def release() -> None:
+            sys.stdin.buffer.readline()
+            released.set()
+
+        threading.Thread(target=release, daemon=True).start()
+
     async def wait() -> None:
         if not args.instant:
             await asyncio.sleep(random.uniform(0, 0.002))
@@ -74,6 +88,8 @@ def main() -> None:
         await wait()
         if state == args.stall:
             await asyncio.sleep(3600)
+        if state == args.hold and not released.is_set():
+            await asyncio.get_running_loop().run_in_executor(None, released.wait)
 
     async def new(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
         await wait()

@@ -99,6 +99,12 @@ class Proc:
                 raise AssertionError(f"exited before printing {text!r}\n{self.stderr()}")
             self._next(timeout)
 
+    def release(self) -> None:
+        """Write a line to the script's stdin (``fanout.py --hold``: the held execs go on)."""
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(b"go\n")
+        self.popen.stdin.flush()
+
     def signal(self, signum: int) -> None:
         self.popen.send_signal(signum)
 
