@@ -5,13 +5,13 @@ hypervisor backing guest memory on first touch.
     .venv/bin/python bench/warm_memory.py --gb 14
 
 Why: on this project's VM a page of memory the guest has not touched since boot (or since the
-host took it back) costs ~2 µs to fault in the first time, about 10x a warm one. A benchmark
-that holds a few GB (a 1M-job run holds ~3 GB) and then writes a snapshot gets fresh pages for
-the page cache, and on a cold VM its `write()`s cost 10x: measured 2026-12-06, writing 578 MB
-while holding 3 GB took 1.08 s of CPU cold and 0.12 s after this script (0.11 s holding
-nothing); `engine.py --n 1M` went from 9.9 to 7.5 s of CPU. A machine that has run for a
-while has all its memory backed, so warm is what a user sees; the small benchmarks never get
-past the warm pages and are unaffected. Run this before any figure at 1M jobs.
+host took it back, which it does soon after the guest frees it) costs ~10 µs to fault in. A
+benchmark that holds a few GB (a 1M-job run holds ~3 GB) and then writes a snapshot gets fresh
+pages for the page cache, and on a cold VM its `write()`s cost 10x: measured 2026-12-06,
+writing 578 MB while holding 3 GB took 1.08 s of CPU cold and 0.12 s right after this script
+(0.11 s holding nothing); `engine.py --n 1M` went from 9.9 to 7.5 s of CPU. A machine that has
+run for a while has its memory backed, so warm is what a user sees; the small benchmarks never
+get past the warm pages. Run this immediately before any figure at 1M jobs.
 """
 
 from __future__ import annotations
