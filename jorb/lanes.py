@@ -481,6 +481,8 @@ class Lanes:
                 commits.settle(lane, job, None, e, started)
                 if proc._stopping:  # a bug in the script stopped the exec: start no more
                     break
+                if lane.rate.paused_until > asyncio.get_running_loop().time():  # a RateLimited
+                    break  # paused the lane: the jobs not started go back and wait it out
                 continue
             except asyncio.CancelledError as e:
                 if at[2]:

@@ -335,6 +335,27 @@ def test_a_state_without_a_rate_is_a_lane_of_its_own(make_run: MakeRun) -> None:
     assert rec.times("metered") == pytest.approx([0.0, 1.0, 2.0, 3.0])
 
 
+def test_a_pause_stops_the_rest_of_a_batch_of_execs_that_do_not_wait(make_run: MakeRun) -> None:
+    """Execs that return at once run a worker's batch inline: when one of them asks for a pause
+    (a quota checked locally, no request made), the batch's other jobs wait it out too."""
+    rec = Recorder()
+
+    async def check_quota(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        rec.start("quota", ctx)
+        if ctx["name"] == "q0" and len(rec.times("quota", "q0")) == 1:
+            raise jorb.RateLimited(retry_after=5)
+        return ctx, "done"
+
+    states = [jorb.State("quota", exec=check_quota, concurrency=8), DONE]
+    run = make_run([{"name": f"q{i}"} for i in range(6)], state="quota")
+
+    process_fake_clock(states, run)
+
+    assert run.counts() == {"done": 6}
+    assert rec.times("quota", "q0") == pytest.approx([0.0, 5.0])
+    assert min(t for t, _, name in rec.starts if name != "q0") == pytest.approx(5.0)
+
+
 def test_rate_limited_does_not_use_up_retries(make_run: MakeRun) -> None:
     calls: list[float] = []
 
