@@ -45,6 +45,18 @@ def python(
     )
 
 
+def launch(tmp_path: Path, *args: str | Path) -> subprocess.Popen[str]:
+    """``python args...`` started in ``tmp_path``, its stdout and stderr piped (as text), for a
+    test that talks to it while it runs."""
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def jorb_cli(tmp_path: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
     return python(tmp_path, "-m", "jorb", *args)
 
@@ -280,13 +292,7 @@ def test_ctrl_c_under_asyncio_run_and_aexec_is_graceful(
 ) -> None:
     fifo, fd = gate
     script = write(tmp_path, "main.py", ASYNC_MAIN)
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(fifo)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = launch(tmp_path, script, fifo)
     try:
         assert proc.stdout is not None and proc.stderr is not None
         started = [proc.stdout.readline(), proc.stdout.readline()]
@@ -488,13 +494,7 @@ def test_an_edit_made_under_a_running_process_is_kept_aside_with_a_warning(
         """,
         '[jorb.State("new", exec=work), jorb.State("done", terminal=True)]',
     )
-    proc = subprocess.Popen(
-        [sys.executable, str(script), str(fifo)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = launch(tmp_path, script, fifo)
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline() == "running\n"  # the first checkpoint is written
