@@ -15,7 +15,7 @@ import math
 import operator
 import time
 import types
-from collections.abc import Collection, Coroutine, Generator, Iterator, Mapping
+from collections.abc import Callable, Collection, Coroutine, Generator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -25,6 +25,7 @@ from .model import Job
 from .states import Rate, State
 
 if TYPE_CHECKING:
+    from .executor import Executor
     from .processor import Processor
 
 
@@ -34,6 +35,13 @@ INLINE_SECONDS = 0.02
 
 _ID = operator.attrgetter("id")  # (C-level, for sets of ids built a batch at a time)
 _STATE = operator.attrgetter("state")
+
+
+def _direct(executor: Executor, state: State) -> Callable[..., Any] | None:
+    """The exec to call directly, one coroutine less, where the executor offers that (an async
+    def with nothing around it: ``LocalExecutor.direct``); else None: go through ``call``."""
+    offer = getattr(executor, "direct", None)
+    return offer(state) if offer is not None else None
 
 
 class Ready:
@@ -401,8 +409,7 @@ class Lanes:
         args: tuple[Any, ...] = (proc.app, proc._overall, copy)
         if state.join:
             args += (proc._waiting.children(job.id),)
-        offer = getattr(executor, "direct", None)
-        direct = offer(state) if offer is not None else None
+        direct = _direct(executor, state)
         started = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
         coro = executor.call(state, args) if direct is None else direct(*args)
         if type(coro) is not types.CoroutineType:  # an executor's call returned another
@@ -453,10 +460,7 @@ class Lanes:
         assert executor is not None
         state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
         commits, call, states = proc._commits, executor.call, proc.states
-        # An async def exec with nothing around it is called directly (one coroutine less),
-        # where the executor offers that (``LocalExecutor.direct``).
-        offer = getattr(executor, "direct", None)
-        direct = offer(state) if offer is not None else None
+        direct = _direct(executor, state)
         plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
         for i, job in enumerate(jobs):
