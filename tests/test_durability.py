@@ -333,6 +333,21 @@ def test_a_second_process_is_refused_until_the_holder_dies(
     assert other.lines == ["opened"]
 
 
+def test_a_script_that_hangs_fails_its_test_showing_where_it_hung(
+    tmp_path: Path, reaper: list[Proc]
+) -> None:
+    # The harness's guard against a hang says more than "no output": the script's stacks.
+    holder = Proc(tmp_path, "hold.py", tmp_path / "run.json")
+    reaper.append(holder)
+    holder.wait_for("holding")  # then it reads stdin, which the test never writes to
+    with pytest.raises(AssertionError) as stuck:
+        holder.wait_for("a line hold.py never prints", timeout=0.5)
+    failure = str(stuck.value)
+    assert failure.startswith("no output for 0.5s"), failure
+    assert 'hold.py", line' in failure and "in <module>" in failure, failure
+    assert holder.eof, "the script ended after printing its stacks"
+
+
 def test_a_second_open_in_the_same_process_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "run.json"
     run = jorb.Run.open(path)

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ PENDING = 8
 
 
 def main() -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)  # (harness.py: a hang)
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
     parser.add_argument("effects")

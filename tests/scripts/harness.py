@@ -7,22 +7,32 @@
     proc.finish()                # exit status 0, or fail showing stderr
 
 Nothing here sleeps to wait for something: lines arrive through pipes, exits through wait().
+A script that hangs (no line, or no exit, for ``STUCK`` seconds) is sent SIGUSR1 before the
+test fails: the scripts register ``faulthandler`` for it, so every thread's stack goes to
+stderr and the script ends; the failure shows that stderr (where it hung).
 """
 
 from __future__ import annotations
 
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 HERE = Path(__file__).resolve().parent
 
 #: Longest a test waits for a line or an exit (real seconds): a guard against a hang, not a wait.
 STUCK = 20.0
+#: Longest a hung script gets to print its threads' stacks and exit after SIGUSR1.
+DUMP = 5.0
+
+#: What each script runs first: SIGUSR1 prints every thread's stack to stderr, then ends it
+#: (``chain``: SIGUSR1's default action follows the dump).
+#:     faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
 
 
 class Proc:
@@ -61,8 +71,21 @@ class Proc:
 
     def _next(self, timeout: float) -> None:
         if not self._take(timeout):
-            self.popen.kill()
-            raise AssertionError(f"no output for {timeout}s\n{self.stderr()}")
+            self._stuck(f"no output for {timeout}s")
+
+    def _stuck(self, what: str) -> NoReturn:
+        """The script hangs: have it print its threads' stacks (SIGUSR1, see above), read its
+        output to the end (for ``DUMP`` seconds at most), kill it, and fail showing stderr."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + DUMP
+        while not self.eof and (left := deadline - time.monotonic()) > 0 and self._take(left):
+            pass
+        self.popen.kill()
+        raise AssertionError(
+            f"{what}; its last stdout lines: {self.lines[-5:]}; its stderr (with its threads' "
+            f"stacks):\n{self.stderr()}"
+        )
 
     def _take(self, timeout: float) -> bool:
         """Collect the next line (or end of a pipe); False if none came within ``timeout``."""
@@ -116,10 +139,11 @@ class Proc:
     def wait(self, timeout: float = STUCK) -> int:
         """Reap the process (reading its pipes to the end) and return its exit status."""
         try:
-            code = self.popen.wait(timeout)
+            code: int | None = self.popen.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.popen.kill()
-            raise AssertionError(f"still running after {timeout}s\n{self.stderr()}") from None
+            code = None
+        if code is None:
+            self._stuck(f"still running after {timeout}s")
         while not self.eof:
             self._next(timeout)
         assert self.popen.stdin is not None

@@ -5,10 +5,13 @@ python hold.py RUN
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 import jorb
 
+faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)  # (harness.py: a hang)
 run = jorb.Run.open(sys.argv[1])
 print("holding", flush=True)
 sys.stdin.read()

@@ -5,10 +5,13 @@ python open_run.py RUN
 
 from __future__ import annotations
 
+import faulthandler
+import signal
 import sys
 
 import jorb
 
+faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)  # (harness.py: a hang)
 try:
     jorb.Run.open(sys.argv[1]).close()
 except jorb.JorbError as e:

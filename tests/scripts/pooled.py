@@ -12,11 +12,14 @@ run in a ``jorb.dask.DaskPool`` on that cluster, and write their lines into the 
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 
 import jorb
 
+faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)  # (harness.py: a hang)
 run_path, jobs, gate = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 dask = sys.argv[4] if len(sys.argv) > 4 else None
 

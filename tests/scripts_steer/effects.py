@@ -4,14 +4,21 @@ An *effect* is one line appended (``O_APPEND``: one write, so lines from several
 interleave) to the effects file, which survives a ``kill -9``, and printed to stdout, which the
 test reads through a pipe to know when to act. A *gate* is a file the test creates to let an exec
 go on; the exec polls for it (the script waits, never the test).
+
+Importing it registers SIGUSR1 to print every thread's stack to stderr and end the script: what
+the harness sends a script that hangs, before it fails the test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import os
+import signal
 from pathlib import Path
 from typing import Any
+
+faulthandler.register(signal.SIGUSR1, all_threads=True, chain=True)
 
 
 class Effects:

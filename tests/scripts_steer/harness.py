@@ -3,10 +3,14 @@
 script = Script(tmp_path, "steer.py", run, effects, gates, "--jobs", 3)
 script.until(lambda lines: "start 0" in lines)   # blocks on the pipe, never sleeps
 script.finish()                                  # exit status 0, or the stderr in the failure
+
+A script that prints nothing for ``STUCK`` seconds is sent SIGUSR1 before the test fails: the
+scripts (through effects.py) print every thread's stack to stderr then, and the failure shows it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -15,13 +19,15 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 
 #: Longest a test waits for a line it expects (real seconds): a guard against a hang, not a wait.
 STUCK = 15.0
+#: Longest a hung script gets to print its threads' stacks and exit after SIGUSR1.
+DUMP = 5.0
 
 
 class Script:
@@ -57,7 +63,7 @@ class Script:
             try:
                 line = self._queue.get(timeout=timeout)
             except queue.Empty:
-                self._fail(f"nothing for {timeout}s")
+                self._fail(f"nothing for {timeout}s", hung=True)
             if line is None:
                 self._eof = True
                 self.proc.wait()
@@ -90,7 +96,13 @@ class Script:
         if not self._stderr.closed:
             self._stderr.close()
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str, *, hung: bool = False) -> NoReturn:
+        if hung and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)  # (effects.py: the stacks, then the end)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(DUMP)
+            self.proc.kill()
+            self.proc.wait()
         if not self._stderr.closed:
             self._stderr.flush()
         stderr = self.stderr_path.read_text()
