@@ -31,6 +31,18 @@ RUN_LIMIT = 60.0
 MakeRun = Callable[..., jorb.Run]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the suite with SIGINT's usual disposition, however pytest was started.
+
+    A shell without job control starts a background job (``./dev.sh test &``, a script's
+    ``cmd &``) with SIGINT ignored, and every process a test starts would inherit that: jorb, as
+    Python itself, leaves an ignored SIGINT ignored, so the Ctrl-C tests' scripts would never
+    see their SIGINT (they hung until the harness gave up), nor would :func:`process`'s watchdog.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 @pytest.fixture
 def make_run(tmp_path: Path) -> Iterator[MakeRun]:
     """``make_run(jobs=[ctx, ...], state="new", name="run.json", overall=None)``: an open Run.
