@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from scripts.harness import Proc
 
 import jorb
 from jorb.checkpoint import journal_path
@@ -42,18 +43,6 @@ def python(
         text=True,
         timeout=LIMIT,
         env={**os.environ, **(env or {})},
-    )
-
-
-def launch(tmp_path: Path, *args: str | Path) -> subprocess.Popen[str]:
-    """``python args...`` started in ``tmp_path``, its stdout and stderr piped (as text), for a
-    test that talks to it while it runs."""
-    return subprocess.Popen(
-        [sys.executable, *map(str, args)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
 
 
@@ -292,21 +281,21 @@ def test_ctrl_c_under_asyncio_run_and_aexec_is_graceful(
 ) -> None:
     fifo, fd = gate
     script = write(tmp_path, "main.py", ASYNC_MAIN)
-    proc = launch(tmp_path, script, fifo)
+    proc = Proc(tmp_path, script, fifo)  # (read as it goes; a script that hangs fails the test)
     try:
-        assert proc.stdout is not None and proc.stderr is not None
-        started = [proc.stdout.readline(), proc.stdout.readline()]
-        assert sorted(started) == ["started 1\n", "started 2\n"]
-        proc.send_signal(signal.SIGINT)
-        assert proc.stderr.readline() == "\n"
-        notice = proc.stderr.readline()
+        proc.wait_lines(2)
+        assert sorted(proc.lines) == ["started 1", "started 2"]
+        proc.signal(signal.SIGINT)
+        proc.wait_for("jorb: stopping", stderr=True)
+        assert proc.err_lines[0] == ""
+        notice = proc.err_lines[1]
         assert notice.startswith("jorb: stopping: waiting up to 30s for 2 running exec(s)")
         os.write(fd, b"xx")  # the two running execs finish within their grace period
-        out, err = proc.communicate(timeout=LIMIT)
+        code = proc.wait(LIMIT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130
+        proc.stop()
+    out, err = "\n".join(proc.lines), proc.stderr()
+    assert code == 130
     assert "Traceback" not in err and "CancelledError" not in err and "KeyboardInterrupt" not in err
     assert err.splitlines()[-1].startswith("jorb: interrupted; progress is saved in runs/x.json.")
     assert "complete" not in out and out.splitlines()[-1] == "session closed"
@@ -494,19 +483,19 @@ def test_an_edit_made_under_a_running_process_is_kept_aside_with_a_warning(
         """,
         '[jorb.State("new", exec=work), jorb.State("done", terminal=True)]',
     )
-    proc = launch(tmp_path, script, fifo)
+    proc = Proc(tmp_path, script, fifo)
     try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline() == "running\n"  # the first checkpoint is written
+        proc.wait_lines(1)
+        assert proc.lines == ["running"]  # the first checkpoint is written
         path = tmp_path / "runs/x.json"
         edited = path.read_text().replace('"n": 4', '"n": 4, "note": "mine"')
         path.write_text(edited)
         os.write(fd, b"x" * 5)
-        _, err = proc.communicate(timeout=LIMIT)
+        code = proc.wait(LIMIT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err
+        proc.stop()
+    err = proc.stderr()
+    assert code == 0, err
     (aside,) = path.parent.glob("x.json.edited-*")
     assert aside.read_text() == edited  # the edit is kept, not silently overwritten
     assert "runs/x.json was edited while this process runs it" in err

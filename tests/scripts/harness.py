@@ -1,4 +1,5 @@
-"""Running this directory's scripts from the durability tests: real subprocesses, read by pipe.
+"""Running this directory's scripts (or a script by its path) from the tests: real subprocesses,
+read by pipe.
 
     proc = Proc(tmp_path, "fanout.py", run, effects)
     proc.wait_lines(10)          # blocks on the stdout pipe until 10 progress lines (or exit)
@@ -8,8 +9,8 @@
 
 Nothing here sleeps to wait for something: lines arrive through pipes, exits through wait().
 A script that hangs (no line, or no exit, for ``STUCK`` seconds) is sent SIGUSR1 before the
-test fails: the scripts register ``faulthandler`` for it, so every thread's stack goes to
-stderr and the script ends; the failure shows that stderr (where it hung).
+test fails: this directory's scripts register ``faulthandler`` for it, so every thread's stack
+goes to stderr and the script ends (any other simply ends); the failure shows that stderr.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class Proc:
             pass
         self.popen.kill()
         raise AssertionError(
-            f"{what}; its last stdout lines: {self.lines[-5:]}; its stderr (with its threads' "
-            f"stacks):\n{self.stderr()}"
+            f"{what}; its last stdout lines: {self.lines[-5:]}; its stderr (and its threads' "
+            f"stacks if it printed them):\n{self.stderr()}"
         )
 
     def _take(self, timeout: float) -> bool:
