@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import JorbError
 from .model import Job
+from .outcome import exec_error
 from .states import Rate, State
 
 if TYPE_CHECKING:
@@ -427,11 +427,13 @@ class Lanes:
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
                 self.running.discard(job.id)
                 raise
-            result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+            result, error = None, exec_error(e)
         except (SystemExit, KeyboardInterrupt) as e:
             lane.running -= 1
             self._exited(lane, job, e)
             return
+        except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error
+            result, error = None, exec_error(e)
         else:  # it waits
             lane.waits = True
             if lane.ready:
@@ -499,8 +501,7 @@ class Lanes:
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
                     self.running.discard(job.id)
                     raise
-                error = JorbError(f"the exec raised CancelledError: {e}")
-                commits.settle(lane, job, None, error, started)
+                commits.settle(lane, job, None, exec_error(e), started)
                 continue
             except (SystemExit, KeyboardInterrupt) as e:
                 if at[2]:
@@ -511,6 +512,12 @@ class Lanes:
                 self._give_back(lane, jobs[i + 1 :])
                 self._exited(lane, job, e)
                 return None
+            except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error
+                if at[2]:
+                    raise
+                lane.running -= 1
+                commits.settle(lane, job, None, exec_error(e), started)
+                continue
             if at[2]:
                 return result  # it waited: _wait_for settles it
             lane.running -= 1
@@ -561,10 +568,14 @@ class Lanes:
             else:
                 # The exec's own code let a CancelledError out (a cancelled future it
                 # awaited): that is its failure, not ours to stop on.
-                result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+                result, error = None, exec_error(e)
         except (SystemExit, KeyboardInterrupt) as e:
             self._exited(lane, job, e)
             return
+        except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error,
+            if asyncio.current_task(task.get_loop()) is not task:  # unless the coroutine is
+                raise  # being closed (a GeneratorExit thrown in from outside the task)
+            result, error = None, exec_error(e)
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
