@@ -356,7 +356,15 @@ class Lanes:
                 lane.held += len(jobs)
                 if not lane.waking and ready:  # (the test wake starts with, without a call)
                     self.wake(lane)  # another worker for the rest, in case these execs wait
-                await self._attempts(lane, jobs, task)
+                try:
+                    await self._attempts(lane, jobs, task)
+                except GeneratorExit:
+                    # An exec awaited a future holding a GeneratorExit: asyncio threw it into
+                    # this task, which closed the coroutines under it (_wait_for settled the
+                    # attempt as the job's error). The worker goes on, unless its coroutine is
+                    # being closed from outside the task (a loop abandoned): then it ends.
+                    if asyncio.current_task(loop) is not task:
+                        raise
                 if lane.waits:  # its last exec waited: the loop turned meanwhile
                     since = time.monotonic()
                 elif time.monotonic() - since > INLINE_SECONDS:

@@ -537,8 +537,6 @@ def test_an_exec_raising_what_is_not_an_exception_fails_its_job_not_the_run(
     raised, kind, message = NOT_EXCEPTIONS[name]
     if how == "to_thread" and raised is StopIteration:
         pytest.skip("asyncio cannot set a StopIteration on a future: to_thread never returns")
-    if how == "to_thread" and raised is GeneratorExit:
-        pytest.skip("asyncio throws it into the worker's task, closing it: not handled yet")
     calls: Counter[int] = Counter()
     exec_ = _raising(how, raised, calls)
     timeout = 60.0 if how.endswith("timeout") else None  # (the exec then runs in a wrapper)
