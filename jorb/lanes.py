@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 INLINE_SECONDS = 0.02
 
 
-_ID = operator.attrgetter("id")  # (C-level, for sets of ids built a batch at a time)
 _STATE = operator.attrgetter("state")
 
 
@@ -167,9 +166,10 @@ class Lanes:
         self.by_name: dict[str, Lane] = {}
         self.counts: dict[str, int] = {}  # jobs per terminal state
         self.active = 0  # non-terminal jobs
-        # Ids of jobs a change must not move: in an attempt (exec or commit), or created or moved
-        # by a record that is not on disk yet (kicked children, added or redriven jobs).
-        self.running: set[str] = set()
+        # Jobs a change must not move: in an attempt (exec or commit), or created or moved by a
+        # record that is not on disk yet (kicked children, added or redriven jobs). The Job
+        # objects, not their ids: a job hashes by identity, without reading its id string.
+        self.running: set[Job] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
         # Execs that wait, by job id (one that never waits cannot be interrupted anyway).
         self.executing: dict[str, asyncio.Task[None]] = {}
@@ -373,7 +373,7 @@ class Lanes:
         one that returns costs no StopIteration of its own; at the first that waits, the jobs
         not started yet go back to the lane (other workers take them) and this worker waits
         for it. Plain successes are settled together, once per batch."""
-        self.running.update(map(_ID, jobs))
+        self.running.update(jobs)
         # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after. One round trip for all.
         if len(jobs) == 1:  # (a lane whose execs wait: a job per worker)
@@ -425,7 +425,7 @@ class Lanes:
             if proc._stopping or task.cancelling():
                 lane.running -= 1
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
-                self.running.discard(job.id)
+                self.running.discard(job)
                 raise
             result, error = None, JorbError(f"the exec raised CancelledError: {e}")
         except (SystemExit, KeyboardInterrupt) as e:
@@ -497,7 +497,7 @@ class Lanes:
                         commits.settle_ok(lane, ok, ok_jobs)
                     self._give_back(lane, jobs[i + 1 :])
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
-                    self.running.discard(job.id)
+                    self.running.discard(job)
                     raise
                 error = JorbError(f"the exec raised CancelledError: {e}")
                 commits.settle(lane, job, None, error, started)
@@ -555,7 +555,7 @@ class Lanes:
                 result, error = None, None  # `jorb cancel`: dropped just below
             elif self.proc._stopping or task.cancelling():
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
-                self.running.discard(job.id)
+                self.running.discard(job)
                 cancelled.discard(job.id)
                 raise
             else:
@@ -581,14 +581,14 @@ class Lanes:
         if task.cancelling():  # (ours: one cancel, caught here or swallowed by the exec)
             task.uncancel()
         lane.held -= 1
-        self.running.discard(job.id)
+        self.running.discard(job)
 
     def _exited(self, lane: Lane, job: Job, raised: BaseException) -> None:
         """sys.exit() (or an interrupt) inside an exec: the job stays where it is (its slot is
         freed, nothing recorded), the run is saved, and the exec stops saying which job and
         exec raised it."""
         lane.held -= 1
-        self.running.discard(job.id)
+        self.running.discard(job)
         self.proc._stops.exit(job, lane.state, raised)
 
     def _give_back(self, lane: Lane, jobs: list[Job]) -> None:
@@ -596,7 +596,7 @@ class Lanes:
         if not jobs:
             return
         lane.held -= len(jobs)
-        self.running.difference_update(map(_ID, jobs))
+        self.running.difference_update(jobs)
         if not self.proc._stopping:
             for job in reversed(jobs):
                 lane.ready.push_front(job)
