@@ -391,6 +391,7 @@ class Lanes:
         # One waits: the jobs not started go back to the lane, for other workers.
         i, started = at[0], at[1]
         at[2] = True
+        lane.running += 1
         if ok:
             self.proc._commits.settle_ok(lane, ok, ok_jobs)
         self._give_back(lane, jobs[i + 1 :])
@@ -454,7 +455,10 @@ class Lanes:
     ) -> Any:
         """The execs of ``_attempts``, each settled as it returns (plain successes into
         ``ok``). Once ``at[2]`` says the exec running waited, what it returns or raises is
-        passed on as it is, for ``_wait_for`` to settle, and no other exec starts."""
+        passed on as it is, for ``_wait_for`` to settle, and no other exec starts.
+
+        An exec counts in ``lane.running`` only once it waits (``_attempts`` counts it then):
+        one that returns without waiting ran while nothing on the loop could look."""
         proc = self.proc
         executor = proc._executor
         assert executor is not None
@@ -463,15 +467,17 @@ class Lanes:
         direct = _direct(executor, state)
         plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
+        # When the previous exec ended and was settled (proc._now(), without a call: hot path):
+        # the next one starts then, so one clock read serves both.
+        now = clock() + offset
         for i, job in enumerate(jobs):
             if plain is None:
                 args: tuple[Any, ...] = (app, overall, copies[i])
                 if join:
                     args += (proc._waiting.children(job.id),)
-            started = clock() + offset  # proc._now(), without a call (hot path)
+            started = now
             at[0] = i
             at[1] = started
-            lane.running += 1
             try:
                 if plain is not None:
                     result = await plain(app, overall, copies[i])
@@ -481,17 +487,16 @@ class Lanes:
             except Exception as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 commits.settle(lane, job, None, e, started)
                 if proc._stopping:  # a bug in the script stopped the exec: start no more
                     break
                 if lane.rate.paused_until > asyncio.get_running_loop().time():  # a RateLimited
                     break  # paused the lane: the jobs not started go back and wait it out
+                now = clock() + offset
                 continue
             except asyncio.CancelledError as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 if proc._stopping or task.cancelling():
                     if ok:
                         commits.settle_ok(lane, ok, ok_jobs)
@@ -501,11 +506,11 @@ class Lanes:
                     raise
                 error = JorbError(f"the exec raised CancelledError: {e}")
                 commits.settle(lane, job, None, error, started)
+                now = clock() + offset
                 continue
             except (SystemExit, KeyboardInterrupt) as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 if ok:
                     commits.settle_ok(lane, ok, ok_jobs)
                 self._give_back(lane, jobs[i + 1 :])
@@ -513,7 +518,6 @@ class Lanes:
                 return None
             if at[2]:
                 return result  # it waited: _wait_for settles it
-            lane.running -= 1
             if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
                 ctx, to = result
                 if type(ctx) is dict and type(to) is str and to in states:
@@ -524,6 +528,7 @@ class Lanes:
             commits.settle(lane, job, result, None, started)
             if proc._stopping:
                 break
+            now = clock() + offset
         else:
             i = len(jobs)
         if ok:
