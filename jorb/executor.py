@@ -26,8 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
-from .errors import TimedOut
-from .outcome import exec_error
+from .errors import TimedOut, exec_error
 from .states import State
 
 __all__ = ["Executor", "LocalExecutor", "Pool"]

@@ -28,8 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .errors import ExecResultError, JorbError
-from .outcome import exec_error
+from .errors import ExecResultError, JorbError, exec_error
 
 HEADER = struct.Struct("!I")  # each message: its length, then a pickle
 REPLY = struct.Struct("!qqq")  # fork server -> coordinator: reaped pid, its wait status, new pid
@@ -283,7 +282,7 @@ def flatten(error: BaseException) -> tuple[bytes | None, str, str, str]:
 
 
 def rebuild(value: tuple[bytes | None, str, str, str]) -> Exception:
-    """What ``flatten`` sent, as the job's error (``outcome.exec_error``), its worker's
+    """What ``flatten`` sent, as the job's error (``errors.exec_error``), its worker's
     traceback as its cause."""
     data, name, message, text = value
     error: BaseException | None = None

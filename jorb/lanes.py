@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .errors import exec_error
 from .model import Job
-from .outcome import exec_error
 from .states import Rate, State
 
 if TYPE_CHECKING:

@@ -12,12 +12,12 @@ from typing import Any
 
 import orjson
 
-from .errors import ExecResultError, JorbError, NoRetry, RateLimited, TimedOut
+from .errors import ExecResultError, NoRetry, RateLimited, TimedOut
 from .model import Job, Kick, Next
 from .states import State, exec_name
 from .tracebacks import user_traceback, where_stopped
 
-__all__ = ["exec_error", "failure", "not_json", "success"]
+__all__ = ["failure", "not_json", "success"]
 
 
 def success(
@@ -191,33 +191,6 @@ def failure(
         not_before = None if retry_in is None else now + retry_in
         record.update(to=state.name, attempts=attempts, throttled=throttled, not_before=not_before)
     return record, give_up
-
-
-def exec_error(raised: BaseException) -> Exception:
-    """The job's error for what an exec raised: an ``Exception`` is itself; any other exception
-    (``GeneratorExit``, ``CancelledError``, a class derived from ``BaseException``) becomes a
-    ``JorbError`` naming its type and message, with its traceback. A ``StopIteration``, which
-    an asyncio future refuses, becomes a ``RuntimeError`` (as Python makes of one a coroutine
-    raises).
-
-    The caller has kept out what is not the job's: the engine's own cancellation, and a
-    ``SystemExit`` or ``KeyboardInterrupt`` raised in the script's process (they stop the run;
-    one raised in a pool's worker process is that job's error, and comes here).
-    """
-    error: Exception
-    if isinstance(raised, StopIteration):
-        error = RuntimeError("exec raised StopIteration")
-    elif isinstance(raised, Exception):
-        return raised
-    else:
-        try:
-            said = str(raised)
-        except Exception:  # (as _message: a __str__ that fails cannot take the run down)
-            said = ""
-        error = JorbError(f"the exec raised {_type_name(raised)}{': ' if said else ''}{said}")
-    error.__context__ = raised  # (kept for whoever looks, but the traceback shows the exec's
-    error.__suppress_context__ = True  # frames once, as the error's own)
-    return error.with_traceback(raised.__traceback__)
 
 
 def step(source: str, to: str, now: float, started: float) -> dict[str, Any]:
