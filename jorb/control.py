@@ -160,9 +160,9 @@ def plan(
     change that placed it) has ended and its record is on its way to the disk. ``live``: a
     processor executing the run applies it, so a redrive may only go to a declared state;
     otherwise it may go to a state the file does not know yet (a rename: the script will
-    declare it). Raises a JorbError with a one-line reason for a
-    request that cannot apply, and :class:`Unchanged` (with its answer) for one that would
-    change nothing, so nothing is recorded.
+    declare it). Raises a JorbError with a one-line reason for a request that cannot apply,
+    and :class:`Unchanged` (with its answer) for one that would change nothing, so nothing is
+    recorded.
     """
     op, args = req.get("op"), req.get("args") or {}
     now = time.time()
