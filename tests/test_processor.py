@@ -552,8 +552,9 @@ def test_an_exec_raising_what_is_not_an_exception_fails_its_job_not_the_run(
         3: "done",
     }, errors_of(run)
     assert calls[1] == 2  # retried once, as the state says
-    for job in (run, jorb.Run.load(run.path)):  # type: ignore[arg-type]
-        records = next(j for j in job.jobs.values() if j.ctx["n"] == 1).errors["new"]
+    on_disk = jorb.Run.load(run.path)  # type: ignore[arg-type]
+    for view in (run, on_disk):
+        records = next(j for j in view.jobs.values() if j.ctx["n"] == 1).errors["new"]
         assert [(e["type"], e["attempt"]) for e in records] == [(kind, 1), (kind, 2)]
         for record in records:
             assert record["message"].startswith(message), record["message"]
