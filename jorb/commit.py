@@ -319,9 +319,9 @@ class Commits:
         now = proc._now()
         for lane, jobs, kids, holds in settled:
             lane.unsynced -= len(jobs)
+            running.difference_update(jobs)
             name = lane.state.name
             for job in jobs:
-                running.discard(job)
                 state = job.state
                 if holds or (holds is None and state == name):
                     lane.held -= 1
