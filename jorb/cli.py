@@ -608,9 +608,15 @@ def redrive(
     result = _change(control.redrive, runfile, source, target, job_ids or None, timeout=timeout)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
-    skipped = result.get("skipped") or []
-    if skipped:
-        line += f"; {len(skipped):,} running right now were left ({', '.join(skipped[:5])})"
+    settling = result.get("settling") or []
+    running = [i for i in result.get("skipped") or [] if i not in settling]
+    if running:
+        line += f"; {len(running):,} running right now were left ({', '.join(running[:5])})"
+    if settling:
+        line += (
+            f"; {len(settling):,} left: settling right now (its last move is being written), "
+            f"redrive again ({', '.join(settling[:5])})"
+        )
     if result.get("undeclared"):
         line += (
             f"; {target!r} is a state the run has not seen yet: declare it in the script "

@@ -190,7 +190,7 @@ class Commits:
         data, kids = self._record(lane, job, result, error, started)
         running = self.proc._lanes.running
         for kid in kids:  # busy, like the job, until placed: a redrive must not move them first
-            running.add(kid.id)
+            running.add(kid)
         self._join(store.append(data), [(lane, [job], kids, holds)])
 
     def _join(
@@ -319,9 +319,9 @@ class Commits:
         now = proc._now()
         for lane, jobs, kids, holds in settled:
             lane.unsynced -= len(jobs)
+            running.difference_update(jobs)
             name = lane.state.name
             for job in jobs:
-                running.discard(job.id)
                 state = job.state
                 if holds or (holds is None and state == name):
                     lane.held -= 1
@@ -334,7 +334,7 @@ class Commits:
                 elif job.parent is not None and joins:
                     proc._waiting.child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place
-                running.discard(kid.id)
+                running.discard(kid)
                 kid_lane = by_name.get(kid.state)
                 if kid_lane is not None:
                     lanes.enqueue(kid_lane, kid, now)

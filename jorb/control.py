@@ -105,7 +105,9 @@ def redrive(
 ) -> dict[str, Any]:
     """Move the jobs in ``source`` (or just ``job_ids``) to ``target``, keeping history and errors.
 
-    The result says how many ``"moved"``; jobs running at that moment are ``"skipped"``.
+    The result says how many ``"moved"``; jobs busy at that moment are ``"skipped"``: running,
+    or ``"settling"`` (also listed there: their last move, an attempt's or a change's, is being
+    written; redrive them again).
     """
     return request(path, "redrive", {"from": source, "to": target, "jobs": job_ids}, timeout)
 
@@ -154,11 +156,13 @@ def plan(
 
     ``busy(job_id)`` says whether a job is mid-attempt (a redrive skips those), and
     ``executing(job_id)`` whether its exec is running now (a cancel moves those: the caller
-    cancels the exec). ``live``: a processor executing the run applies it, so a redrive may
-    only go to a declared state; otherwise it may go to a state the file does not know yet (a
-    rename: the script will declare it). Raises a JorbError with a one-line reason for a
-    request that cannot apply, and :class:`Unchanged` (with its answer) for one that would
-    change nothing, so nothing is recorded.
+    cancels the exec); a job busy but not executing is *settling*: its attempt (or the
+    change that placed it) has ended and its record is on its way to the disk. ``live``: a
+    processor executing the run applies it, so a redrive may only go to a declared state;
+    otherwise it may go to a state the file does not know yet (a rename: the script will
+    declare it). Raises a JorbError with a one-line reason for a request that cannot apply,
+    and :class:`Unchanged` (with its answer) for one that would change nothing, so nothing is
+    recorded.
     """
     op, args = req.get("op"), req.get("args") or {}
     now = time.time()
@@ -218,10 +222,13 @@ def plan(
             candidates = [job.id for job in run.jobs.values() if job.state == source]
         moved = [i for i in candidates if not busy(i)]
         skipped = [i for i in candidates if busy(i)]
-        if not moved:  # no job there, or every one mid-exec
-            raise Unchanged({"moved": 0, "skipped": skipped})
-        record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         result = {"moved": len(moved), "skipped": skipped}
+        settling = [i for i in skipped if not executing(i)]
+        if settling:  # its attempt ended, its record is not on disk yet: in a moment it is free
+            result["settling"] = settling  # (the rest of "skipped" are running)
+        if not moved:  # no job there, or every one mid-exec
+            raise Unchanged(result)
+        record = {"op": "redrive", "to": target, "jobs": moved, "time": now}
         if declared and target not in declared:
             result["undeclared"] = target  # (the script must declare it before its next exec)
         what = f"redrove {len(moved)} job(s) {source!r} -> {target!r}"

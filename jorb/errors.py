@@ -86,6 +86,37 @@ def public(fn: F) -> F:
     return jorb_api  # type: ignore[return-value]
 
 
+def exec_error(raised: BaseException) -> Exception:
+    """The job's error for what an exec raised: an ``Exception`` is itself; any other exception
+    (``GeneratorExit``, ``CancelledError``, a class derived from ``BaseException``) becomes a
+    ``JorbError`` naming its type and message, with its traceback. A ``StopIteration``, which
+    an asyncio future refuses, becomes a ``RuntimeError`` (as Python makes of one a coroutine
+    raises).
+
+    The caller has kept out what is not the job's: the engine's own cancellation, and a
+    ``SystemExit`` or ``KeyboardInterrupt`` raised in the script's process (they stop the run;
+    one raised in a pool's worker process is that job's error, and comes here).
+    """
+    error: Exception
+    if isinstance(raised, StopIteration):
+        error = RuntimeError("exec raised StopIteration")
+    elif isinstance(raised, Exception):
+        return raised
+    else:
+        try:
+            said = str(raised)
+        except Exception:  # (a __str__ that fails must not take the run down)
+            said = ""
+        kind = type(raised)
+        name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            name = f"{kind.__module__}.{name}"
+        error = JorbError(f"the exec raised {name}{': ' if said else ''}{said}")
+    error.__context__ = raised  # (kept for whoever looks, but the traceback shows the exec's
+    error.__suppress_context__ = True  # frames once, as the error's own)
+    return error.with_traceback(raised.__traceback__)
+
+
 class StateError(JorbError):
     """State declarations are invalid, or a run names states that are not declared."""
 

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from typing import Any, Protocol
 
-from .errors import TimedOut
+from .errors import TimedOut, exec_error
 from .states import State
 
 __all__ = ["Executor", "LocalExecutor", "Pool"]
@@ -290,9 +290,12 @@ class _Body:
             self._end()
             if self._late():
                 raise _Late from None
-            if isinstance(e, StopIteration):  # an asyncio future refuses it: none would resolve
-                raise RuntimeError("exec raised StopIteration") from e  # (as a coroutine's does)
-            raise
+            if isinstance(e, SystemExit | KeyboardInterrupt):
+                raise  # (on the loop, they stop the run)
+            error = exec_error(e)  # (an asyncio future refuses a StopIteration, and a
+            if error is e:  # GeneratorExit set on one closes the task that awaits it)
+                raise
+            raise error from None
         self._end()
         if self._late():
             raise _Late

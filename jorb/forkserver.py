@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from .errors import ExecResultError, JorbError
+from .errors import ExecResultError, JorbError, exec_error
 
 HEADER = struct.Struct("!I")  # each message: its length, then a pickle
 REPLY = struct.Struct("!qqq")  # fork server -> coordinator: reaped pid, its wait status, new pid
@@ -281,7 +281,9 @@ def flatten(error: BaseException) -> tuple[bytes | None, str, str, str]:
     return data, name, message, text
 
 
-def rebuild(value: tuple[bytes | None, str, str, str]) -> BaseException:
+def rebuild(value: tuple[bytes | None, str, str, str]) -> Exception:
+    """What ``flatten`` sent, as the job's error (``errors.exec_error``), its worker's
+    traceback as its cause."""
     data, name, message, text = value
     error: BaseException | None = None
     if data is not None:
@@ -289,10 +291,8 @@ def rebuild(value: tuple[bytes | None, str, str, str]) -> BaseException:
             error = pickle.loads(data)
     if not isinstance(error, BaseException):
         error = JorbError(f"{name}: {message} (the exception itself could not leave its worker)")
-    if not isinstance(error, Exception):  # SystemExit, KeyboardInterrupt... in a worker
-        error = JorbError(f"the exec raised {name}: {message}")
-    elif isinstance(error, StopIteration):  # an asyncio future refuses it: none would resolve
-        error = RuntimeError("exec raised StopIteration")  # (as a coroutine's does)
+    # (A SystemExit or KeyboardInterrupt in a worker is that job's error, not the run's end.)
+    error = exec_error(error)
     error.__cause__ = _RemoteTraceback(text)
     return error
 

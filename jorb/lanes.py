@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import JorbError
+from .errors import exec_error
 from .model import Job
 from .states import Rate, State
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 INLINE_SECONDS = 0.02
 
 
-_ID = operator.attrgetter("id")  # (C-level, for sets of ids built a batch at a time)
 _STATE = operator.attrgetter("state")
 
 
@@ -167,9 +166,10 @@ class Lanes:
         self.by_name: dict[str, Lane] = {}
         self.counts: dict[str, int] = {}  # jobs per terminal state
         self.active = 0  # non-terminal jobs
-        # Ids of jobs a change must not move: in an attempt (exec or commit), or created or moved
-        # by a record that is not on disk yet (kicked children, added or redriven jobs).
-        self.running: set[str] = set()
+        # Jobs a change must not move: in an attempt (exec or commit), or created or moved by a
+        # record that is not on disk yet (kicked children, added or redriven jobs). The Job
+        # objects, not their ids: a job hashes by identity, without reading its id string.
+        self.running: set[Job] = set()
         self.in_exec: set[asyncio.Task[None]] = set()
         # Execs that wait, by job id (one that never waits cannot be interrupted anyway).
         self.executing: dict[str, asyncio.Task[None]] = {}
@@ -356,7 +356,15 @@ class Lanes:
                 lane.held += len(jobs)
                 if not lane.waking and ready:  # (the test wake starts with, without a call)
                     self.wake(lane)  # another worker for the rest, in case these execs wait
-                await self._attempts(lane, jobs, task)
+                try:
+                    await self._attempts(lane, jobs, task)
+                except GeneratorExit:
+                    # An exec awaited a future holding a GeneratorExit: asyncio threw it into
+                    # this task, which closed the coroutines under it (_wait_for settled the
+                    # attempt as the job's error). The worker goes on, unless its coroutine is
+                    # being closed from outside the task (a loop abandoned): then it ends.
+                    if asyncio.current_task(loop) is not task:
+                        raise
                 if lane.waits:  # its last exec waited: the loop turned meanwhile
                     since = time.monotonic()
                 elif time.monotonic() - since > INLINE_SECONDS:
@@ -373,7 +381,7 @@ class Lanes:
         one that returns costs no StopIteration of its own; at the first that waits, the jobs
         not started yet go back to the lane (other workers take them) and this worker waits
         for it. Plain successes are settled together, once per batch."""
-        self.running.update(map(_ID, jobs))
+        self.running.update(jobs)
         # Each exec gets its own copy, exactly as it is on disk: a failed attempt that changed
         # it in place leaves nothing behind, before a restart or after. One round trip for all.
         if len(jobs) == 1:  # (a lane whose execs wait: a job per worker)
@@ -391,6 +399,7 @@ class Lanes:
         # One waits: the jobs not started go back to the lane, for other workers.
         i, started = at[0], at[1]
         at[2] = True
+        lane.running += 1
         if ok:
             self.proc._commits.settle_ok(lane, ok, ok_jobs)
         self._give_back(lane, jobs[i + 1 :])
@@ -425,13 +434,15 @@ class Lanes:
             if proc._stopping or task.cancelling():
                 lane.running -= 1
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
-                self.running.discard(job.id)
+                self.running.discard(job)
                 raise
-            result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+            result, error = None, exec_error(e)
         except (SystemExit, KeyboardInterrupt) as e:
             lane.running -= 1
             self._exited(lane, job, e)
             return
+        except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error
+            result, error = None, exec_error(e)
         else:  # it waits
             lane.waits = True
             if lane.ready:
@@ -454,7 +465,10 @@ class Lanes:
     ) -> Any:
         """The execs of ``_attempts``, each settled as it returns (plain successes into
         ``ok``). Once ``at[2]`` says the exec running waited, what it returns or raises is
-        passed on as it is, for ``_wait_for`` to settle, and no other exec starts."""
+        passed on as it is, for ``_wait_for`` to settle, and no other exec starts.
+
+        An exec counts in ``lane.running`` only once it waits (``_attempts`` counts it then):
+        one that returns without waiting ran while nothing on the loop could look."""
         proc = self.proc
         executor = proc._executor
         assert executor is not None
@@ -463,15 +477,17 @@ class Lanes:
         direct = _direct(executor, state)
         plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
+        # When the previous exec ended and was settled (proc._now(), without a call: hot path):
+        # the next one starts then, so one clock read serves both.
+        now = clock() + offset
         for i, job in enumerate(jobs):
             if plain is None:
                 args: tuple[Any, ...] = (app, overall, copies[i])
                 if join:
                     args += (proc._waiting.children(job.id),)
-            started = clock() + offset  # proc._now(), without a call (hot path)
+            started = now
             at[0] = i
             at[1] = started
-            lane.running += 1
             try:
                 if plain is not None:
                     result = await plain(app, overall, copies[i])
@@ -481,39 +497,42 @@ class Lanes:
             except Exception as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 commits.settle(lane, job, None, e, started)
                 if proc._stopping:  # a bug in the script stopped the exec: start no more
                     break
                 if lane.rate.paused_until > asyncio.get_running_loop().time():  # a RateLimited
                     break  # paused the lane: the jobs not started go back and wait it out
+                now = clock() + offset
                 continue
             except asyncio.CancelledError as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 if proc._stopping or task.cancelling():
                     if ok:
                         commits.settle_ok(lane, ok, ok_jobs)
                     self._give_back(lane, jobs[i + 1 :])
                     lane.held -= 1  # we are cancelling it: the job runs again on resume
-                    self.running.discard(job.id)
+                    self.running.discard(job)
                     raise
-                error = JorbError(f"the exec raised CancelledError: {e}")
-                commits.settle(lane, job, None, error, started)
+                commits.settle(lane, job, None, exec_error(e), started)
+                now = clock() + offset
                 continue
             except (SystemExit, KeyboardInterrupt) as e:
                 if at[2]:
                     raise
-                lane.running -= 1
                 if ok:
                     commits.settle_ok(lane, ok, ok_jobs)
                 self._give_back(lane, jobs[i + 1 :])
                 self._exited(lane, job, e)
                 return None
+            except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error
+                if at[2]:
+                    raise
+                commits.settle(lane, job, None, exec_error(e), started)
+                now = clock() + offset
+                continue
             if at[2]:
                 return result  # it waited: _wait_for settles it
-            lane.running -= 1
             if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
                 ctx, to = result
                 if type(ctx) is dict and type(to) is str and to in states:
@@ -524,6 +543,7 @@ class Lanes:
             commits.settle(lane, job, result, None, started)
             if proc._stopping:
                 break
+            now = clock() + offset
         else:
             i = len(jobs)
         if ok:
@@ -555,16 +575,20 @@ class Lanes:
                 result, error = None, None  # `jorb cancel`: dropped just below
             elif self.proc._stopping or task.cancelling():
                 lane.held -= 1  # we are cancelling it: the job runs again on resume
-                self.running.discard(job.id)
+                self.running.discard(job)
                 cancelled.discard(job.id)
                 raise
             else:
                 # The exec's own code let a CancelledError out (a cancelled future it
                 # awaited): that is its failure, not ours to stop on.
-                result, error = None, JorbError(f"the exec raised CancelledError: {e}")
+                result, error = None, exec_error(e)
         except (SystemExit, KeyboardInterrupt) as e:
             self._exited(lane, job, e)
             return
+        except BaseException as e:  # (GeneratorExit, a class of the user's): the job's error,
+            if asyncio.current_task(task.get_loop()) is not task:  # unless the coroutine is
+                raise  # being closed (a GeneratorExit thrown in from outside the task)
+            result, error = None, exec_error(e)
         finally:
             lane.running -= 1
             self.in_exec.discard(task)
@@ -581,14 +605,14 @@ class Lanes:
         if task.cancelling():  # (ours: one cancel, caught here or swallowed by the exec)
             task.uncancel()
         lane.held -= 1
-        self.running.discard(job.id)
+        self.running.discard(job)
 
     def _exited(self, lane: Lane, job: Job, raised: BaseException) -> None:
         """sys.exit() (or an interrupt) inside an exec: the job stays where it is (its slot is
         freed, nothing recorded), the run is saved, and the exec stops saying which job and
         exec raised it."""
         lane.held -= 1
-        self.running.discard(job.id)
+        self.running.discard(job)
         self.proc._stops.exit(job, lane.state, raised)
 
     def _give_back(self, lane: Lane, jobs: list[Job]) -> None:
@@ -596,7 +620,7 @@ class Lanes:
         if not jobs:
             return
         lane.held -= len(jobs)
-        self.running.difference_update(map(_ID, jobs))
+        self.running.difference_update(jobs)
         if not self.proc._stopping:
             for job in reversed(jobs):
                 lane.ready.push_front(job)

@@ -222,10 +222,10 @@ class _Stamped:
     """
 
     __slots__ = ("_epoch",)
+    _epoch: int  # (declared for type checkers; not a dataclass field: this base is no dataclass)
 
 
-#: ``_set_epoch(job, epoch)`` sets ``job._epoch`` (through the slot itself: mypy does not see a
-#: dataclass's base's slots).
+#: ``_set_epoch(job, epoch)`` sets ``job._epoch`` (for ``map``: a plain store is faster inline).
 _set_epoch: Callable[[Job, int], None] = _Stamped.__dict__["_epoch"].__set__
 
 
@@ -1082,7 +1082,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     op = record.get("op")
     if op is None:  # an exec's record, one per transition: applied here, without a call
         job = run.jobs[record["job"]]
-        _set_epoch(job, epoch)
+        job._epoch = epoch
         error = record.get("error")
         if error is not None:
             job.errors.setdefault(record["in"], []).append(error)
@@ -1110,7 +1110,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             for raw in kids:
                 kid = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
                 run.jobs[kid.id] = kid
-                _set_epoch(kid, epoch)  # (new, so in no chunk of the last snapshot: to be sure)
+                kid._epoch = epoch  # (new, so in no chunk of the last snapshot: to be sure)
                 run.note_key(kid)
                 edge = (source, kid.state)
                 kicks[edge] = kicks.get(edge, 0) + 1
@@ -1121,7 +1121,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
             job = raw if isinstance(raw, Job) else job_from_dict(raw, "journal")
             run.jobs[job.id] = job
             run.note_key(job)
-            _set_epoch(job, epoch)
+            job._epoch = epoch
         run.next_id = max(run.next_id, record["next_id"])
     elif op == "pause":
         run.paused.add(record["name"])
@@ -1130,7 +1130,7 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     elif op == "redrive" or op == "cancel":  # (a cancel is recorded like a redrive)
         for ident in record["jobs"]:
             job = run.jobs[ident]
-            _set_epoch(job, epoch)
+            job._epoch = epoch
             to = sys.intern(record["to"])
             job.history.append((job.state, to, record["time"], 0.0, record["change"]["id"]))
             job.state = to
@@ -1159,7 +1159,7 @@ def apply_ok(run: Run, ok: list[list[Any]], jobs: list[Job]) -> None:
         # A success resets these (see the exec record in apply_record).
         job.attempts = job.throttled = 0
         job.not_before = None
-        _set_epoch(job, epoch)
+        job._epoch = epoch
 
 
 def _is_time(value: Any) -> bool:

@@ -161,7 +161,7 @@ class Steering:
             record = control.plan(
                 run,
                 req,
-                busy=lanes.running.__contains__,
+                busy=lambda ident: run.jobs[ident] in lanes.running,
                 executing=executing.__contains__,
                 live=True,
             )
@@ -195,14 +195,14 @@ class Steering:
                 elif was_open and not is_open:
                     ended.append(job.parent)
         for job in [*added, *moved]:
-            lanes.running.add(job.id)  # busy until placed: another change must not move it
+            lanes.running.add(job)  # busy until placed: another change must not move it
         if op == "pause":
             lanes.by_name[record["name"]].paused = True
         await asyncio.shield(store.append(data))
         # On disk: the jobs may start, and a join waiting for a moved child may be released.
         now = proc._now()
         for job in [*added, *moved]:
-            lanes.running.discard(job.id)
+            lanes.running.discard(job)
             lane = lanes.by_name.get(job.state)
             if lane is not None:
                 lanes.enqueue(lane, job, now)

@@ -216,6 +216,19 @@ def test_redrive_moves_jobs_keeping_history_and_errors(copy: Path) -> None:
     assert table(cli("status", copy))["new"][0] == "2"
 
 
+def test_redrive_says_which_jobs_it_left_running_and_which_settling(
+    copy: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What a live process answered (a running run's jobs are busy while their exec runs, and
+    # for a moment after it, while its record is written): each said for what it is.
+    answer = {"moved": 1, "skipped": ["2", "3"], "settling": ["3"]}
+    monkeypatch.setattr(control, "redrive", lambda *args, **kwargs: answer)
+    assert cli("redrive", copy, "--from", "failed", "--to", "new") == (
+        "moved 1 job(s) from 'failed' to 'new'; 1 running right now were left (2); 1 left: "
+        "settling right now (its last move is being written), redrive again (3)\n"
+    )
+
+
 def test_a_redrive_that_changes_nothing_records_nothing(copy: Path) -> None:
     changes = jorb.Run.load(copy).changes
     # No job in the state: answered, and not added to the run's log of changes.

@@ -4,6 +4,7 @@ run twice, a change lost, a process that would not exit."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -211,3 +212,39 @@ def test_an_exception_whose_str_fails_is_recorded_not_fatal(make_run: MakeRun) -
     assert run.counts() == {"done": 2, "failed": 1}, errors_of(run)
     (failed,) = [job for job in run.jobs.values() if job.state == "failed"]
     assert failed.errors["new"][0]["message"] == "Weird (its message could not be read)"
+
+
+def test_closing_an_abandoned_runs_workers_records_no_error_on_their_jobs(
+    make_run: MakeRun,
+) -> None:
+    """A loop dropped mid-run (a notebook closed): the garbage collector closes the coroutines
+    that were waiting, each with a GeneratorExit. That is not an exec raising one: the jobs
+    whose execs were waiting record nothing, and each coroutine closes cleanly."""
+    run = make_run([{"n": 0}, {"n": 1}])
+    loop = asyncio.new_event_loop()
+    waiting: list[int] = []
+    both = asyncio.Event()
+
+    async def hang(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+        waiting.append(ctx["n"])
+        if len(waiting) == 2:
+            both.set()
+        await asyncio.Event().wait()  # for ever
+
+    processor = jorb.Processor(
+        None, [jorb.State("new", exec=hang, concurrency=2), DONE], progress=False
+    )
+    main = loop.create_task(processor.aexec(run))
+    try:
+        loop.run_until_complete(asyncio.wait_for(both.wait(), 5))
+        workers = [t for t in asyncio.all_tasks(loop) if "Lanes._work" in repr(t.get_coro())]
+        assert len(workers) == 2
+        for worker in workers:  # (what the collector does, outside the loop)
+            worker.get_coro().close()  # raises if a coroutine goes on after GeneratorExit
+
+        assert errors_of(run) == {}
+    finally:
+        main.cancel()
+        with contextlib.suppress(BaseException):
+            loop.run_until_complete(main)
+        loop.close()

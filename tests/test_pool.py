@@ -392,6 +392,57 @@ def test_a_pooled_exec_that_raises_stop_iteration_fails_its_attempt(make_run: Ma
     assert "StopIteration" in errors_of(run)["2"][0]
 
 
+class Oops(BaseException):
+    """A script's own exception class, derived from BaseException rather than Exception."""
+
+
+def test_what_a_worker_raises_that_is_not_an_exception_is_its_jobs_error(
+    make_run: MakeRun,
+) -> None:
+    """GeneratorExit, a BaseException of the script's own: from a worker, as on the loop, the
+    job's error, naming the type and message, with the worker's traceback; the run goes on."""
+
+    def fail(ctx: dict[str, Any]) -> Any:
+        if ctx["raise"] == "GeneratorExit":
+            raise GeneratorExit("no more rows")
+        if ctx["raise"] == "Oops":
+            raise Oops("no more rows")
+        return ctx, "done"
+
+    def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return fail(ctx)
+
+    async def work_async(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        await asyncio.sleep(0)
+        return fail(ctx)
+
+    pool = jorb.ProcessPool(2)
+    states = [
+        jorb.State("new", exec=work, concurrency=2, on_error="failed", pool=pool),
+        jorb.State("async", exec=work_async, concurrency=2, on_error="failed", pool=pool),
+        DONE,
+    ]
+    raised = ["GeneratorExit", "Oops", "nothing"]
+    run = make_run([{"raise": r} for r in raised])
+    for r in raised:
+        run.add_job({"raise": r}, "async")
+
+    process(states, run)
+
+    for job in run.jobs.values():
+        if job.ctx["raise"] == "nothing":
+            assert job.state == "done", errors_of(run)
+            continue
+        assert job.state == "failed"
+        [(state, [error])] = job.errors.items()
+        name = {"GeneratorExit": "GeneratorExit", "Oops": "test_pool.Oops"}[job.ctx["raise"]]
+        assert (error["type"], error["message"]) == (
+            "jorb.errors.JorbError",
+            f"the exec raised {name}: no more rows",
+        ), state
+        assert f'raise {job.ctx["raise"]}("no more rows")' in error["traceback"]
+
+
 def test_an_app_factory_that_fails_stops_the_exec_before_any_job(make_run: MakeRun) -> None:
     def make_app() -> Any:
         raise ConnectionError("no database at db:5432")

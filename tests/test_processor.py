@@ -478,6 +478,98 @@ def test_an_error_in_one_job_does_not_stop_the_others(make_run: MakeRun) -> None
         assert (job.state == "failed") == (job.ctx["n"] % 3 == 0)
 
 
+class Oops(BaseException):
+    """A script's own exception class, derived from BaseException rather than Exception."""
+
+
+#: What an exec may raise that is not an ``Exception`` (or that an asyncio future refuses), and
+#: the error its job records: type, and the start of the message.
+NOT_EXCEPTIONS: dict[str, tuple[type[BaseException], str, str]] = {
+    "GeneratorExit": (GeneratorExit, "jorb.errors.JorbError", "the exec raised GeneratorExit"),
+    "BaseException": (Oops, "jorb.errors.JorbError", "the exec raised test_processor.Oops: "),
+    "StopIteration": (StopIteration, "RuntimeError", ""),  # (as Python makes of it in a coroutine)
+    "StopAsyncIteration": (StopAsyncIteration, "StopAsyncIteration", "no more rows"),
+}
+
+
+def _raising(how: str, raised: type[BaseException], calls: Counter[int]) -> Any:
+    """An exec that raises ``raised("no more rows")`` for job n=1, ``how`` it is written."""
+
+    def fail(ctx: dict[str, Any]) -> None:
+        calls[ctx["n"]] += 1
+        if ctx["n"] == 1:
+            raise raised("no more rows")
+
+    async def at_once(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        fail(ctx)
+        return ctx, "done"
+
+    async def after_waiting(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        await asyncio.sleep(0)
+        fail(ctx)
+        return ctx, "done"
+
+    async def in_a_thread(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        await asyncio.to_thread(fail, ctx)  # (it reaches the exec through an asyncio future)
+        return ctx, "done"
+
+    def in_def(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        fail(ctx)
+        return ctx, "done"
+
+    if how == "async":
+        return at_once
+    if how.startswith("async-waits"):
+        return after_waiting
+    return in_a_thread if how == "to_thread" else in_def
+
+
+#: How the exec is written, each against each of NOT_EXCEPTIONS, but for one pair: asyncio
+#: cannot set a StopIteration on a future, so ``asyncio.to_thread`` of a function raising one
+#: never returns (asyncio's, not jorb's: a state's ``timeout`` is what ends such an exec).
+RAISERS = [
+    (how, name)
+    for how in ("async", "async-waits", "async-waits-timeout", "to_thread", "def", "def-timeout")
+    for name in NOT_EXCEPTIONS
+    if (how, name) != ("to_thread", "StopIteration")
+]
+
+
+@pytest.mark.parametrize(("how", "name"), RAISERS)
+def test_an_exec_raising_what_is_not_an_exception_fails_its_job_not_the_run(
+    make_run: MakeRun, how: str, name: str
+) -> None:
+    """GeneratorExit, a BaseException of the script's own, StopIteration: the job's error,
+    recorded with its type, message and traceback, and retried like any other; the run goes
+    on. (SystemExit and KeyboardInterrupt keep their meaning: they stop the run.)"""
+    raised, kind, message = NOT_EXCEPTIONS[name]
+    calls: Counter[int] = Counter()
+    exec_ = _raising(how, raised, calls)
+    timeout = 60.0 if how.endswith("timeout") else None  # (the exec then runs in a wrapper)
+    new = jorb.State("new", exec=exec_, concurrency=4, retries=1, backoff=0, timeout=timeout)
+    run = make_run([{"n": n} for n in range(4)])
+
+    process([new, DONE], run)
+
+    assert {job.ctx["n"]: job.state for job in run.jobs.values()} == {
+        0: "done",
+        1: "failed",
+        2: "done",
+        3: "done",
+    }, errors_of(run)
+    assert calls[1] == 2  # retried once, as the state says
+    on_disk = jorb.Run.load(run.path)  # type: ignore[arg-type]
+    for view in (run, on_disk):
+        records = next(j for j in view.jobs.values() if j.ctx["n"] == 1).errors["new"]
+        assert [(e["type"], e["attempt"]) for e in records] == [(kind, 1), (kind, 2)]
+        for record in records:
+            assert record["message"].startswith(message), record["message"]
+            assert raised.__name__ in record["message"] + record["traceback"]
+            if how != "to_thread" or raised is not GeneratorExit:
+                # (asyncio turns one from a future into a close: its frames are gone)
+                assert "in fail" in record["traceback"], record["traceback"]
+
+
 def test_backoff_grows_between_retries(make_run: MakeRun) -> None:
     times: list[float] = []
 

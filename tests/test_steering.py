@@ -599,3 +599,49 @@ def test_a_pause_right_after_a_resume_keeps_the_state_paused(make_run: MakeRun) 
     assert run.jobs["3"].ctx["paused_on_disk"] == ["new"]
     assert len(started) == 2 and min(started) >= 120, started  # not [60.0, 60.0]
     assert run.paused == set()
+
+
+def test_a_redrive_of_a_job_whose_last_attempt_is_being_written_says_so(
+    make_run: MakeRun,
+) -> None:
+    # Job 2 gives up (to 'failed') in the turn before a change asks to move 'failed' back to
+    # 'new': the job is busy until its record is on disk, so the change leaves it. The answer
+    # (what `jorb redrive` prints) must say it is settling and to redrive again, not that it
+    # is running; and again, a moment later, it is moved.
+    answers: list[dict[str, Any]] = []
+    go = asyncio.Event()
+    tries: Counter[int] = Counter()
+
+    def redrive_failed(app: App) -> Any:
+        request = control.new_request("redrive", {"from": "failed", "to": "new", "jobs": None})
+        return app.processor._steering.change(request)  # (what the inbox's watcher does)
+
+    async def work(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        tries[ctx["n"]] += 1
+        if ctx["n"] == 0:  # the one that asks, woken first
+            await go.wait()
+            await asyncio.sleep(0)  # a turn: job 2, woken second, gives up meanwhile
+            answers.append(await redrive_failed(app))
+            await asyncio.sleep(1)  # (virtual) its record is on disk by now
+            answers.append(await redrive_failed(app))
+        elif ctx["n"] == 1 and tries[1] == 1:
+            await go.wait()
+            raise jorb.NoRetry("not yet")
+        elif ctx["n"] == 2:
+            go.set()  # both others wait for it by now
+        return ctx, "done"
+
+    states = [jorb.State("new", exec=work, concurrency=3), jorb.State("failed", terminal=True)]
+    run = make_run([{"n": n} for n in range(3)])
+    app = App()
+    app.processor = jorb.Processor(app, [*states, DONE], progress=False)
+
+    _drive(app.processor, run)
+
+    assert answers == [
+        {"result": {"moved": 0, "skipped": ["2"], "settling": ["2"]}},
+        {"result": {"moved": 1, "skipped": []}},
+    ]
+    assert run.counts() == {"done": 3}, errors_of(run)
+    steps = [(h["from"], h["to"]) for h in run.jobs["2"].steps()]
+    assert steps == [("new", "failed"), ("failed", "new"), ("new", "done")]
