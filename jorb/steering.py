@@ -202,6 +202,8 @@ class Steering:
         # On disk: the jobs may start, and a join waiting for a moved child may be released.
         now = proc._now()
         for job in [*added, *moved]:
+            if job.id in executing:  # a cancelled exec still ending: busy until it has ended
+                continue  # (lanes._dropped frees it; a cancel's state is terminal: no lane)
             lanes.running.discard(job)
             lane = lanes.by_name.get(job.state)
             if lane is not None:

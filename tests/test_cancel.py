@@ -328,3 +328,61 @@ def test_cancel_ends_the_worker_process_of_a_pooled_exec(make_run: MakeRun) -> N
     assert [run.jobs[i].state for i in ("1", "2")] == ["cancelled", "done"], errors_of(run)
     assert run.jobs["1"].errors == {}
     assert run.jobs["2"].ctx["previous"] == "gone"  # the spinning worker process was ended
+
+
+def test_a_cancelled_exec_still_ending_keeps_its_job_from_a_redrive(make_run: MakeRun) -> None:
+    # Job 1's exec is cancelled and takes a while to end (its cleanup awaits, then it lets
+    # the cancel out). Its cancel is on disk long before that. Until the exec ends, the job
+    # is still running: a redrive back to 'work' must leave it, not start a second attempt
+    # alongside the first (the run then died with a KeyError). Once the exec has ended, a
+    # redrive moves it and it runs again.
+    answers: list[dict[str, Any]] = []
+    log: list[str] = []
+    inside: list[int] = []
+
+    def redrive(app: jorb.Processor) -> Any:
+        request = control.new_request("redrive", {"from": "cancelled", "to": "work", "jobs": None})
+        return app._steering.change(request)  # (what the inbox's watcher does)
+
+    async def work(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        inside.append(1)
+        log.append(f"start, {len(inside)} inside")
+        try:
+            await asyncio.sleep(3600 if len(log) == 1 else 1)
+        except asyncio.CancelledError:
+            await asyncio.sleep(30)  # (virtual) its cleanup
+            log.append("cancelled and cleaned up")
+            raise
+        finally:
+            inside.pop()
+        return ctx, "done"
+
+    async def conductor(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(1)
+        app.cancel(["1"])
+        await asyncio.sleep(5)  # the cancel is on disk, the exec still cleans up
+        assert jorb.Run.load(run.path).jobs["1"].state == "cancelled"  # type: ignore[arg-type]
+        answers.append(await redrive(app))
+        await asyncio.sleep(60)  # it has ended now
+        answers.append(await redrive(app))
+        return ctx, "done"
+
+    states = [
+        jorb.State("work", exec=work, concurrency=2),
+        jorb.State("conduct", exec=conductor),
+        DONE,
+    ]
+    run = make_run([{"n": 0}], state="work")
+    run.add_job({}, "conduct")
+    processor = jorb.Processor(None, states, progress=False)
+    processor.app = processor
+
+    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+
+    assert answers == [
+        {"result": {"moved": 0, "skipped": ["1"]}},  # (running, not settling: no "settling")
+        {"result": {"moved": 1, "skipped": []}},
+    ]
+    assert log == ["start, 1 inside", "cancelled and cleaned up", "start, 1 inside"]
+    assert _steps(run.jobs["1"]) == [("work", "cancelled"), ("cancelled", "work"), ("work", "done")]
+    assert run.counts() == {"done": 2}, errors_of(run)
