@@ -879,3 +879,86 @@ def test_execs_that_never_wait_let_the_loop_turn_between_batches(
     assert run.counts() == {"done": 6}
     assert seen[0::2] == seen[1::2], "a batch of two runs inline, in one turn"
     assert seen[0] < seen[2] < seen[4], "other tasks ran between the batches"
+
+
+def test_no_exec_kind_leaves_a_running_count_a_slot_or_a_busy_job_behind(
+    make_run: MakeRun,
+) -> None:
+    """Execs that return at once (in a batch) or wait, succeed, fail, raise GeneratorExit (at
+    once, or through a future: asyncio then closes the coroutines), time out, run in a thread,
+    kick, or are cancelled while they wait: while the waiting ones wait, ``statistics()``
+    counts them running; once the run is done every state says 0 running, every slot is free
+    and no job is left busy (a busy job can never be redriven)."""
+    seen: dict[str, int] = {}
+    gate = asyncio.Event()
+    blocked: list[int] = []
+
+    def gen_exit() -> None:
+        raise GeneratorExit("through a future")
+
+    async def mixed(app: jorb.Processor, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        n = ctx["n"]
+        kind = n % 8
+        if kind == 1:
+            raise ValueError("at once")
+        if kind == 2:
+            raise GeneratorExit("at once")
+        if kind == 3:
+            await asyncio.sleep(0)
+            raise ValueError("after waiting")
+        if kind == 4:
+            await asyncio.to_thread(gen_exit)
+        if kind == 5:
+            blocked.append(n)
+            await gate.wait()
+        if kind == 6:
+            return ctx, "done", [jorb.Kick("thread", {"n": n + 1000})]
+        return ctx, "thread"
+
+    def in_thread(app: jorb.Processor, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["n"] % 3 == 0:
+            raise GeneratorExit("in a thread")
+        return ctx, "slow"
+
+    async def slow(app: jorb.Processor, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["n"] % 2:
+            await asyncio.sleep(3600)  # its timeout ends it
+        return ctx, "done"
+
+    async def watch(app: jorb.Processor, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        # (virtual time) until only the three blocked execs are left in 'new'
+        while len(blocked) < 3 or any(
+            job.state == "new" and job.ctx.get("n", 0) % 8 != 5 for job in run.jobs.values()
+        ):
+            await asyncio.sleep(1)
+        states = {s.name: s for s in app.statistics().states}
+        seen["waiting execs"] = states["new"].running
+        seen["itself"] = states["watch"].running
+        app.cancel([ids[blocked[0]]])
+        while run.jobs[ids[blocked[0]]].state != "cancelled":
+            await asyncio.sleep(1)
+        gate.set()
+        return ctx, "done"
+
+    states = [
+        jorb.State("new", exec=mixed, concurrency=8, retries=1, backoff=0, on_error="failed"),
+        jorb.State("thread", exec=in_thread, concurrency=3, on_error="failed"),
+        jorb.State("slow", exec=slow, concurrency=4, timeout=60, on_error="failed"),
+        jorb.State("watch", exec=watch),
+        DONE,
+        jorb.State("failed", terminal=True),
+    ]
+    run = make_run([])
+    ids = {n: run.add_job({"n": n}).id for n in range(24)}  # (three of each kind)
+    run.add_job({}, "watch")
+    processor = jorb.Processor(None, states, progress=False)
+    processor.app = processor
+
+    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+
+    assert seen == {"waiting execs": 3, "itself": 1}
+    assert run.counts() == {"done": 8, "failed": 19, "cancelled": 1}, errors_of(run)
+    assert {s.name: s.running for s in processor.statistics().states if s.running} == {}
+    lanes = processor._lanes
+    assert {name: lane.held for name, lane in lanes.by_name.items() if lane.held} == {}
+    assert lanes.running == set()
