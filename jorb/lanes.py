@@ -157,6 +157,7 @@ class Lanes:
         "counts",
         "executing",
         "in_exec",
+        "placing",
         "proc",
         "running",
     )
@@ -174,6 +175,9 @@ class Lanes:
         # Execs that wait, by job id (one that never waits cannot be interrupted anyway).
         self.executing: dict[str, asyncio.Task[None]] = {}
         self.cancelled: set[str] = set()  # jobs whose exec `jorb cancel` is cancelling
+        # Jobs a change has moved whose record is not on disk yet: they stay in ``running``
+        # until it is, even if a cancelled exec of theirs ends first (the change frees them).
+        self.placing: set[Job] = set()
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
@@ -605,7 +609,8 @@ class Lanes:
         if task.cancelling():  # (ours: one cancel, caught here or swallowed by the exec)
             task.uncancel()
         lane.held -= 1
-        self.running.discard(job)
+        if job not in self.placing:  # (else the cancel is not on disk yet: it frees the job)
+            self.running.discard(job)
 
     def _exited(self, lane: Lane, job: Job, raised: BaseException) -> None:
         """sys.exit() (or an interrupt) inside an exec: the job stays where it is (its slot is

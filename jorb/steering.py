@@ -196,10 +196,12 @@ class Steering:
                     ended.append(job.parent)
         for job in [*added, *moved]:
             lanes.running.add(job)  # busy until placed: another change must not move it
+        lanes.placing.update(moved)  # (even if a cancelled exec of theirs ends meanwhile)
         if op == "pause":
             lanes.by_name[record["name"]].paused = True
         await asyncio.shield(store.append(data))
         # On disk: the jobs may start, and a join waiting for a moved child may be released.
+        lanes.placing.difference_update(moved)
         now = proc._now()
         for job in [*added, *moved]:
             if job.id in executing:  # a cancelled exec still ending: busy until it has ended

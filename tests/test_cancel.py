@@ -386,3 +386,59 @@ def test_a_cancelled_exec_still_ending_keeps_its_job_from_a_redrive(make_run: Ma
     assert log == ["start, 1 inside", "cancelled and cleaned up", "start, 1 inside"]
     assert _steps(run.jobs["1"]) == [("work", "cancelled"), ("cancelled", "work"), ("work", "done")]
     assert run.counts() == {"done": 2}, errors_of(run)
+
+
+def test_a_job_whose_cancel_is_not_on_disk_yet_is_not_redriven(make_run: MakeRun) -> None:
+    # Job 1's exec is cancelled; it ends at once, in the next turn, before the cancel's record
+    # is on disk. Until the record is, the job is busy (its last move is being written): a
+    # redrive asked in between must leave it. (It moved it, and each change, once on disk,
+    # queued the job in 'work': it ran twice at once.) Asked again later, it moves it once.
+    answers: list[dict[str, Any]] = []
+    inside: list[int] = []
+    most: list[int] = [0]
+    starts: list[str] = []
+
+    def change(app: jorb.Processor, op: str, args: dict[str, Any]) -> Any:
+        return app._steering.change(control.new_request(op, args))  # (as the inbox's watcher)
+
+    async def work(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        inside.append(1)
+        most[0] = max(most[0], len(inside))
+        starts.append("first" if not starts else "again")
+        try:
+            await asyncio.sleep(3600 if len(starts) == 1 else 1)
+        finally:
+            inside.pop()
+        return ctx, "done"
+
+    async def conductor(app: jorb.Processor, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(1)
+        cancel = asyncio.ensure_future(change(app, "cancel", {"jobs": ["1"], "state": None}))
+        await asyncio.sleep(0)  # the cancel is applied, its record on its way to disk
+        await asyncio.sleep(0)  # the exec has ended; the record is not on disk yet
+        redrive = {"from": "cancelled", "to": "work", "jobs": ["1"]}
+        answers.append(await change(app, "redrive", redrive))
+        answers.append(await cancel)
+        await asyncio.sleep(10)
+        answers.append(await change(app, "redrive", redrive))
+        return ctx, "done"
+
+    states = [
+        jorb.State("work", exec=work, concurrency=2),
+        jorb.State("conduct", exec=conductor),
+        DONE,
+    ]
+    run = make_run([{"n": 0}], state="work")
+    run.add_job({}, "conduct")
+    processor = jorb.Processor(None, states, progress=False)
+    processor.app = processor
+
+    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+
+    # (busy, not running: settling, as `jorb redrive` then says)
+    assert answers[0] == {"result": {"moved": 0, "skipped": ["1"], "settling": ["1"]}}
+    assert answers[1] == {"result": {"cancelled": 1, "running": ["1"], "skipped": []}}
+    assert answers[2] == {"result": {"moved": 1, "skipped": []}}
+    assert (starts, most[0]) == (["first", "again"], 1)
+    assert _steps(run.jobs["1"]) == [("work", "cancelled"), ("cancelled", "work"), ("work", "done")]
+    assert run.counts() == {"done": 2}, errors_of(run)
