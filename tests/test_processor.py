@@ -962,3 +962,45 @@ def test_no_exec_kind_leaves_a_running_count_a_slot_or_a_busy_job_behind(
     lanes = processor._lanes
     assert {name: lane.held for name, lane in lanes.by_name.items() if lane.held} == {}
     assert lanes.running == set()
+
+
+def test_each_exec_of_a_batch_is_timed_from_the_end_of_the_one_before(make_run: MakeRun) -> None:
+    """Execs that return at once run one after the other in a batch, each timed from when the
+    one before it ended and was settled (success, failure, give-up), or from the batch's start;
+    one that waits takes its wait into its duration, and the next batch is timed afresh. The
+    virtual clock moves only by what each exec costs: every step's duration is its exec's cost,
+    and its time is when it ended."""
+    cost = {0: 1.0, 1: 2.0, 2: 4.0, 3: 8.0, 4: 16.0, 5: 32.0, 6: 64.0, 7: 128.0}
+    tries: Counter[int] = Counter()
+
+    async def work(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        n = ctx["n"]
+        tries[n] += 1
+        asyncio.get_running_loop().advance(cost[n])  # (CPU time, as the clock sees it)
+        if n == 2 and tries[n] == 1:
+            raise ValueError("once")  # retried at once, in a later batch
+        if n == 5:
+            raise jorb.NoRetry("never")  # gives up: a step to 'failed'
+        if n == 4:
+            await asyncio.sleep(256)  # waits: the jobs after it go back to the lane
+        return ctx, "done"
+
+    new = jorb.State("new", exec=work, concurrency=8, retries=1, backoff=0, on_error="failed")
+    run = make_run([{"n": n} for n in range(8)])
+
+    process_fake_clock([new, DONE, jorb.State("failed", terminal=True)], run)
+
+    ends = {}
+    for job in run.jobs.values():
+        n = job.ctx["n"]
+        (step,) = job.steps()
+        took = cost[n] + (256 if n == 4 else 0)
+        assert step["duration"] == pytest.approx(took, abs=1e-6), (n, job.history)
+        ends[n] = step["time"]
+    # The first batch, inline one after the other: each ended its own cost after the one
+    # before it, the failed attempt of job 2 included (stamped when it ended).
+    (failed_at,) = [error["time"] for error in run.jobs["3"].errors["new"]]
+    assert ends[1] - ends[0] == pytest.approx(cost[1], abs=1e-6)
+    assert failed_at - ends[1] == pytest.approx(cost[2], abs=1e-6)
+    assert ends[3] - failed_at == pytest.approx(cost[3], abs=1e-6)
+    assert run.counts() == {"done": 7, "failed": 1}, errors_of(run)
