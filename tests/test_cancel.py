@@ -330,6 +330,20 @@ def test_cancel_ends_the_worker_process_of_a_pooled_exec(make_run: MakeRun) -> N
     assert run.jobs["2"].ctx["previous"] == "gone"  # the spinning worker process was ended
 
 
+def _conduct(run: jorb.Run, work: Any, conductor: Any) -> None:
+    """Execute ``run`` (its jobs in 'work', two at a time) with one more job, in 'conduct',
+    whose exec steers it (the processor is its app), on the virtual clock."""
+    run.add_job({}, "conduct")
+    states = [
+        jorb.State("work", exec=work, concurrency=2),
+        jorb.State("conduct", exec=conductor),
+        DONE,
+    ]
+    processor = jorb.Processor(None, states, progress=False)
+    processor.app = processor
+    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+
+
 def test_a_cancelled_exec_still_ending_keeps_its_job_from_a_redrive(make_run: MakeRun) -> None:
     # Job 1's exec is cancelled and takes a while to end (its cleanup awaits, then it lets
     # the cancel out). Its cancel is on disk long before that. Until the exec ends, the job
@@ -367,17 +381,9 @@ def test_a_cancelled_exec_still_ending_keeps_its_job_from_a_redrive(make_run: Ma
         answers.append(await redrive(app))
         return ctx, "done"
 
-    states = [
-        jorb.State("work", exec=work, concurrency=2),
-        jorb.State("conduct", exec=conductor),
-        DONE,
-    ]
     run = make_run([{"n": 0}], state="work")
-    run.add_job({}, "conduct")
-    processor = jorb.Processor(None, states, progress=False)
-    processor.app = processor
 
-    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+    _conduct(run, work, conductor)
 
     assert answers == [
         {"result": {"moved": 0, "skipped": ["1"]}},  # (running, not settling: no "settling")
@@ -423,17 +429,9 @@ def test_a_job_whose_cancel_is_not_on_disk_yet_is_not_redriven(make_run: MakeRun
         answers.append(await change(app, "redrive", redrive))
         return ctx, "done"
 
-    states = [
-        jorb.State("work", exec=work, concurrency=2),
-        jorb.State("conduct", exec=conductor),
-        DONE,
-    ]
     run = make_run([{"n": 0}], state="work")
-    run.add_job({}, "conduct")
-    processor = jorb.Processor(None, states, progress=False)
-    processor.app = processor
 
-    jorb.testing.run(asyncio.wait_for(processor.aexec(run), 3600))
+    _conduct(run, work, conductor)
 
     # (busy, not running: settling, as `jorb redrive` then says)
     assert answers[0] == {"result": {"moved": 0, "skipped": ["1"], "settling": ["1"]}}
