@@ -608,7 +608,7 @@ def redrive(
     result = _change(control.redrive, runfile, source, target, job_ids or None, timeout=timeout)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
-    line += _left(result, "running right now were left", "redrive")
+    line += control.left_said(result, "running right now were left", "redrive")
     if result.get("undeclared"):
         line += (
             f"; {target!r} is a state the run has not seen yet: declare it in the script "
@@ -649,24 +649,8 @@ def cancel(
     line = f"cancelled {int(result.get('cancelled', 0)):,} job(s) (now in {to!r})"
     if running:
         line += f"; the execs of {len(running):,} were running and were stopped"
-    line += _left(result, "left: already finished", "cancel")
+    line += control.left_said(result, "left: already finished", "cancel")
     typer.echo(safe(line))
-
-
-def _left(result: dict[str, Any], skipped: str, command: str) -> str:
-    """What a redrive's or a cancel's answer says of the jobs it left: ``skipped`` (the
-    command's reason), or settling (their last move is being written: ask again)."""
-    settling = result.get("settling") or []
-    others = [i for i in result.get("skipped") or [] if i not in settling]
-    said = ""
-    if others:
-        said += f"; {len(others):,} {skipped} ({', '.join(others[:5])})"
-    if settling:
-        said += (
-            f"; {len(settling):,} left: settling right now (its last move is being written), "
-            f"{command} again ({', '.join(settling[:5])})"
-        )
-    return said
 
 
 @app.command()

@@ -247,6 +247,23 @@ def plan(
     return record
 
 
+def left_said(result: dict[str, Any], skipped: str, command: str) -> str:
+    """What a redrive's or a cancel's answer says of the jobs it left, as the end of a line:
+    ``skipped`` (the command's reason for the others), or settling (their last move is being
+    written: ask again). Empty if it left none."""
+    settling = result.get("settling") or []
+    others = [i for i in result.get("skipped") or [] if i not in settling]
+    said = ""
+    if others:
+        said += f"; {len(others):,} {skipped} ({', '.join(others[:5])})"
+    if settling:
+        said += (
+            f"; {len(settling):,} left: settling right now (its last move is being written), "
+            f"{command} again ({', '.join(settling[:5])})"
+        )
+    return said
+
+
 class Unchanged(Exception):  # (an answer, not an error)
     """A request that would change nothing: it is answered with ``result`` and not recorded."""
 

@@ -126,6 +126,8 @@ class Steering:
                 self.in_transit -= 1
         if "error" in answer:
             proc._note(f"change refused: {answer['error']}")
+        elif req["op"] in ("redrive", "cancel"):
+            _say_left(proc, req, answer["result"])
         proc._check_finished()  # (a refused change leaves nothing to run)
 
     # -- from the command line, through the inbox ----------------------------------------------
@@ -229,3 +231,18 @@ class Steering:
         for lane in self.proc._lanes.by_name.values():
             lane.ready.discard(ids)
         self.proc._waiting.detach(ids)
+
+
+def _say_left(proc: Processor, req: dict[str, Any], result: dict[str, Any]) -> None:
+    """A redrive or cancel asked for from Python left jobs (busy, or already finished): say
+    so, as `jorb redrive` and `jorb cancel` do (the call itself returns nothing)."""
+    args = req["args"]
+    if req["op"] == "redrive":
+        said = control.left_said(result, "running right now were left", "redrive")
+        what = f"processor.redrive({args['from']!r}, {args['to']!r}): moved {result['moved']:,}"
+    else:
+        said = control.left_said(result, "left: already finished", "cancel")
+        cancelled = result["cancelled"]
+        what = f"processor.cancel(): cancelled {cancelled:,} job(s) (now in {args['to']!r})"
+    if said:
+        proc._note(what + said)

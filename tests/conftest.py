@@ -152,6 +152,22 @@ def errors_of(run: jorb.Run) -> dict[str, list[str]]:
     }
 
 
+class Notes:
+    """A listener keeping the processor's notes (what it tells the user above the bars)."""
+
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def start(self, status: jorb.Status) -> None: ...
+
+    def update(self, status: jorb.Status) -> None: ...
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+    def stop(self, status: jorb.Status) -> None: ...
+
+
 def job_dict(job: jorb.Job) -> dict[str, Any]:
     """Every field of a job, as its JSON object holds it (history entries as objects), for
     comparing a reloaded run with the one in memory or with the file."""

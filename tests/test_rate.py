@@ -13,7 +13,7 @@ from itertools import pairwise
 from typing import Any
 
 import pytest
-from conftest import DONE, STUCK, MakeRun, process_fake_clock, watchdog
+from conftest import DONE, STUCK, MakeRun, Notes, process_fake_clock, watchdog
 
 import jorb
 import jorb.testing
@@ -542,22 +542,6 @@ def test_two_starts_waiting_out_a_pause_do_not_freeze_the_virtual_clock() -> Non
 # -- Retry-After: capped, visible; plain errors ---------------------------------------------------
 
 
-class _Notes:
-    """A listener keeping the processor's notes."""
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    def start(self, status: jorb.Status) -> None: ...
-
-    def update(self, status: jorb.Status) -> None: ...
-
-    def note(self, message: str) -> None:
-        self.notes.append(message)
-
-    def stop(self, status: jorb.Status) -> None: ...
-
-
 def test_a_server_pause_is_capped_at_max_pause_and_says_so(make_run: MakeRun) -> None:
     starts: list[float] = []
 
@@ -567,7 +551,7 @@ def test_a_server_pause_is_capped_at_max_pause_and_says_so(make_run: MakeRun) ->
             raise jorb.RateLimited(retry_after=1e9)  # "come back in 31 years"
         return ctx, "done"
 
-    notes = _Notes()
+    notes = Notes()
     api = jorb.Rate(10, max_pause=60)
     states = [jorb.State("call", exec=call, rate=api), DONE]
     run = make_run([{}], state="call")

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 import pytest
-from conftest import DONE, MakeRun, errors_of
+from conftest import DONE, MakeRun, Notes, errors_of
 from scripts_steer.harness import ROOT, STUCK, Script
 
 import jorb
@@ -449,6 +449,48 @@ def test_processor_steering_from_python(make_run: MakeRun) -> None:
         "redrove 1 job(s) 'parked' -> 'new'",
         "resumed 'new'",
     ]
+
+
+def test_a_redrive_or_cancel_from_python_that_leaves_jobs_says_which(make_run: MakeRun) -> None:
+    # processor.redrive() and .cancel() return nothing (they are applied in the loop, from any
+    # thread): a job they leave, busy or finished, is told as `jorb redrive`/`cancel` tell it.
+    class App:
+        processor: jorb.Processor
+        go: asyncio.Event
+
+    async def work(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        await app.go.wait()  # (job 1 runs until the conductor has asked)
+        return ctx, "done"
+
+    async def conductor(app: App, overall: Ctx, ctx: Ctx) -> Any:
+        await asyncio.sleep(1)  # virtual: job 1 is in its exec
+        app.processor.redrive("work", "parked")  # job 1 is running: left
+        app.processor.cancel(["2"])  # job 2 is done already: left
+        await asyncio.sleep(1)  # both are applied
+        app.go.set()
+        return ctx, "done"
+
+    states = [
+        jorb.State("work", exec=work),
+        jorb.State("conduct", exec=conductor),
+        jorb.State("parked", terminal=True),
+        DONE,
+    ]
+    run = make_run([{"n": 0}], state="work")
+    run.add_job({"n": 1}, state="done")
+    run.add_job({}, state="conduct")
+    app = App()
+    app.go = asyncio.Event()
+    notes = Notes()
+    app.processor = jorb.Processor(app, states, progress=False, listeners=[notes])
+
+    _drive(app.processor, run)
+
+    assert notes.notes == [
+        "processor.redrive('work', 'parked'): moved 0; 1 running right now were left (1)",
+        "processor.cancel(): cancelled 0 job(s) (now in 'cancelled'); 1 left: already finished (2)",
+    ]
+    assert run.counts() == {"done": 3}, errors_of(run)
 
 
 def test_steering_a_state_the_processor_does_not_declare_is_an_error(make_run: MakeRun) -> None:
