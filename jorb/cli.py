@@ -608,7 +608,7 @@ def redrive(
     result = _change(control.redrive, runfile, source, target, job_ids or None, timeout=timeout)
     moved = int(result.get("moved", 0))
     line = f"moved {moved:,} job(s) from {source!r} to {target!r}"
-    line += control.left_said(result, "running right now were left", "redrive")
+    line += control.left_said("redrive", result)
     if result.get("undeclared"):
         line += (
             f"; {target!r} is a state the run has not seen yet: declare it in the script "
@@ -649,7 +649,7 @@ def cancel(
     line = f"cancelled {int(result.get('cancelled', 0)):,} job(s) (now in {to!r})"
     if running:
         line += f"; the execs of {len(running):,} were running and were stopped"
-    line += control.left_said(result, "left: already finished", "cancel")
+    line += control.left_said("cancel", result)
     typer.echo(safe(line))
 
 

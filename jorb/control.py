@@ -247,19 +247,20 @@ def plan(
     return record
 
 
-def left_said(result: dict[str, Any], skipped: str, command: str) -> str:
-    """What a redrive's or a cancel's answer says of the jobs it left, as the end of a line:
-    ``skipped`` (the command's reason for the others), or settling (their last move is being
-    written: ask again). Empty if it left none."""
+def left_said(op: str, result: dict[str, Any]) -> str:
+    """What the answer of a ``"redrive"`` or ``"cancel"`` says of the jobs it left, as the end
+    of a line: running (a redrive) or already finished (a cancel), or settling (their last
+    move is being written: ask again). Empty if it left none."""
     settling = result.get("settling") or []
     others = [i for i in result.get("skipped") or [] if i not in settling]
     said = ""
     if others:
-        said += f"; {len(others):,} {skipped} ({', '.join(others[:5])})"
+        why = "running right now were left" if op == "redrive" else "left: already finished"
+        said += f"; {len(others):,} {why} ({', '.join(others[:5])})"
     if settling:
         said += (
             f"; {len(settling):,} left: settling right now (its last move is being written), "
-            f"{command} again ({', '.join(settling[:5])})"
+            f"{op} again ({', '.join(settling[:5])})"
         )
     return said
 

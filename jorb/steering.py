@@ -236,13 +236,13 @@ class Steering:
 def _say_left(proc: Processor, req: dict[str, Any], result: dict[str, Any]) -> None:
     """A redrive or cancel asked for from Python left jobs (busy, or already finished): say
     so, as `jorb redrive` and `jorb cancel` do (the call itself returns nothing)."""
-    args = req["args"]
-    if req["op"] == "redrive":
-        said = control.left_said(result, "running right now were left", "redrive")
+    op, args = req["op"], req["args"]
+    said = control.left_said(op, result)
+    if not said:
+        return
+    if op == "redrive":
         what = f"processor.redrive({args['from']!r}, {args['to']!r}): moved {result['moved']:,}"
     else:
-        said = control.left_said(result, "left: already finished", "cancel")
         cancelled = result["cancelled"]
         what = f"processor.cancel(): cancelled {cancelled:,} job(s) (now in {args['to']!r})"
-    if said:
-        proc._note(what + said)
+    proc._note(what + said)
