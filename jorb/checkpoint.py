@@ -83,7 +83,7 @@ from .model import (
     Run,
     UnwritableEntry,
     apply_record,
-    job_document,
+    job_documents,
     json_default,
     plug_files,
     record_problem,
@@ -251,10 +251,11 @@ def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memo
         yield head
         return
     before = head[: -len(b"[]\n}")] + b"[\n    "  # the head ends with '"jobs": []', then '}'
+    entries: list[dict[str, Any]] = []  # history objects, filled in again for each chunk
     for index, start in enumerate(range(0, len(jobs), ENCODE_CHUNK)):
         chunk_jobs = jobs[start : start + ENCODE_CHUNK]
         copied = reuse.copy(index, chunk_jobs) if reuse is not None else None
-        piece, crc = (_encode_chunk(chunk_jobs), None) if copied is None else copied
+        piece, crc = (_encode_chunk(chunk_jobs, entries), None) if copied is None else copied
         if reuse is not None:
             reuse.note(before)
             reuse.note(piece, chunk_jobs, crc)
@@ -267,10 +268,11 @@ def encode_pieces(run: Run, reuse: Reuse | None = None) -> Iterator[bytes | memo
     yield tail
 
 
-def _encode_chunk(jobs: list[Job]) -> memoryview:
-    """Jobs' documents as they appear in the run file, between the ``[`` and ``]`` of "jobs"."""
+def _encode_chunk(jobs: list[Job], entries: list[dict[str, Any]]) -> memoryview:
+    """Jobs' documents as they appear in the run file, between the ``[`` and ``]`` of "jobs"
+    (``entries``: the pool of history objects, see ``job_documents``)."""
     with _no_cycle_collection():  # a job's document is a dict: a thousand would set it off
-        docs = [job_document(job) for job in jobs]
+        docs = job_documents(jobs, entries)
         try:
             chunk = orjson.dumps({"jobs": docs}, default=json_default, option=orjson.OPT_INDENT_2)
         except TypeError as e:
