@@ -315,7 +315,7 @@ class Commits:
                 finished.set_exception(failure)
             return  # the run cannot checkpoint: the exec stops (nothing more may start)
         lanes = proc._lanes
-        by_name, running, joins = lanes.by_name, lanes.running, proc._joins
+        by_name, queue, running, joins = lanes.by_name, lanes.queue, lanes.running, proc._joins
         now = proc._now()
         for lane, jobs, kids, holds in settled:
             lane.unsynced -= len(jobs)
@@ -325,12 +325,14 @@ class Commits:
                 state = job.state
                 if holds or (holds is None and state == name):
                     lane.held -= 1
-                next_lane = by_name.get(state)  # queue its next step, or note that it ended
+                # Queue its next step, or note that it ended.
+                add = queue.get(state)
+                if add is not None and job.not_before is None and not job.priority:
+                    add(job)
+                    continue
+                next_lane = by_name.get(state)
                 if next_lane is not None:
-                    if job.not_before is None and not job.priority and not next_lane.state.join:
-                        next_lane.ready.plain.append(job)  # (what enqueue does, without a call)
-                    else:
-                        lanes.enqueue(next_lane, job, now)
+                    lanes.enqueue(next_lane, job, now)
                 elif job.parent is not None and joins:
                     proc._waiting.child_ended(job.parent)
             for kid in kids:  # a kid born terminal was never counted open: nothing to place

@@ -87,8 +87,11 @@ class Ready:
 
     def discard(self, ids: set[str]) -> None:
         """Take the jobs with these ids out (a redrive is about to move them)."""
-        if any(job.id in ids for job in self.plain):
-            self.plain = collections.deque(job for job in self.plain if job.id not in ids)
+        plain = self.plain  # (changed in place: Lanes.queue holds its append)
+        if any(job.id in ids for job in plain):
+            kept = [job for job in plain if job.id not in ids]
+            plain.clear()
+            plain.extend(kept)
         if any(entry[2].id in ids for entry in self.ranked):
             self.ranked = [entry for entry in self.ranked if entry[2].id not in ids]
             heapq.heapify(self.ranked)
@@ -159,6 +162,7 @@ class Lanes:
         "in_exec",
         "placing",
         "proc",
+        "queue",
         "running",
     )
 
@@ -178,6 +182,9 @@ class Lanes:
         # Jobs a change has moved whose record is not on disk yet: they stay in ``running``
         # until it is, even if a cancelled exec of theirs ends first (the change frees them).
         self.placing: set[Job] = set()
+        #: For each lane whose state does not join, the append of its plain ready queue: a job
+        #: with no delay and no priority goes there (what ``enqueue`` does, without a call).
+        self.queue: dict[str, Callable[[Job], None]] = {}
 
     def __repr__(self) -> str:
         return f"<Lanes {list(self.by_name.values())} active={self.active}>"
@@ -191,18 +198,20 @@ class Lanes:
                 self.counts[name] = 0
             else:
                 rate = state.rate or Rate.unlimited()
-                self.by_name[name] = Lane(state, rate, name in paused, self.proc._order, budget)
+                lane = self.by_name[name] = Lane(
+                    state, rate, name in paused, self.proc._order, budget
+                )
+                if not state.join:
+                    self.queue[name] = lane.ready.plain.append
 
     def load(self, jobs: Collection[Job], now: float) -> None:
         """Count and queue the jobs of a run as loaded, then wake the lanes."""
         by_name = self.by_name
         for state, n in collections.Counter(map(_STATE, jobs)).items():
             self.count_many(state, n)
-        # Most jobs go straight to the back of their lane's plain queue (what enqueue does for
-        # a job with no delay, no priority, in a state that does not join), without a call.
-        plain = {n: lane.ready.plain.append for n, lane in by_name.items() if not lane.state.join}
+        queue = self.queue
         for job in jobs:
-            add = plain.get(job.state)
+            add = queue.get(job.state)
             if add is not None and job.not_before is None and not job.priority:
                 add(job)
             elif job.state in by_name:
