@@ -80,7 +80,7 @@ class Commits:
         if error is None and type(result) is tuple and len(result) == 2:
             ctx, to = result
             proc = self.proc
-            if type(ctx) is dict and type(to) is str and to in proc.states:
+            if type(ctx) is dict and type(to) is str and (to := proc._names.get(to)) is not None:
                 now = proc._clock() + proc._offset  # proc._now(), without a call (hot path)
                 self.settle_ok(lane, [[job.id, to, ctx, now, now - started]], [job])
                 return

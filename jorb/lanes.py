@@ -486,7 +486,7 @@ class Lanes:
         executor = proc._executor
         assert executor is not None
         state, app, overall, join = lane.state, proc.app, proc._overall, lane.state.join
-        commits, call, states = proc._commits, executor.call, proc.states
+        commits, call, names = proc._commits, executor.call, proc._names
         direct = _direct(executor, state)
         plain = direct if not join else None  # (the usual exec: called with three arguments)
         clock, offset = proc._clock, proc._offset
@@ -548,7 +548,7 @@ class Lanes:
                 return result  # it waited: _wait_for settles it
             if type(result) is tuple and len(result) == 2:  # (ctx, next_state)?
                 ctx, to = result
-                if type(ctx) is dict and type(to) is str and to in states:
+                if type(ctx) is dict and type(to) is str and (to := names.get(to)) is not None:
                     now = clock() + offset
                     ok.append([job.id, to, ctx, now, now - started])
                     ok_jobs.append(job)

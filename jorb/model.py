@@ -1100,7 +1100,9 @@ def apply_record(run: Run, record: dict[str, Any]) -> None:
     run.seq = record["seq"]
     ok = record.get("ok")
     if ok is not None:  # plain successes settled together (live: applied by batch, apply_ok)
-        jobs = run.jobs
+        jobs, intern = run.jobs, sys.intern
+        for entry in ok:  # (live, the processor gives each state's name as it is declared)
+            entry[1] = intern(entry[1])
         apply_ok(run, ok, [jobs[entry[0]] for entry in ok])
         return
     epoch = run._epoch
@@ -1172,12 +1174,11 @@ def apply_ok(run: Run, ok: list[list[Any]], jobs: list[Job]) -> None:
 
     ``apply_record`` does this for the whole record; the commit path does it for each
     worker's batch as it settles (its jobs and entries are still in the CPU's caches then),
-    and sets the record's ``seq`` when the turn's record is written.
+    and sets the record's ``seq`` when the turn's record is written. Each ``to`` is the state's
+    name interned, as every job's state is (so a million histories share a few strings).
     """
     epoch = run._epoch
-    intern = sys.intern
     for job, (_, to, ctx, when, duration) in zip(jobs, ok, strict=True):
-        to = intern(to)
         job.history.append((job.state, to, when, duration))
         job.ctx = ctx
         job.state = to

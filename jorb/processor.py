@@ -25,6 +25,7 @@ import contextlib
 import inspect
 import itertools
 import logging
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -126,6 +127,7 @@ class Processor:
         self._offset = self._started = 0.0
         self._overall: dict[str, Any] = {}  # what execs receive: the run's, read-only
         self._stops = Stops(self)
+        self._names: dict[str, str] = {}  # set when an exec starts (see _prepare)
 
     def __repr__(self) -> str:
         return f"<Processor states={list(self.states)} lanes={list(self._lanes.by_name.values())}>"
@@ -308,6 +310,8 @@ class Processor:
         self._clock = time.monotonic if base_time else loop.time
         self._offset = time.time() - self._clock()
         self._started = time.monotonic()
+        # Each state's name, interned, by any str equal to it: what a job's state is set to.
+        self._names = {name: sys.intern(name) for name in self.states}
         self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
 
