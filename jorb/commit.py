@@ -23,6 +23,7 @@ import asyncio
 import functools
 import logging
 import math
+import operator
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 _LINE = orjson.OPT_APPEND_NEWLINE
 _NO_KIDS: tuple[Job, ...] = ()
 _OK_START = len(b'{"ok":[')  # where the entries start in a batch's encoded part
+_TO = operator.itemgetter(1)  # an ok entry's state
 # Attempts settled into a group commit: their lane, their jobs, the kids they made, and whether
 # their slots are still held until it is on disk (True; False: freed at settle; None: held by
 # those that stayed in the lane's state, the rest freed).
@@ -123,11 +125,16 @@ class Commits:
         self.ok_parts.append(part)
         self.ok_settled.append((lane, jobs))
         name = lane.state.name
-        moved: dict[str, int] = {}
-        for entry in entries:
-            to = entry[1]
-            if to != name:
-                moved[to] = moved.get(to, 0) + 1
+        targets = set(map(_TO, entries))  # (usually one: the exec's next state)
+        if len(targets) == 1:
+            to = targets.pop()
+            moved = {to: n} if to != name else {}
+        else:
+            moved = {}
+            for entry in entries:
+                to = entry[1]
+                if to != name:
+                    moved[to] = moved.get(to, 0) + 1
         if moved:  # counted where they are now; their slots are free
             lanes = proc._lanes
             for to, k in moved.items():
