@@ -310,8 +310,9 @@ class Processor:
         self._clock = time.monotonic if base_time else loop.time
         self._offset = time.time() - self._clock()
         self._started = time.monotonic()
-        # Each state's name, interned, by any str equal to it: what a job's state is set to.
-        self._names = {name: sys.intern(name) for name in self.states}
+        # Each state's name, interned, by any str equal to it: what a job's state is set to
+        # (a plain str, also for a name declared as a str subclass: a str enum's member).
+        self._names = {name: sys.intern(str.__str__(name)) for name in self.states}
         self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,30 @@ def test_good_declarations_are_accepted_and_the_error_state_is_implicit() -> Non
         None, [jorb.State("fetch", exec=work), DONE], error_state="dead", progress=False
     )
     assert "dead" in custom.states and custom.states["dead"].terminal
+
+
+class Name(enum.StrEnum):
+    """State names kept as a str enum, as some scripts keep their constants."""
+
+    FETCH = "fetch"
+    DONE = "done"
+
+
+def test_states_named_by_a_str_enum_run_and_their_jobs_hold_plain_names(
+    make_run: MakeRun,
+) -> None:
+    # A name that is a str (a subclass of it included) is a valid declaration: the run goes
+    # through, and its jobs hold plain str names, as jobs loaded from the file do.
+    run = make_run([{"n": i} for i in range(3)], "fetch")
+    states = [jorb.State(Name.FETCH, exec=work), jorb.State(Name.DONE, terminal=True)]
+
+    process(states, run)
+
+    assert run.counts() == {"done": 3}
+    for job in run.jobs.values():
+        assert type(job.state) is str
+        assert [(type(a), type(b)) for a, b, *_ in job.history] == [(str, str)]
+    assert jorb.Run.load(run.path or Path()).counts() == {"done": 3}
 
 
 def test_jobs_in_undeclared_states_stop_exec_and_leave_the_file_alone(
