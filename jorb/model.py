@@ -536,10 +536,11 @@ class Run:
             if type(ctx) is not dict and not isinstance(ctx, dict):
                 raise JorbError(f"add_jobs: ctx {i} must be a dict, not {type(ctx).__name__}")
         _check_new(state, priority)
+        state = sys.intern(plain_name(state))
         if key is not None:
             return self._add_keyed(ctxs, state, key, delay, priority, not_before)
         when = _not_before(delay, not_before)
-        start, state = self.next_id, sys.intern(state)
+        start = self.next_id
         ids = list(map(str, range(start, start + len(ctxs))))
         # A million jobs are three million new containers: the collector, walking them again
         # and again as they come, would take as long as making them (they make no cycles).
@@ -598,6 +599,7 @@ class Run:
         if not isinstance(ctx, dict):
             raise JorbError(f"a job's ctx must be a dict, not {type(ctx).__name__}")
         _check_new(state, priority)
+        state = sys.intern(plain_name(state))
         job = Job(str(self.next_id), state, ctx, parent, priority, not_before, key=key)
         self.next_id += 1
         self.jobs[job.id] = job
@@ -1045,6 +1047,13 @@ def check_key(key: Any) -> str:
     if not isinstance(key, str) or not key:
         raise JorbError(f"a job's key must be a non-empty string, not {key!r}")
     return key
+
+
+def plain_name(name: Any) -> Any:
+    """A state name given as a subclass of str (a ``StrEnum`` member) as the plain str it is
+    equal to, so that the member and its value are one state everywhere; anything else as it
+    is (validation says what is wrong with it)."""
+    return str.__str__(name) if isinstance(name, str) and type(name) is not str else name
 
 
 def _check_new(state: Any, priority: Any) -> None:

@@ -46,6 +46,7 @@ def success(
         return _next(states, job, ctx, next_state, kicks, next_id, started, now, keys)
     if next_state not in states:
         raise _undeclared(states, job, f"returned undeclared state {next_state!r}", next_state)
+    next_state = states[next_state].name  # (a StrEnum member: its plain str, as declared)
     record: dict[str, Any] = {
         "job": job.id,
         "to": next_state,
@@ -74,6 +75,7 @@ def _next(
     to, delay, priority = go.state, go.delay, go.priority
     if not isinstance(to, str) or to not in states:
         raise _undeclared(states, job, f"returned jorb.Next to undeclared state {to!r}", str(to))
+    to = states[to].name
     if delay is not None and (type(delay) not in (int, float) or not 0 <= delay < 1e12):
         what = f"returned a jorb.Next whose delay must be seconds >= 0, not {delay!r}"
         raise _bad(states.get(job.state), what)
@@ -131,7 +133,8 @@ def _kick(
                 continue  # at most one job per key
             kicked_keys.add(key)
         not_before = now + kick.delay if kick.delay else None
-        kid = Job(str(next_id), kick.state, kick.ctx, job.id, kick.priority, not_before, key=key)
+        state = states[kick.state].name
+        kid = Job(str(next_id), state, kick.ctx, job.id, kick.priority, not_before, key=key)
         kids.append(kid)
         next_id += 1
     if not kids:

@@ -37,7 +37,7 @@ from .commit import Commits
 from .errors import ExecResultError, JorbError, RunFileError, public
 from .executor import Executor, LocalExecutor
 from .lanes import Lanes
-from .model import Run, check_key
+from .model import Run, check_key, plain_name
 from .readonly import read_only
 from .states import CANCELLED, State, check_jobs, validate
 from .status import Status, StatusListener, snapshot
@@ -79,6 +79,7 @@ class Processor:
         #: The app context given to every exec.
         self.app = app
         #: Declared states by name, in declaration order (the error state added if undeclared).
+        error_state = plain_name(error_state)
         self.states = validate(states, error_state)
         #: Where a job goes when its retries are used up and its state names no ``on_error``.
         self.error_state = error_state
@@ -227,15 +228,16 @@ class Processor:
 
     def pause(self, state: str) -> None:
         """Stop new exec starts in ``state``; applied at once if executing, else at exec start."""
-        self._steering.submit("pause", {"name": state})
+        self._steering.submit("pause", {"name": plain_name(state)})
 
     def resume(self, state: str) -> None:
         """Let ``state`` start execs again."""
-        self._steering.submit("resume", {"name": state})
+        self._steering.submit("resume", {"name": plain_name(state)})
 
     def redrive(self, source: str, target: str, job_ids: list[str] | None = None) -> None:
         """Move the jobs in ``source`` (or only ``job_ids``) to ``target``."""
-        self._steering.submit("redrive", {"from": source, "to": target, "jobs": job_ids})
+        args = {"from": plain_name(source), "to": plain_name(target), "jobs": job_ids}
+        self._steering.submit("redrive", args)
 
     def add_jobs(
         self,
@@ -250,7 +252,7 @@ class Processor:
 
         ``key(ctx)`` gives each job's key: a ctx whose key a job of the run has is not added.
         """
-        args: dict[str, Any] = {"ctxs": ctxs, "state": state}
+        args: dict[str, Any] = {"ctxs": ctxs, "state": plain_name(state)}
         if key is not None:
             args["keys"] = [check_key(key(ctx)) for ctx in ctxs]
         if priority:
@@ -264,7 +266,8 @@ class Processor:
     ) -> None:
         """Move jobs (``job_ids``, or all in ``state``) to the terminal state ``to``,
         cancelling their execs if they run (what ``jorb cancel`` does)."""
-        self._steering.submit("cancel", {"jobs": job_ids, "state": state, "to": to})
+        args = {"jobs": job_ids, "state": plain_name(state), "to": plain_name(to)}
+        self._steering.submit("cancel", args)
 
     # -- setup -----------------------------------------------------------------------------------
 
@@ -312,7 +315,7 @@ class Processor:
         self._started = time.monotonic()
         # Each state's name, interned, by any str equal to it: what a job's state is set to
         # (a plain str, also for a name declared as a str subclass: a str enum's member).
-        self._names = {name: sys.intern(str.__str__(name)) for name in self.states}
+        self._names = {name: sys.intern(name) for name in self.states}
         self._lanes.open(self.states, run.paused, self.max_pending)
         return answers
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from aiolimiter import AsyncLimiter
 
 from .errors import StateError
+from .model import plain_name
 
 if TYPE_CHECKING:
     from .executor import Pool
@@ -239,6 +240,10 @@ class State:
     ``jorb.dask.DaskPool``) sends them to its workers, with the app each worker made."""
 
     def __post_init__(self) -> None:
+        # A name may be a str enum's member: the state keeps the plain str (what jobs hold and
+        # the file says), so the member and its value are one state everywhere.
+        object.__setattr__(self, "name", plain_name(self.name))
+        object.__setattr__(self, "on_error", plain_name(self.on_error))
         if self.exec is not None and callable(self.exec):
             problem = _signature_problem(self.exec, self.join)
             if problem is not None:

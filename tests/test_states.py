@@ -123,7 +123,12 @@ class Name(enum.StrEnum):
     """State names kept as a str enum, as some scripts keep their constants."""
 
     FETCH = "fetch"
+    SPLIT = "split"
+    PART = "part"
+    WAIT = "wait"
+    BAD = "bad"
     DONE = "done"
+    DEAD = "dead"
 
 
 def test_states_named_by_a_str_enum_run_and_their_jobs_hold_plain_names(
@@ -141,6 +146,52 @@ def test_states_named_by_a_str_enum_run_and_their_jobs_hold_plain_names(
         assert type(job.state) is str
         assert [(type(a), type(b)) for a, b, *_ in job.history] == [(str, str)]
     assert jorb.Run.load(run.path or Path()).counts() == {"done": 3}
+
+
+def test_an_enum_member_names_a_state_wherever_a_script_gives_one(make_run: MakeRun) -> None:
+    # Returned as the next state, in a Next, in a Kick, as on_error and as the error state: the
+    # member is its state, and every job and history entry holds the plain str.
+    def split(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        if ctx["n"] == 0:
+            raise RuntimeError("boom")  # retries used up: on_error
+        if ctx["n"] == 1:
+            return ctx, Name.WAIT, [jorb.Kick(Name.PART, {"part": 1})]
+        return ctx, jorb.Next(Name.DONE)
+
+    def part(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        raise RuntimeError("no retries, no on_error: the processor's error state")
+
+    def wait(app: Any, overall: dict[str, Any], ctx: dict[str, Any]) -> Any:
+        return ctx, Name.DONE
+
+    run = make_run()
+    run.add_job({"n": 0}, Name.SPLIT)
+    run.add_jobs([{"n": 1}, {"n": 2}], Name.SPLIT)
+    states = [
+        jorb.State(Name.SPLIT, exec=split, on_error=Name.BAD),
+        jorb.State(Name.PART, exec=part),
+        jorb.State(Name.WAIT, exec=wait),
+        jorb.State(Name.BAD, terminal=True),
+        jorb.State(Name.DONE, terminal=True),
+        jorb.State(Name.DEAD, terminal=True),
+    ]
+
+    process(states, run, error_state=Name.DEAD)
+
+    assert run.counts() == {"bad": 1, "done": 2, "dead": 1}
+    for job in run.jobs.values():
+        assert type(job.state) is str
+        assert all(type(a) is str and type(b) is str for a, b, *_ in job.history)
+    assert jorb.Run.load(run.path or Path()).counts() == {"bad": 1, "done": 2, "dead": 1}
+
+    # And to steer from Python: the move is made, and recorded with plain names.
+    processor = jorb.Processor(None, states, progress=False, error_state=Name.DEAD)
+    processor.redrive(Name.DEAD, Name.DONE)
+    processor.exec(run)
+    assert run.counts() == {"bad": 1, "done": 3}
+    (moved,) = [job for job in run.jobs.values() if job.parent is not None]  # the kicked part
+    assert [entry[:2] for entry in moved.history] == [("part", "dead"), ("dead", "done")]
+    assert all(type(a) is str and type(b) is str for a, b, *_ in moved.history)
 
 
 def test_jobs_in_undeclared_states_stop_exec_and_leave_the_file_alone(
