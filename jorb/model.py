@@ -772,10 +772,10 @@ def job_documents(jobs: list[Job], entries: list[dict[str, Any]]) -> list[dict[s
     at once and dropped.
 
     ``entries`` is a pool of history objects, filled in place and grown as needed. A snapshot
-    passes the same pool for each chunk of jobs it encodes: building a fresh dict for each of a
-    run's millions of history entries was half the cost of encoding it, and filling one in
-    costs a third of that. So the documents share the pool's dicts: they hold what they say
-    only until the pool is passed again.
+    passes the same pool for each chunk of jobs it encodes: building (and freeing) a fresh
+    dict for each of a run's millions of history entries was half the cost of encoding it,
+    and filling one in costs far less. So the documents share the pool's dicts: they hold what
+    they say only until the pool is passed again.
     """
     docs = []
     used, pooled = 0, len(entries)
