@@ -543,7 +543,7 @@ def frame(records: list[bytes]) -> bytes:
     CRC-32 of its bytes, in 8 hex digits and a space: about 0.27 µs a record, 2 to 5% of a
     transition's CPU (``bench/checksum_cost.py``, BENCHMARKS.md)."""
     crc32 = zlib.crc32
-    return b"".join([b"%08x " % crc32(record) + record for record in records])
+    return b"".join([piece for record in records for piece in (b"%08x " % crc32(record), record)])
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, Records]:
