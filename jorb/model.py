@@ -535,8 +535,7 @@ class Run:
         for i, ctx in enumerate(ctxs):
             if type(ctx) is not dict and not isinstance(ctx, dict):
                 raise JorbError(f"add_jobs: ctx {i} must be a dict, not {type(ctx).__name__}")
-        _check_new(state, priority)
-        state = sys.intern(plain_name(state))
+        state = _new_state(state, priority)
         if key is not None:
             return self._add_keyed(ctxs, state, key, delay, priority, not_before)
         when = _not_before(delay, not_before)
@@ -598,8 +597,7 @@ class Run:
         """Create and register a job with the next id (used for adds and kicks)."""
         if not isinstance(ctx, dict):
             raise JorbError(f"a job's ctx must be a dict, not {type(ctx).__name__}")
-        _check_new(state, priority)
-        state = sys.intern(plain_name(state))
+        state = _new_state(state, priority)
         job = Job(str(self.next_id), state, ctx, parent, priority, not_before, key=key)
         self.next_id += 1
         self.jobs[job.id] = job
@@ -1056,11 +1054,13 @@ def plain_name(name: Any) -> Any:
     return str.__str__(name) if isinstance(name, str) and type(name) is not str else name
 
 
-def _check_new(state: Any, priority: Any) -> None:
+def _new_state(state: Any, priority: Any) -> str:
+    """A new job's state, checked with its priority: the plain str, interned."""
     if not isinstance(state, str) or not state:
         raise JorbError(f"a job's state must be a non-empty string, not {state!r}")
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise JorbError(f"priority must be an int, not {priority!r}")
+    return sys.intern(plain_name(state))
 
 
 def _not_before(delay: float | None, not_before: float | None) -> float | None:
