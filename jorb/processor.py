@@ -78,8 +78,8 @@ class Processor:
     ) -> None:
         #: The app context given to every exec.
         self.app = app
-        #: Declared states by name, in declaration order (the error state added if undeclared).
         error_state = plain_name(error_state)
+        #: Declared states by name, in declaration order (the error state added if undeclared).
         self.states = validate(states, error_state)
         #: Where a job goes when its retries are used up and its state names no ``on_error``.
         self.error_state = error_state
