@@ -62,6 +62,7 @@ def worker(path: Path, effects: Path, pooled: bool = False) -> None:
 
     checkpoint.MIN_COMPACT_BYTES = 16 << 10  # compact often: kills land in snapshot writes
     checkpoint.COMPACT_RATIO = 0.25
+    checkpoint.STEP_BYTES = 0
     log = os.open(effects, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     pid = os.getpid()  # (the script's, also in pool workers: the one the driver signals)
 

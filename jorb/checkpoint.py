@@ -114,9 +114,17 @@ JOURNAL_VERSION = 2
 #: Journal versions this jorb reads: 1 wrote bare JSON lines, 2 puts each line's CRC-32 first.
 JOURNAL_READS = (1, 2)
 #: Compact when the journal holds more than this many bytes *and* more than
-#: ``COMPACT_RATIO`` times the snapshot's size.
+#: ``COMPACT_RATIO`` times the run's size: its snapshot's, plus ``STEP_BYTES`` for each
+#: history entry the journal added since (what folding the run now would write, or a little
+#: less). So a crash leaves at most about a folded run's worth of journal to replay, however
+#: long ago the snapshot was written; and a run whose journal grows no faster than its
+#: history (most: a plain success's record is ~65 bytes) is written whole only when its exec
+#: starts and ends, however large the journal grows against the snapshot written at the start.
 MIN_COMPACT_BYTES = 4 << 20
 COMPACT_RATIO = 1.0
+#: The fewest bytes a history entry takes in a snapshot (``{"from", "to", "time",
+#: "duration"}`` one key a line: ~120 with one-letter states and short numbers, ~150 usually).
+STEP_BYTES = 100
 #: A journal record as parsed: a JSON object with an int "seq".
 Record = dict[str, Any]
 #: A journal's records with their line numbers, read and parsed as they are taken.
@@ -1032,6 +1040,7 @@ class Store:
         self._fd = -1  # the journal, open for appending
         self._size = 0  # bytes in the journal file
         self._snapshot_len = 0
+        self._steps = 0  # history entries the journal added since the snapshot
         self._snapshot_seq = -1  # seq of the newest snapshot on disk
         self._upto = 0  # the run's seq at the last append
         self._pending: list[bytes] = []
@@ -1163,7 +1172,7 @@ class Store:
             else:  # kept open, to copy its unchanged chunks into the next snapshot
                 self._source_fd, self._chunks = fd, reuse.laid
                 self._written_source = (*self._written, st.st_ctime_ns)
-            self._snapshot_seq, self._snapshot_len = seq, length
+            self._snapshot_seq, self._snapshot_len, self._steps = seq, length, 0
             self.stats["snapshots"] += 1
             self.stats["snapshot_bytes"] += length
             # Every record in the old journal is <= seq now: a crash from here on is harmless.
@@ -1246,8 +1255,13 @@ class Store:
 
     # -- group commit ----------------------------------------------------------------------
 
-    def append(self, record: bytes) -> asyncio.Future[None]:
-        """Queue one record; the future resolves when it (and its batch) is on disk."""
+    def append(self, record: bytes, steps: int = 0) -> asyncio.Future[None]:
+        """Queue one record; the future resolves when it (and its batch) is on disk.
+
+        ``steps``: history entries the record adds (the next snapshot grows by at least
+        ``STEP_BYTES`` each); left at 0 the record counts as growing nothing, which only makes
+        a compaction come sooner.
+        """
         run = self._run
         if self.failure is not None or run is None:
             failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -1257,6 +1271,7 @@ class Store:
             )
             return failed
         self._pending.append(record)
+        self._steps += steps
         self._upto = run.seq  # the caller applied the record first: a later snapshot holds it
         return self._batch or self.pending()
 
@@ -1305,7 +1320,8 @@ class Store:
             return
         run = self._run  # None once finish() folded everything in
         try:
-            big = self._size > max(MIN_COMPACT_BYTES, COMPACT_RATIO * self._snapshot_len)
+            grown = self._snapshot_len + STEP_BYTES * self._steps
+            big = self._size > max(MIN_COMPACT_BYTES, COMPACT_RATIO * grown)
             if run is not None and big:
                 # Every record in this batch is applied to the run in memory already, so a
                 # snapshot of it holds them: no need to write them to the journal.

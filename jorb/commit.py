@@ -165,7 +165,7 @@ class Commits:
         pieces[-1] = b"]}\n"
         data = b"".join(pieces)
         self.transitions += n
-        self._join(store.append(data), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
+        self._join(store.append(data, n), [(lane, jobs, _NO_KIDS, None) for lane, jobs in settled])
 
     def _weed(
         self, lane: Lane, entries: list[list[Any]], jobs: list[Job]

@@ -623,8 +623,8 @@ def test_a_write_fault_fails_the_exec_and_leaves_the_last_good_checkpoint(
     acked: list[int] = []  # the seq of every record the store said was on disk
     append = store.append
 
-    def tracked(record: bytes) -> asyncio.Future[None]:
-        future = append(record)
+    def tracked(record: bytes, steps: int = 0) -> asyncio.Future[None]:
+        future = append(record, steps)
         seq = orjson.loads(record)["seq"]
         future.add_done_callback(
             lambda f: acked.append(seq) if not f.cancelled() and f.exception() is None else None
@@ -1142,6 +1142,7 @@ def test_after_every_group_commit_the_files_replay_to_the_run_in_memory(
     them twice, one written out of order would be missed."""
     monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 0)
     monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.05)  # compactions between batches
+    monkeypatch.setattr(checkpoint, "STEP_BYTES", 0)
     rng = random.Random(7)
     mismatches: list[str] = []
     checked = [0]
@@ -1205,3 +1206,59 @@ def test_after_every_group_commit_the_files_replay_to_the_run_in_memory(
     assert checked[0] > 10 and steered[0] > 10  # the run went through many commits and changes
     assert run.counts().get("done", 0) > 300
     assert encode_run(jorb.Run.load(run.path)) == encode_run(run)
+
+
+async def _step(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+    ctx["n"] += 1
+    return ctx, f"s{ctx['n']}" if ctx["n"] < 4 else "done"
+
+
+STEPS = [*(jorb.State(f"s{i}", exec=_step, concurrency=8) for i in range(4)), DONE]
+
+
+def test_the_journal_a_crash_leaves_is_bounded_by_the_run_it_replays_to(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a crash can leave to replay: at most ``MIN_COMPACT_BYTES`` of journal, or as many
+    bytes as the run would fold into, plus the commit that crossed the line. A run whose
+    journal stays under both is written whole only when its exec starts and ends, even when
+    the journal outgrows the snapshot written at the start (which held no history yet).
+    Measured on the files, after every group commit."""
+    limit = 24 << 10
+    monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", limit)
+    seen: list[tuple[int, int, int, int]] = []  # journal before, after; snapshot; run folded
+    real_flush = Store._flush
+
+    def flush(store: Store) -> None:
+        before = store.journal.stat().st_size if store.journal.exists() else 0
+        real_flush(store)
+        if store.journal.exists() and store._run is not None:
+            after = store.journal.stat().st_size
+            snapshot = store.path.stat().st_size
+            seen.append((before, after, snapshot, len(encode_run(store._run))))
+
+    monkeypatch.setattr(Store, "_flush", flush)
+
+    def execute(ctxs: list[Ctx], name: str) -> tuple[int, jorb.Run]:
+        run = make_run(ctxs, "s0", name=name)
+        store = run._holder
+        assert isinstance(store, Store) and run.path is not None
+        seen.clear()
+        process(STEPS, run)
+        assert run.counts() == {"done": len(ctxs)}
+        for before, after, _, folded in seen:
+            if after > before:  # a commit appended: the journal was not over the line yet
+                assert before <= max(limit, folded), (before, folded)
+        return store.stats["snapshots"], jorb.Run.load(run.path)
+
+    snapshots, _ = execute([{"n": 0} for _ in range(10)], "small.json")
+    assert snapshots == 2  # the exec's first snapshot and the fold
+    assert seen and max(after for _, after, _, _ in seen) < limit
+
+    snapshots, _ = execute([{"n": 0} for _ in range(800)], "history.json")
+    assert max(after for _, after, _, _ in seen) > max(limit, seen[0][2])  # the first snapshot
+    assert snapshots == 2  # ...but the journal grew slower than the history it added
+
+    snapshots, loaded = execute([{"n": 0, "pad": "x" * 500} for _ in range(300)], "ctx.json")
+    assert snapshots > 2  # each record repeats the ctx: the journal outgrew the run
+    assert {job.ctx["n"] for job in loaded.jobs.values()} == {4}

@@ -337,9 +337,9 @@ class Seen:
             if run is not None and run.seq != seq:
                 self.hold(run)
 
-        def append(store: Store, record: bytes) -> asyncio.Future[None]:
+        def append(store: Store, record: bytes, steps: int = 0) -> asyncio.Future[None]:
             # Acknowledged when the append's future resolves: what the processor waits for.
-            batch = real_append(store, record)
+            batch = real_append(store, record, steps)
             upto = store._run.seq if store._run is not None else 0
 
             def acknowledged(batch: asyncio.Future[None]) -> None:
@@ -373,6 +373,7 @@ def explore(
     """Run the workflow under the recorder; then load every crash state it collected."""
     monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 0)  # compact often
     monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.4)
+    monkeypatch.setattr(checkpoint, "STEP_BYTES", 0)
     folder = tmp_path / "run"
     folder.mkdir()
     path = folder / "run.json"

@@ -43,6 +43,7 @@ def snapshots(monkeypatch: pytest.MonkeyPatch) -> Iterator[Snapshots]:
     monkeypatch.setattr(checkpoint, "ENCODE_CHUNK", 4)
     monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", 0)
     monkeypatch.setattr(checkpoint, "COMPACT_RATIO", 0.5)
+    monkeypatch.setattr(checkpoint, "STEP_BYTES", 0)  # against the snapshot alone
     seen = Snapshots()
     write, copy = Store._write_snapshot, Reuse.copy
 
