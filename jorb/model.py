@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 #: Latest Unix time a run accepts (the end of year 9999): ``not_before`` past it is no time a
 #: job could wait for, only damage (``1e308`` would hold a job forever without a word).
 MAX_TIME = 253402300799.0
+_NUMBERS = (int, float)
 
 Ctx = dict[str, Any]
 
@@ -1257,17 +1258,25 @@ def _name(value: Any) -> bool:
 
 
 def _successes_problem(run: Run, ok: Any) -> str | None:
+    # (A journal replayed after a crash is mostly these entries: the checks are inlined.)
     if type(ok) is not list:
         return '"ok" must be a list'
+    jobs, numbers = run.jobs, _NUMBERS
     for entry in ok:
         if type(entry) is not list or len(entry) != 5:
             return '"ok" must hold [id, to, ctx, time, duration] lists'
         ident, to, ctx, when, took = entry
-        if type(ident) is not str or ident not in run.jobs:
+        if type(ident) is not str or ident not in jobs:
             return f"{ident!r:.40} is no job of the run"
-        if not _name(to) or type(ctx) is not dict or not _is_time(when):
+        if (
+            type(to) is not str
+            or not to
+            or type(ctx) is not dict
+            or type(when) not in numbers
+            or not -MAX_TIME <= when <= MAX_TIME
+        ):
             return f"job {ident}: a success needs a state name, a ctx object and a time"
-        if type(took) not in (int, float):
+        if type(took) not in numbers:
             return f"job {ident}: a duration must be a number"
     return None
 
