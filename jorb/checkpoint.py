@@ -10,7 +10,7 @@ On disk a run is three files side by side:
   settled during one turn of the event loop goes out in one write+fsync at the end of that
   turn. Its first line names the snapshot it continues (seq, length and CRC of
   the bytes), so a snapshot edited after a crash is detected instead of silently losing either
-  side. When the journal outgrows the snapshot it is compacted into a new snapshot; on a clean
+  side. When the journal outgrows the run it is compacted into a new snapshot; on a clean
   exit it is folded in and removed. A torn last line (a crash mid-write) is ignored on load; any
   other line whose checksum fails is damage, refused with the journal's name and the line.
   Replay checks each record's fields (``model.record_problem``) before applying it, so what a
@@ -561,7 +561,7 @@ def read_journal(path: Path) -> tuple[dict[str, Any] | None, Records]:
 
     The journal is opened and its header read now: :func:`read_run` relies on that (the
     records read later are from the journal opened first, whatever replaced it since; see
-    the module docstring). A journal may be as big as its snapshot, so its records are never
+    the module docstring). A journal may be as big as the run, so its records are never
     all in memory at once, as bytes or as objects (that was twice a run's memory on a resume
     after a crash with a long journal).
 
