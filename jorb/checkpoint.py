@@ -115,15 +115,17 @@ JOURNAL_VERSION = 2
 JOURNAL_READS = (1, 2)
 #: Compact when the journal holds more than this many bytes *and* more than
 #: ``COMPACT_RATIO`` times the run's size: its snapshot's, plus ``STEP_BYTES`` for each
-#: history entry the journal added since (what folding the run now would write, or a little
-#: less). So a crash leaves at most about a folded run's worth of journal to replay, however
-#: long ago the snapshot was written; and a run whose journal grows no faster than its
-#: history (most: a plain success's record is ~65 bytes) is written whole only when its exec
-#: starts and ends, however large the journal grows against the snapshot written at the start.
+#: plain success the journal holds (what folding the run now would write, or a little less,
+#: unless ctxs shrank since the snapshot). So a crash leaves at most that much journal to
+#: replay, however long ago the snapshot was written: about a folded run's worth, a few times
+#: more where ctxs shrank (each record repeats its ctx). And a run whose journal grows no
+#: faster than its history (most: a plain success's record is ~65 bytes) is written whole
+#: only when its exec starts and ends, however large the journal grows against the snapshot
+#: written at the start.
 MIN_COMPACT_BYTES = 4 << 20
 COMPACT_RATIO = 1.0
 #: The fewest bytes a history entry takes in a snapshot (``{"from", "to", "time",
-#: "duration"}`` one key a line: ~120 with one-letter states and short numbers, ~150 usually).
+#: "duration"}`` one key a line: ~110 with one-letter states and short numbers, ~150 usually).
 STEP_BYTES = 100
 #: A journal record as parsed: a JSON object with an int "seq".
 Record = dict[str, Any]

@@ -10,6 +10,7 @@ their children, and ``seq`` counts every transition.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import gc
@@ -1262,3 +1263,56 @@ def test_the_journal_a_crash_leaves_is_bounded_by_the_run_it_replays_to(
     snapshots, loaded = execute([{"n": 0, "pad": "x" * 500} for _ in range(300)], "ctx.json")
     assert snapshots > 2  # each record repeats the ctx: the journal outgrew the run
     assert {job.ctx["n"] for job in loaded.jobs.values()} == {4}
+
+
+async def _trim(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+    ctx["n"] += 1
+    ctx["pad"] = "y" * 1000  # the job's big input, replaced by what the rest of it needs
+    return ctx, "s1"
+
+
+async def _on(app: Any, overall: Ctx, ctx: Ctx) -> Any:
+    ctx["n"] += 1
+    return ctx, f"s{ctx['n']}" if ctx["n"] < 30 else "done"
+
+
+TRIMMED = [
+    jorb.State("s0", exec=_trim, concurrency=8),
+    *(jorb.State(f"s{i}", exec=_on, concurrency=8) for i in range(1, 30)),
+    DONE,
+]
+
+
+def test_a_journal_is_bounded_by_its_snapshot_and_the_successes_since_as_ctxs_shrink(
+    make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where every job's ctx shrinks after its first state, the run folds into less than the
+    snapshot written before; what bounds the journal a crash leaves is then the snapshot plus
+    ``STEP_BYTES`` for each success the journal holds (each repeats its ctx: the journal can
+    be a few times the run it replays to). Measured on the files, after every group commit."""
+    limit = 24 << 10
+    monkeypatch.setattr(checkpoint, "MIN_COMPACT_BYTES", limit)
+    appended: list[tuple[int, int, int]] = []  # journal before; snapshot; successes in journal
+    real_flush = Store._flush
+
+    def flush(store: Store) -> None:
+        before = store.journal.stat().st_size if store.journal.exists() else 0
+        real_flush(store)
+        if store.journal.exists() and store.journal.stat().st_size > before:
+            _, records = read_journal(store.journal)
+            with contextlib.closing(records):
+                successes = sum(len(record.get("ok", ())) for _, record in records)
+            appended.append((before, store.path.stat().st_size, successes))
+
+    monkeypatch.setattr(Store, "_flush", flush)
+    run = make_run([{"n": 0, "pad": "x" * 20000} for _ in range(100)], "s0")
+    store = run._holder
+    assert isinstance(store, Store) and run.path is not None
+    process(TRIMMED, run)
+    assert store.stats["snapshots"] > 2  # compacted mid-run
+    for before, snapshot, successes in appended:
+        assert before <= max(limit, snapshot + checkpoint.STEP_BYTES * successes)
+    loaded = jorb.Run.load(run.path)
+    assert {(job.state, job.ctx["n"], len(job.history)) for job in loaded.jobs.values()} == {
+        ("done", 30, 30)
+    }
