@@ -1220,8 +1220,9 @@ STEPS = [*(jorb.State(f"s{i}", exec=_step, concurrency=8) for i in range(4)), DO
 def test_the_journal_a_crash_leaves_is_bounded_by_the_run_it_replays_to(
     make_run: MakeRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What a crash can leave to replay: at most ``MIN_COMPACT_BYTES`` of journal, or as many
-    bytes as the run would fold into, plus the commit that crossed the line. A run whose
+    """What a crash can leave to replay, where ctxs do not shrink: at most
+    ``MIN_COMPACT_BYTES`` of journal, or as many bytes as the run would fold into, plus the
+    commit that crossed the line. A run whose
     journal stays under both is written whole only when its exec starts and ends, even when
     the journal outgrows the snapshot written at the start (which held no history yet).
     Measured on the files, after every group commit."""

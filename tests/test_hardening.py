@@ -193,15 +193,15 @@ def test_fuzzed_journals_are_refused_naming_the_line_or_fold_into_a_file_that_lo
     assert refused > 100 and loaded > 50, (refused, loaded)
 
 
-BAD_SUCCESSES: dict[str, Any] = {
-    "an unknown job": lambda e: e.__setitem__(0, "999"),
-    "an id that is no string": lambda e: e.__setitem__(0, 1),
-    "no state": lambda e: e.__setitem__(1, ""),
-    "a ctx that is no object": lambda e: e.__setitem__(2, []),
-    "a time past the year 9999": lambda e: e.__setitem__(3, 1e308),
-    "a time that is a boolean": lambda e: e.__setitem__(3, True),
-    "a duration that is a string": lambda e: e.__setitem__(4, "0.1"),
-    "four fields": lambda e: e.pop(),
+BAD_SUCCESSES: dict[str, tuple[Any, str]] = {  # the damage, and what the refusal says
+    "an unknown job": (lambda e: e.__setitem__(0, "999"), "'999' is no job of the run"),
+    "an id that is no string": (lambda e: e.__setitem__(0, 1), "1 is no job of the run"),
+    "no state": (lambda e: e.__setitem__(1, ""), "a success needs a state name"),
+    "a ctx that is no object": (lambda e: e.__setitem__(2, []), "a ctx object"),
+    "a time past the year 9999": (lambda e: e.__setitem__(3, 1e308), "and a time"),
+    "a time that is a boolean": (lambda e: e.__setitem__(3, True), "and a time"),
+    "a duration that is a string": (lambda e: e.__setitem__(4, "0.1"), "must be a number"),
+    "four fields": (lambda e: e.pop(), "[id, to, ctx, time, duration]"),
 }
 
 
@@ -217,12 +217,14 @@ def test_a_damaged_success_in_a_journal_is_refused_naming_its_line(
     lines = journal.read_bytes().splitlines(keepends=True)
     index = next(i for i, line in enumerate(lines) if b'"ok":' in line)
     record = orjson.loads(lines[index][9:])
-    BAD_SUCCESSES[damage](record["ok"][-1])
+    change, says = BAD_SUCCESSES[damage]
+    change(record["ok"][-1])
     body = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     lines[index] = b"%08x %b" % (zlib.crc32(body), body)
     journal.write_bytes(b"".join(lines))
-    with pytest.raises(jorb.JorbError, match=f"^{journal}: line {index + 1}"):
+    with pytest.raises(jorb.JorbError, match=f"^{journal}: line {index + 1}") as refused:
         jorb.Run.load(path)
+    assert says in str(refused.value)
 
 
 def test_a_flipped_byte_mid_journal_is_refused_by_exec_and_nothing_is_written(
