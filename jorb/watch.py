@@ -41,6 +41,8 @@ __all__ = ["Watcher"]
 
 #: A journal line framed with its checksum: eight hex digits of CRC-32, a space, the record.
 _FRAMED = re.compile(rb"[0-9a-f]{8} ")
+#: How much of the journal is read at once.
+READ_CHUNK = 4 << 20
 
 
 class Watcher:
@@ -160,9 +162,20 @@ class Watcher:
         journal = self._journal
         if journal is None:
             return False
-        data = self._rest + journal.read()
-        lines = data.split(b"\n")
-        self._rest = lines.pop()  # what follows the last line break: not whole yet
+        # A chunk at a time: the journal a watcher attaches to may be as big as the run.
+        while chunk := journal.read(READ_CHUNK):
+            lines = (self._rest + chunk).split(b"\n")
+            self._rest = lines.pop()  # what follows the last line break: not whole yet
+            if not self._take(lines):
+                return False
+        try:
+            stat = os.stat(journal_path(self.path))
+        except FileNotFoundError:
+            return False
+        return (stat.st_dev, stat.st_ino) == self._journal_id
+
+    def _take(self, lines: list[bytes]) -> bool:
+        """Apply the records of whole journal lines; False where one does not follow on."""
         for line in lines:
             if not line.strip():
                 continue
@@ -180,11 +193,7 @@ class Watcher:
                 continue  # the header, or a record the run already holds
             if record["seq"] != self.run.seq + 1 or not self._apply(record):
                 return False
-        try:
-            stat = os.stat(journal_path(self.path))
-        except FileNotFoundError:
-            return False
-        return (stat.st_dev, stat.st_ino) == self._journal_id
+        return True
 
     def _apply(self, record: dict[str, Any]) -> bool:
         """Apply a record and count what it did; False if it does not fit (load again)."""

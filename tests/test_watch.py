@@ -183,3 +183,39 @@ def test_a_watcher_loads_the_run_again_when_the_journal_is_compacted(
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_watcher_reads_a_journal_in_chunks_and_applies_records_split_across_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal a watcher attaches to may be as big as the run: it is read a chunk at a
+    time, and a record cut by a chunk's end is applied whole once the rest is read."""
+    from test_checkpoint import STATES, roots, stop_before_finish
+
+    from jorb import watch
+    from jorb.checkpoint import journal_path
+
+    path = tmp_path / "run.json"
+    run = jorb.Run.open(path)
+    for ctx in roots(30):
+        run.add_job(ctx, "a")
+    with monkeypatch.context() as patch:
+        stop_before_finish(patch)  # the journal stays, holding every transition
+        jorb.Processor(None, STATES, progress=False).exec(run)
+    run.close()
+    journal = journal_path(path)
+    whole = journal.read_bytes()
+    first = whole.index(b"\n") + 1  # the header: the watcher starts from the bare snapshot
+    journal.write_bytes(whole[:first])
+
+    monkeypatch.setattr(watch, "READ_CHUNK", 7)
+    monkeypatch.setattr(Watcher, "running", lambda self: True)
+    watcher = Watcher(path)
+    assert watcher.poll().finished == 0
+    with journal.open("ab") as grow:  # the process appends the rest
+        grow.write(whole[first:])
+    counts = {row.name: row.jobs for row in watcher.poll().states}
+    assert watcher.reloads == 0, "followed, not loaded again"
+    loaded = jorb.Run.load(path).counts()
+    assert loaded == {"done": 60}
+    assert {name: n for name, n in counts.items() if n} == loaded
