@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/reopen.py                           # 1M jobs, a 100k-record journal
     .venv/bin/python bench/reopen.py --n 100k --journal 10k    # quicker
+    .venv/bin/python bench/reopen.py --n 1M --journal 2.99M    # killed near the end of an exec
 
 Builds two run files of N jobs, each job with 3 transitions of history (new -> a -> b -> done)
 and a small ctx: ``clean.json``, folded and saved, and ``crashed.json``, whose last K
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         results = {
             "n": n,
             "file_bytes": clean.stat().st_size,
+            "crashed_file_bytes": crashed.stat().st_size,
             "journal_records": replayed,
             "journal_bytes": journal.stat().st_size,
             "ctx_bytes": ctx_bytes,
@@ -223,12 +225,13 @@ def main(argv: list[str] | None = None) -> None:
 def render(r: dict[str, Any]) -> str:
     n = r["n"]
     rows = []
-    for label, key, extra in (
-        ("no journal", "clean", "—"),
+    for label, key, size, extra in (
+        ("no journal", "clean", r["file_bytes"], "—"),
         (
             "journal",
             "crashed",
-            f"{human(r['journal_records'])} records, {r['journal_bytes'] / 1e6:.0f} MB",
+            r.get("crashed_file_bytes", r["file_bytes"]),
+            f"{r['journal_records']:,} transitions, {r['journal_bytes'] / 1e6:.0f} MB",
         ),
     ):
         m = r[key]
@@ -236,7 +239,7 @@ def render(r: dict[str, Any]) -> str:
             [
                 label,
                 human(n),
-                f"{r['file_bytes'] / 1e6:.0f} MB",
+                f"{size / 1e6:.0f} MB",
                 extra,
                 r["runs"],
                 f"{m['seconds']:.2f}",

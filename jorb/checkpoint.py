@@ -13,7 +13,7 @@ On disk a run is three files side by side:
   side. When the journal outgrows the run it is compacted into a new snapshot; on a clean
   exit it is folded in and removed. A torn last line (a crash mid-write) is ignored on load; any
   other line whose checksum fails is damage, refused with the journal's name and the line.
-  Replay checks each record's fields (``model.record_problem``) before applying it, so what a
+  Replay checks each record's fields (``model.replay_record``) before applying it, so what a
   journal folds into is a run file that loads. Journals of version 1 (no checksums) still read.
 - ``x.json.lock``: held with ``flock`` by the process that has the run open (its pid is written
   inside, for the error another process shows); the OS releases it when that process dies, so a
@@ -82,11 +82,10 @@ from .model import (
     Job,
     Run,
     UnwritableEntry,
-    apply_record,
     job_documents,
     json_default,
     plug_files,
-    record_problem,
+    replay_record,
     stamp_all,
     transitions_in,
 )
@@ -724,9 +723,7 @@ def _replay(
                 f"records are missing. {_MOVE_ASIDE}"
             )
         try:
-            problem = record_problem(run, record)
-            if problem is None:
-                apply_record(run, record)
+            problem = replay_record(run, record)
         except (KeyError, TypeError, AttributeError, ValueError, RunFileError) as e:
             problem = str(e)
         if problem is not None:

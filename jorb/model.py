@@ -1225,7 +1225,8 @@ def record_problem(run: Run, record: dict[str, Any]) -> str | None:
     run it leaves holds only what a run file may hold: what it folds into then loads."""
     ok = record.get("ok")
     if ok is not None:  # (a batch of plain successes: [id, to, ctx, time, duration] each)
-        return _successes_problem(run, ok)
+        found = _successes_jobs(run, ok)
+        return found if isinstance(found, str) else None
     op = record.get("op")
     if op is None:
         return _exec_record_problem(run, record)
@@ -1253,20 +1254,43 @@ def record_problem(run: Run, record: dict[str, Any]) -> str | None:
     return problem or change_problem(record.get("change"))
 
 
+def replay_record(run: Run, record: dict[str, Any]) -> str | None:
+    """Check a journal record read back and apply it to ``run``: what is wrong with it (then
+    nothing is applied), or None once applied. ``record_problem`` then ``apply_record``, with
+    a batch of successes' jobs looked up once for both (a replay is mostly those)."""
+    ok = record.get("ok")
+    if ok is None:
+        problem = record_problem(run, record)
+        if problem is None:
+            apply_record(run, record)
+        return problem
+    found = _successes_jobs(run, ok)
+    if isinstance(found, str):
+        return found
+    run.seq = record["seq"]
+    apply_ok(run, ok, found)
+    return None
+
+
 def _name(value: Any) -> bool:
     return type(value) is str and value != ""
 
 
-def _successes_problem(run: Run, ok: Any) -> str | None:
+def _successes_jobs(run: Run, ok: Any) -> list[Job] | str:
+    """The jobs a batch of plain successes names, each looked up once (what is wrong with it,
+    if anything: a string). Each entry's state name is interned on the way."""
     # (A journal replayed after a crash is mostly these entries: the checks are inlined.)
     if type(ok) is not list:
         return '"ok" must be a list'
-    jobs, numbers = run.jobs, _NUMBERS
+    get, numbers, intern = run.jobs.get, _NUMBERS, sys.intern
+    found: list[Job] = []
+    append = found.append
     for entry in ok:
         if type(entry) is not list or len(entry) != 5:
             return '"ok" must hold [id, to, ctx, time, duration] lists'
         ident, to, ctx, when, took = entry
-        if type(ident) is not str or ident not in jobs:
+        job = get(ident) if type(ident) is str else None
+        if job is None:
             return f"{ident!r:.40} is no job of the run"
         if (
             type(to) is not str
@@ -1278,7 +1302,9 @@ def _successes_problem(run: Run, ok: Any) -> str | None:
             return f"job {ident}: a success needs a state name, a ctx object and a time"
         if type(took) not in numbers:
             return f"job {ident}: a duration must be a number"
-    return None
+        entry[1] = intern(to)
+        append(job)
+    return found
 
 
 def _exec_record_problem(run: Run, record: dict[str, Any]) -> str | None:
